@@ -1,0 +1,261 @@
+"""Study configuration: YAML validated on load into typed dataclasses.
+
+Unknown keys and wrong types are errors naming the key and the file. Relative paths are
+resolved against the directory of the config file. The ``cluster`` section is kept as a
+mapping: its options pass through to Dask/dask-jobqueue (see ``cluster/``), which validates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.tasks import task_names
+
+
+@dataclass
+class StudySection:
+    name: str = "study"
+    workdir: str = "study"  # holds store.zarr, progress/, raw/ (simulated data), report/
+    subjects: list[str] = field(default_factory=lambda: ["CSI1"])
+    tasks: list[str] | Literal["all"] = "all"
+
+
+@dataclass
+class SimulateSection:
+    """A synthetic study written in the real BOLD5000 file formats (pipeline.simulate)."""
+
+    seed: int = 0
+    n_images: int = 1000
+    n_repeated: int = 60  # images shown more than once (BOLD5000: 113)
+    n_showings: int = 4  # showings of each repeated image
+    n_sessions: int = 3
+    n_features: int = 256
+    n_latents: int = 8  # per Taskonomy cluster, per task and shared
+    volume_shape: list[int] = field(default_factory=lambda: [22, 24, 14])
+    noise_voxel_fraction: float = 0.4  # of non-ROI brain voxels: pure noise
+    signal_variance: list[float] = field(default_factory=lambda: [0.05, 0.6])  # noise var = 1
+
+
+@dataclass
+class DataSection:
+    """Where the subjects' files are. Path templates take {subject} (e.g. CSI1), {n} (1),
+    and, for betas, {session} (1-based; use {session:02d} for zero padding)."""
+
+    betas: str = "raw/{subject}/{subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-{session:02d}.nii.gz"
+    sessions: int | Literal["auto"] = "auto"
+    brain_mask: str | None = "raw/{subject}/{subject}_brainmask.nii.gz"
+    roi_masks: str = "raw/{subject}/sub-{subject}_mask-{roi}.nii.gz"
+    rois: list[str] = field(
+        default_factory=lambda: [f"{h}{r}" for h in ("LH", "RH") for r in ("EarlyVis", "LOC", "OPA", "PPA", "RSC")]
+    )
+    voxels: Literal["brain", "rois"] = "brain"  # which voxels enter the store
+    stim_list: str = "raw/{subject}/CSI0{n}_stim_lists.txt"
+    repeats: Literal["exclude", "average"] = "exclude"
+    zscore_sessions: bool = True
+    voxel_order: Literal["ijk", "authors_zyx"] = "ijk"
+    chunk_size: int = 500  # voxels per store chunk = one fit task
+
+
+@dataclass
+class FitSection:
+    test_fraction: float = 0.15
+    cv: Literal["kfold", "single_split"] = "kfold"
+    n_folds: int = 7
+    validation_fraction: float = 0.15  # only for cv: single_split (the authors' released code)
+    alphas: Literal["paper"] | list[float] = "paper"
+    n_alphas: int = 100
+    seed: int = 2019
+    dtype: Literal["float32", "float64"] = "float32"
+    zscore_features: bool = True
+    fdr: float = 0.05
+    retries: int = 2  # per chunk, before the run fails naming it
+
+
+@dataclass
+class Config:
+    path: Path
+    study: StudySection
+    data: DataSection
+    fit: FitSection
+    simulate: SimulateSection | None = None
+    cluster: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    @property
+    def workdir(self) -> Path:
+        return self.resolve(self.study.workdir)
+
+    @property
+    def store_path(self) -> Path:
+        return self.workdir / "store.zarr"
+
+    @property
+    def tasks(self) -> list[str]:
+        return task_names() if self.study.tasks == "all" else list(self.study.tasks)
+
+    def data_path(self, template: str, subject: str, **extra: Any) -> Path:
+        """Fill a data path template for one subject; relative paths are under workdir."""
+        n = int("".join(c for c in subject if c.isdigit()) or 0)
+        p = Path(template.format(subject=subject, n=n, **extra)).expanduser()
+        return p if p.is_absolute() else self.workdir / p
+
+
+# --------------------------------------------------------------------------- validation
+
+_SECTIONS = {"study": StudySection, "simulate": SimulateSection, "data": DataSection, "fit": FitSection}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp``; return it (ints accepted where floats are)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is Any:
+        return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _section(cls: type, raw: Any, name: str, file: Path) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: section '{name}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{file}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"valid keys of '{name}': {', '.join(sorted(known))}"
+        )
+    values = {k: _convert(v, hints[k], f"{file}: {name}.{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def _check_values(cfg: Config) -> None:
+    f = cfg.path
+    bad = [t for t in cfg.tasks if t not in task_names()]
+    if bad:
+        raise ConfigError(f"{f}: study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(task_names())}")
+    if not cfg.study.subjects:
+        raise ConfigError(f"{f}: study.subjects is empty")
+    if len(set(cfg.study.subjects)) != len(cfg.study.subjects):
+        raise ConfigError(f"{f}: study.subjects has duplicates")
+    checks = [
+        (0 < cfg.fit.test_fraction < 1, "fit.test_fraction must be in (0, 1)"),
+        (0 < cfg.fit.validation_fraction < 1, "fit.validation_fraction must be in (0, 1)"),
+        (cfg.fit.n_folds >= 2, "fit.n_folds must be >= 2"),
+        (cfg.fit.n_alphas >= 1, "fit.n_alphas must be >= 1"),
+        (0 < cfg.fit.fdr < 1, "fit.fdr must be in (0, 1)"),
+        (cfg.fit.retries >= 0, "fit.retries must be >= 0"),
+        (cfg.data.chunk_size >= 1, "data.chunk_size must be >= 1"),
+        (cfg.fit.alphas == "paper" or all(a > 0 for a in cfg.fit.alphas), "fit.alphas must be positive"),
+        (cfg.data.sessions == "auto" or cfg.data.sessions >= 1, "data.sessions must be >= 1 or 'auto'"),
+    ]
+    if cfg.simulate is not None:
+        s = cfg.simulate
+        checks += [
+            (len(s.volume_shape) == 3 and min(s.volume_shape) >= 8, "simulate.volume_shape must be 3 sizes >= 8"),
+            (s.n_images >= 100, "simulate.n_images must be >= 100"),
+            (0 <= s.n_repeated <= s.n_images, "simulate.n_repeated must be in [0, n_images]"),
+            (s.n_showings >= 2, "simulate.n_showings must be >= 2"),
+            (1 <= s.n_sessions <= 20, "simulate.n_sessions must be in [1, 20]"),
+            (s.n_features >= 8, "simulate.n_features must be >= 8"),
+            (0 <= s.noise_voxel_fraction <= 1, "simulate.noise_voxel_fraction must be in [0, 1]"),
+            (len(s.signal_variance) == 2 and 0 < s.signal_variance[0] <= s.signal_variance[1],
+             "simulate.signal_variance must be [low, high] with 0 < low <= high"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{f}: {message}")
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read and validate a study config. ``overrides`` maps section -> key -> value."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {})
+        raw[section] = {**(raw[section] or {}), **values}
+    known = set(_SECTIONS) | {"cluster"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    cluster = raw.get("cluster") or {"kind": "local"}
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"{path}: section 'cluster' must be a mapping")
+    cfg = Config(
+        path=path,
+        study=_section(StudySection, raw.get("study"), "study", path),
+        data=_section(DataSection, raw.get("data"), "data", path),
+        fit=_section(FitSection, raw.get("fit"), "fit", path),
+        simulate=_section(SimulateSection, raw["simulate"], "simulate", path) if "simulate" in raw else None,
+        cluster=dict(cluster),
+    )
+    _check_values(cfg)
+    return cfg
+
+
+def fit_fingerprint(fit: FitSection, data: DataSection) -> dict[str, Any]:
+    """The parameters that determine a fit's results; stored with them so that a rerun with
+    different ones is refused rather than mixed into the same store."""
+    keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype", "zscore_features")
+    out = {k: getattr(fit, k) for k in keys}
+    if fit.cv != "single_split":
+        out.pop("validation_fraction")
+    return out

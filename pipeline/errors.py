@@ -1,0 +1,20 @@
+"""Exceptions for errors a user can cause. The CLI prints their message, without a
+traceback, and exits non-zero."""
+
+from storage import StoreError  # noqa: F401  (raised by the store; also user-facing)
+
+
+class NeurotaskError(Exception):
+    """Base of every user-facing error."""
+
+
+class ConfigError(NeurotaskError):
+    """Invalid configuration: the message names the file and the key."""
+
+
+class DataError(NeurotaskError):
+    """Input data that cannot be used as it is: missing files, wrong shapes, mismatches."""
+
+
+class FitError(NeurotaskError):
+    """Some fit units failed after their retries; the message names them."""

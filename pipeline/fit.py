@@ -1,0 +1,216 @@
+"""Fit orchestration: every (subject, task, voxel chunk) as a Dask task.
+
+Per (subject, task), one task builds the design matrix and its fold decompositions
+(``ridge.prepare``); it stays on the cluster as a future that every voxel-chunk task of that
+pair takes as input, so it is computed once and never goes through the client. Each chunk task
+reads its own voxel chunk from the store, runs the ridge CV, computes its statistics, writes
+its region of ``results/<subject>`` and then marks itself done. Responses never travel through
+the client. When all chunks of a pair are done, the driver computes the FDR q-values across the
+pair's voxels (they need every voxel's p).
+
+Resume: units with a valid progress marker are skipped; a rerun after a crash or a kill does
+only the rest. Few pairs are in flight at once, so decompositions do not pile up in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from distributed import Client, Future, as_completed
+
+from pipeline import design, ridge, stats
+from pipeline.config import Config, fit_fingerprint
+from pipeline.console import ProgressBar
+from pipeline.errors import FitError
+from storage import Progress, StudyStore
+
+# Test hook: "SUBJECT/TASK/CHUNK" makes that unit raise, to exercise retries and failure reports.
+FAULT_ENV = "NEUROTASK_FAULT_UNIT"
+
+
+@dataclass(frozen=True)
+class Unit:
+    subject: str
+    task: str
+    task_index: int
+    chunk: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.subject}/{self.task}/chunk {self.chunk} (voxels {self.start}-{self.stop - 1})"
+
+    @property
+    def marker(self) -> tuple[str, str, str, str]:
+        return ("fit", self.subject, self.task, f"{self.chunk:05d}")
+
+
+@dataclass
+class FitReport:
+    computed: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    finalized: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def alpha_grid(cfg: Config, n_features: int) -> np.ndarray:
+    if cfg.fit.alphas == "paper":
+        return ridge.paper_alphas(n_features, cfg.fit.n_alphas)
+    return np.sort(np.asarray(cfg.fit.alphas, dtype=np.float64))
+
+
+def splits_for(cfg: Config, n_images: int) -> ridge.Splits:
+    f = cfg.fit
+    return ridge.make_splits(n_images, test_fraction=f.test_fraction, cv=f.cv, n_folds=f.n_folds,
+                             validation_fraction=f.validation_fraction, seed=f.seed)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def build_decomposition(store_path: str, subject: str, task: str, cfg: Config) -> ridge.Decomposition:
+    """Design matrix of (subject, task) in the subject's image order, decomposed per fold."""
+    store = StudyStore(store_path)
+    feats = store.read_features(task)
+    images = store.responses(subject)["image"].values
+    X = feats.values[design.align_rows(feats["image"].values, images, task)]
+    splits = splits_for(cfg, len(images))
+    if cfg.fit.zscore_features:
+        X = design.standardize(X, splits.train)
+    return ridge.prepare(X, splits, dtype=np.dtype(cfg.fit.dtype))
+
+
+def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
+             decomposition: ridge.Decomposition, alphas: np.ndarray) -> dict:
+    """Fit one voxel chunk, write its results region, then mark it done."""
+    if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}) in {unit.name}")
+    store = StudyStore(store_path)
+    Y = store.read_response_chunk(unit.subject, slice(unit.start, unit.stop))
+    result = ridge.ridge_cv(decomposition, Y, alphas)
+    scores = stats.test_scores(Y[decomposition.final.eval_rows], result.test_prediction)
+    store.write_result_chunk(unit.subject, unit.task_index, slice(unit.start, unit.stop), {
+        "r": scores["r"].astype(np.float32), "r2": scores["r2"].astype(np.float32),
+        "alpha": result.alpha, "pvalue": scores["pvalue"],
+    })
+    Progress(progress_dir, store_id).mark_done(*unit.marker, info={"voxels": unit.stop - unit.start})
+    return {"unit": unit.name, "nan_r": int(np.isnan(scores["r"]).sum())}
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def plan_units(cfg: Config, store: StudyStore, progress: Progress, subject: str, tasks: list[str],
+               task_order: list[str]) -> dict[tuple[str, str], tuple[list[Unit], int]]:
+    """Per (subject, task): the units still to do, and how many are already done."""
+    resp = store.responses(subject)
+    v, chunk = resp.sizes["voxel"], int(resp.attrs["chunk_size"])
+    out = {}
+    for task in tasks:
+        done = progress.done_units("fit", subject, task)
+        units = [Unit(subject, task, task_order.index(task), c, a, min(a + chunk, v))
+                 for c, a in enumerate(range(0, v, chunk))]
+        todo = [u for u in units if f"{u.chunk:05d}" not in done]
+        out[(subject, task)] = (todo, len(units) - len(todo))
+    return out
+
+
+def finalize_pair(store: StudyStore, subject: str, task: str, task_index: int, fdr: float) -> int:
+    """BH-FDR across all voxels of (subject, task): writes qvalue and significant."""
+    p = store.results(subject)["pvalue"].isel(task=task_index).values
+    q, significant = stats.fdr_bh(p, fdr)
+    store.write_result_chunk(subject, task_index, slice(None), {"qvalue": q, "significant": significant})
+    return int(significant.sum())
+
+
+def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[str], None] = print,
+        max_pairs_in_flight: int | None = None) -> FitReport:
+    """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
+    after their retries; every other finished unit stays in the store."""
+    t0 = time.perf_counter()
+    store = StudyStore(cfg.store_path)
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    params = fit_fingerprint(cfg.fit, cfg.data)
+    report = FitReport()
+
+    pending: deque[tuple[str, str, list[Unit]]] = deque()
+    complete_pairs: list[tuple[str, str, int]] = []
+    for subject in cfg.study.subjects:
+        store.responses(subject)  # clear error if not ingested
+        if overwrite:
+            store.remove(f"results/{subject}")
+            progress.clear("fit", subject)
+        order = store.ensure_results(subject, cfg.tasks, params)
+        missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
+        if missing:
+            raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
+                           "run `neurotask featurize` (or `simulate` for a synthetic study) first")
+        for (subj, task), (todo, n_done) in plan_units(cfg, store, progress, subject, cfg.tasks, order).items():
+            report.skipped += n_done
+            if todo:
+                pending.append((subj, task, todo))
+            complete_pairs.append((subj, task, order.index(task)))
+
+    total = sum(len(u) for _, _, u in pending)
+    if report.skipped:
+        log(f"resuming: {report.skipped} unit(s) already done, {total} to do")
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+    limit = max_pairs_in_flight or max(2, n_workers)
+    bar = ProgressBar(total, "fit")
+    futures: dict[Future, tuple[Unit, tuple[str, str]]] = {}
+    remaining: dict[tuple[str, str], int] = {}
+    decompositions: dict[tuple[str, str], Future] = {}
+    ac = as_completed()
+    failed_pairs: set[tuple[str, str]] = set()
+
+    def submit_next_pair() -> None:
+        subject, task, units = pending.popleft()
+        key = (subject, task)
+        dec = client.submit(build_decomposition, str(store.path), subject, task, cfg,
+                            key=f"decompose-{subject}-{task}-{time.time_ns()}", retries=cfg.fit.retries)
+        alphas = alpha_grid(cfg, store.feature_count(task))
+        decompositions[key] = dec
+        remaining[key] = len(units)
+        for u in units:
+            f = client.submit(fit_unit, str(store.path), str(progress.directory), progress.store_id, u, dec, alphas,
+                              key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
+                              pure=False)
+            futures[f] = (u, key)
+            ac.add(f)
+
+    while pending and len(decompositions) < limit:
+        submit_next_pair()
+    for f in ac:
+        unit, key = futures.pop(f)
+        if f.status == "finished":
+            report.computed += 1
+        else:
+            report.failed.append(f"{unit.name}: {f.exception()!r}")
+            failed_pairs.add(key)
+        bar.update(1)
+        f.release()
+        remaining[key] -= 1
+        if remaining[key] == 0:
+            decompositions.pop(key).release()
+            if pending:
+                submit_next_pair()
+    bar.close()
+
+    for subject, task, index in complete_pairs:
+        if (subject, task) not in failed_pairs:
+            finalize_pair(store, subject, task, index, cfg.fit.fdr)
+            report.finalized.append((subject, task))
+    report.seconds = time.perf_counter() - t0
+    if report.failed:
+        raise FitError(f"{len(report.failed)} fit unit(s) failed after {cfg.fit.retries} retries "
+                       f"(every other unit's results are kept; rerun to retry):\n  " + "\n  ".join(report.failed))
+    return report
+
