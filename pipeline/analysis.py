@@ -59,6 +59,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from pipeline import similarity as sim
 from pipeline.stats import fdr_bh
@@ -172,6 +173,32 @@ def analyse(
     Randomness (bootstrap, Mantel) comes from ``seed`` only: the same call gives the same
     numbers. Returns the Dataset described in the module docstring.
     """
+    # Every matrix product here is (tasks x tasks)-sized: BLAS threads only add overhead.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _analyse(
+            results, significance=significance, fdr=fdr, metric=metric, linkage=linkage,
+            n_clusters=n_clusters, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+            seed=seed, roi_results=roi_results, taskonomy_affinities=taskonomy_affinities,
+            ci=ci, roi_groups=roi_groups,
+        )
+
+
+def _analyse(
+    results: Mapping[str, xr.Dataset],
+    *,
+    significance: str,
+    fdr: float,
+    metric: str,
+    linkage: str,
+    n_clusters: int,
+    n_permutations: int,
+    n_bootstrap: int,
+    seed: int,
+    roi_results: Mapping[str, xr.Dataset] | None,
+    taskonomy_affinities: str,
+    ci: float,
+    roi_groups: Mapping[str, Sequence[str]],
+) -> xr.Dataset:
     tasks = _check_results(results)
     if metric not in sim.METRICS:
         raise AnalysisError(f"metric must be one of {', '.join(sim.METRICS)}; got {metric!r}")

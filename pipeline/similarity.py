@@ -133,16 +133,32 @@ def weighted_similarity(
     the columns given are only the voxels that are non-zero somewhere.
     """
     _check_metric(metric)
-    if metric == "jaccard":
-        x = np.asarray(significant, dtype=np.float64)
-    else:
-        x = performance_matrix(r, significant)
+    x = _profiles(r, significant, metric)
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"weights must be (resamples, {x.shape[1]}), got {w.shape}")
+    return _weighted(x, _pair_products(x), w, metric, n_voxels)
+
+
+def _profiles(r: np.ndarray, significant: np.ndarray, metric: str) -> np.ndarray:
+    """(t, v) task profiles the metric compares: masked r, or the 0/1 significance."""
+    if metric == "jaccard":
+        return np.asarray(significant, dtype=np.float64)
+    return performance_matrix(r, significant)
+
+
+def _pair_products(x: np.ndarray) -> np.ndarray:
+    """(t, v) -> (t(t+1)/2, v): x_i * x_j per voxel for each task pair i <= j."""
+    iu, ju = np.triu_indices(x.shape[0])
+    return x[iu] * x[ju]
+
+
+def _weighted(
+    x: np.ndarray, products: np.ndarray, w: np.ndarray, metric: str, n_voxels: int | None
+) -> np.ndarray:
+    """(t, v) profiles, their (p, v) pair products, (b, v) weights -> (b, t, t) similarity."""
     t = x.shape[0]
-    iu, ju = np.triu_indices(t)  # with the diagonal
-    products = x[iu] * x[ju]  # (t(t+1)/2, v)
+    iu, ju = np.triu_indices(t)
     gram = np.empty((w.shape[0], t, t))
     flat = w @ products.T  # (b, t(t+1)/2)
     gram[:, iu, ju] = flat
@@ -175,19 +191,21 @@ def bootstrap_similarity(
 ) -> np.ndarray:
     """Similarity of voxel-resampled data. (t, v), (t, v) -> (b, t, t).
 
-    Voxels are resampled with replacement (the significance mask travels with its voxel).
-    Only voxels significant for some task carry weight, so cost scales with those.
+    Voxels are resampled with replacement (the significance mask travels with its voxel),
+    ``batch`` resamples at a time. Only voxels significant for some task carry weight, so
+    the cost beyond drawing the resamples scales with those.
     """
+    _check_metric(metric)
     significant = np.asarray(significant, dtype=bool)
     n_voxels = significant.shape[1]
     active = np.flatnonzero(significant.any(axis=0))
-    r_a = np.asarray(r)[:, active]
-    s_a = significant[:, active]
+    x = _profiles(np.asarray(r)[:, active], significant[:, active], metric)
+    products = _pair_products(x)
     out = np.empty((n_bootstrap, significant.shape[0], significant.shape[0]))
     for start in range(0, n_bootstrap, batch):
         stop = min(start + batch, n_bootstrap)
         w = bootstrap_counts(n_voxels, stop - start, rng, columns=active)
-        out[start:stop] = weighted_similarity(r_a, s_a, w, metric, n_voxels=n_voxels)
+        out[start:stop] = _weighted(x, products, w, metric, n_voxels)
     return out
 
 
@@ -196,7 +214,9 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> np.ndarray:
     if not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must be in (0, 1), got {level}")
     q = 100.0 * np.array([(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return np.moveaxis(np.nanpercentile(samples, q, axis=0), 0, -1)
+    samples = np.asarray(samples)
+    percentile = np.nanpercentile if np.isnan(samples).any() else np.percentile
+    return np.moveaxis(percentile(samples, q, axis=0), 0, -1)
 
 
 # --------------------------------------------------------------------------- trees
