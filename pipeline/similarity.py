@@ -254,13 +254,16 @@ def task_linkage(similarity: np.ndarray, linkage: str = "average") -> np.ndarray
 def cut_tree(linkage_matrix: np.ndarray, n_clusters: int) -> np.ndarray:
     """(t - 1, 4) linkage -> (t,) int cluster labels 0..k-1 of the tree cut into k groups.
 
-    Labels are numbered in order of first appearance along the task axis.
+    The groups are the clusters present after the first t - k merges (exactly k, whatever
+    the merge heights). Labels are numbered in order of first appearance along the tasks.
     """
     n = linkage_matrix.shape[0] + 1
     if not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be between 1 and the number of tasks ({n}), got {n_clusters}")
-    raw = hierarchy.cut_tree(linkage_matrix, n_clusters=n_clusters).ravel()
-    _, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
+    cluster_of = np.arange(n)  # current cluster id of each task
+    for step, (left, right, _, _) in enumerate(linkage_matrix[: n - n_clusters]):
+        cluster_of[np.isin(cluster_of, (int(left), int(right)))] = n + step
+    _, first, inverse = np.unique(cluster_of, return_index=True, return_inverse=True)
     return np.argsort(np.argsort(first))[inverse]
 
 

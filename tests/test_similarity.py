@@ -176,8 +176,16 @@ def test_cut_tree_matches_fcluster_partition():
         assert adjusted_rand_score(labels, ref) == 1.0
         assert sorted(set(labels)) == list(range(k))
         assert labels[0] == 0  # numbered in order of first appearance
+        assert adjusted_rand_score(labels, hierarchy.cut_tree(z, n_clusters=k).ravel()) == 1.0
     with pytest.raises(ValueError):
         S.cut_tree(z, 11)
+
+
+def test_cut_tree_gives_exactly_k_groups_even_with_tied_heights():
+    s = np.full((5, 5), 0.5) + 0.5 * np.eye(5)  # every pair equally similar
+    z = S.task_linkage(s)
+    for k in range(1, 6):
+        assert len(set(S.cut_tree(z, k))) == k
 
 
 def test_dendrogram_leaves_and_clades():
