@@ -98,3 +98,32 @@ def square_after_replacement(x: int) -> tuple[int, str]:
     if x >= 20:
         Event("replacement-connected").wait(timeout=120)
     return x * x, os.environ["SLURM_JOB_ID"]
+
+
+def fail_and_count(attempts_file: str) -> None:
+    """Append one line to attempts_file, then fail: a chunk that always raises."""
+    with open(attempts_file, "a") as f:
+        f.write(f"{os.environ['SLURM_JOB_ID']}\n")
+    raise RuntimeError("this chunk always fails")
+
+
+# ------------------------------------------------ a driver process the tests can SIGKILL
+
+def _drive(section_json: str) -> None:
+    """Start a SLURM cluster from a JSON section, print READY and the job ids, then idle."""
+    import json
+
+    from cluster.slurm import connect_client, start_slurm_cluster, worker_job_ids
+
+    section = json.loads(section_json)
+    cluster, security = start_slurm_cluster(section, log=lambda m: print(m, flush=True))
+    client = connect_client(cluster, security)
+    client.wait_for_workers(section["minimum_jobs"], timeout=90)
+    print("READY", " ".join(sorted(set(worker_job_ids(cluster).values()))), flush=True)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _drive(sys.argv[1])

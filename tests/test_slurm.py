@@ -1,6 +1,7 @@
 """cluster.slurm against a real single-node SLURM (scripts/slurm start): option checking before
 any job exists, Dask work in SLURM jobs over TLS, refusal of clients without the certificate,
-replacement of a scancel'd worker job by adaptive scaling, and the dashboard on localhost.
+replacement of a scancel'd worker job by adaptive scaling, bounded retries of a failing task,
+no worker job outliving a SIGKILLed driver, and the dashboard on localhost.
 
 The first tests need no SLURM; the others skip only when `sinfo` is missing or no node is up.
 Every cluster is closed by a finalizer that also checks no job of the test is left in squeue.
@@ -8,10 +9,16 @@ Every cluster is closed by a finalizer that also checks no job of the test is le
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -22,7 +29,8 @@ from distributed.security import Security
 
 from cluster.slurm import (ClusterConfigError, connect_client, start_slurm_cluster,
                            validate_section, worker_job_ids)
-from slurm_support import (job_id_here, slurm_skip_reason, small_section,
+import slurm_support
+from slurm_support import (fail_and_count, job_id_here, slurm_skip_reason, small_section,
                            square_after_replacement, squeue_ids, squeue_state, unique_job_name,
                            wait_until_gone)
 
@@ -189,7 +197,7 @@ def test_client_without_the_certificate_cannot_connect(tls_cluster):
     with pytest.raises((OSError, TimeoutError)):
         Client(address.replace("tls://", "tcp://"), timeout="3s")
     # TLS with another (self-signed) certificate: the scheduler does not trust it.
-    with pytest.raises((OSError, TimeoutError)):
+    with pytest.raises(OSError, match="certificate"):
         Client(address, security=Security.temporary(), timeout="3s")
     # The same call with the cluster's certificate works, so the refusals are about the cert.
     with Client(address, security=security, timeout="10s") as ok:
@@ -262,3 +270,53 @@ def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node,
             assert any(f"(SLURM job {victim}) left the cluster" in m for m in logs)
         finally:
             _close(cluster, client, job_name)
+
+
+@pytest.mark.slurm
+def test_failing_chunk_is_retried_a_bounded_number_of_times(tls_cluster, tmp_path):
+    cluster, security, client, logs, job_name = tls_cluster
+    attempts = tmp_path / "attempts.txt"
+    future = client.submit(fail_and_count, str(attempts), key="chunk-7", retries=2, pure=False)
+    with pytest.raises(RuntimeError, match="this chunk always fails"):
+        future.result(timeout=60)
+    assert future.key == "chunk-7"  # the name a caller reports
+    lines = attempts.read_text().split()
+    assert len(lines) == 3  # the first try and 2 retries, then no more
+    assert set(lines) <= set(squeue_ids(job_name))
+
+
+@pytest.mark.slurm
+def test_killed_driver_leaves_no_worker_jobs_behind(slurm_node, tmp_path):
+    """SIGKILL of the process running the scheduler: its workers lose the scheduler, close,
+    and their SLURM jobs end by themselves (nothing keeps holding the allocation)."""
+    job_name = unique_job_name()
+    section = small_section(tmp_path, job_name, minimum_jobs=1, maximum_jobs=1)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, slurm_support.__file__, json.dumps(section)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, start_new_session=True)
+    try:
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
+        reader.start()
+        _wait_for(lambda: any(line.startswith("READY") for line in output)
+                  or driver.poll() is not None, 120, "the driver's READY line")
+        ready = [line for line in output if line.startswith("READY")]
+        assert ready, "".join(output)
+        job_ids = ready[0].split()[1:]
+        assert job_ids and set(job_ids) <= set(squeue_ids(job_name))
+
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        t_kill = time.monotonic()
+        left = wait_until_gone(job_name, timeout=90)
+        assert left == [], f"worker jobs {left} still in the queue 90 s after the driver died"
+        print(f"\n[slurm] worker jobs ended {time.monotonic() - t_kill:.1f} s after the "
+              "driver's SIGKILL")
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        subprocess.run(["scancel", "-n", job_name], check=False)
