@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dask
+import psutil
 from dask.utils import parse_bytes
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.core import Job, JobQueueCluster
@@ -78,11 +79,11 @@ _DEPRECATED = {
 }
 
 _LIST_OPTIONS = ("job_extra_directives", "worker_extra_args", "job_script_prologue",
-                 "job_directives_skip", "worker_command")
+                 "job_directives_skip")
 _POSITIVE_INT_OPTIONS = ("cores", "processes", "job_cpu")
 _STR_OPTIONS = ("queue", "account", "walltime", "job_mem", "interface", "local_directory",
                 "log_directory", "shared_temp_directory", "python", "shebang", "job_name",
-                "config_name", "name")
+                "config_name", "name", "worker_command")
 
 # Words in sbatch's refusal -> the options that most likely caused it.
 _SBATCH_HINTS = {
@@ -188,8 +189,6 @@ def _value_problem(key: str, value: Any) -> str | None:
         return None  # None means "from Dask's config", as in dask-jobqueue itself
     if key in _LIST_OPTIONS:
         # A bare string would be split into characters by dask-jobqueue.
-        if key == "worker_command" and isinstance(value, str):
-            return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return "expected a list of strings"
     elif key in _POSITIVE_INT_OPTIONS:
@@ -221,6 +220,25 @@ def _scheduler_options(s: Mapping[str, Any], config_name: str,
     if dashboard_given or "dashboard_address" not in opts:
         opts["dashboard_address"] = s["dashboard_address"]
     return opts
+
+
+def _check_interface(kwargs: Mapping[str, Any], config_name: str) -> None:
+    """The scheduler binds here, so its interface must exist on this machine."""
+    sched = kwargs["scheduler_options"]
+    if "host" in sched:
+        return
+    if sched.get("interface"):
+        iface, where = sched["interface"], "scheduler_options.interface"
+    elif kwargs.get("interface"):
+        iface, where = kwargs["interface"], "cluster.interface (or cluster.slurm.interface)"
+    else:
+        iface = dask.config.get(f"jobqueue.{config_name}.interface", None)
+        where = f"Dask config jobqueue.{config_name}.interface"
+    present = psutil.net_if_addrs()
+    if iface and iface not in present:
+        raise ClusterConfigError(
+            f"{where}: network interface {iface!r} does not exist on {socket.gethostname()}; "
+            f"its interfaces are {', '.join(sorted(present))}")
 
 
 def _check_with_sbatch(cluster: SLURMCluster, slurm: Mapping[str, Any]) -> None:
@@ -287,6 +305,7 @@ def start_slurm_cluster(
         log("cluster.tls is false: scheduler, worker and client traffic is NOT encrypted and "
             "anyone who can reach the scheduler's port can run code as you")
 
+    _check_interface(kwargs, config_name)
     try:
         cluster = SLURMCluster(**kwargs)
     except ValueError as exc:  # dask-jobqueue's own checks, e.g. no cores/memory anywhere

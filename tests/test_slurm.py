@@ -144,6 +144,13 @@ def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
 
 
 @pytest.mark.slurm
+def test_missing_network_interface_is_named(slurm_node, tmp_path):
+    section = small_section(tmp_path, unique_job_name(), interface="no-such-nic0")
+    with pytest.raises(ClusterConfigError, match="cluster.interface.*'no-such-nic0'"):
+        start_slurm_cluster(section, log=lambda m: None)
+
+
+@pytest.mark.slurm
 def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=0)
