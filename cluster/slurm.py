@@ -111,7 +111,7 @@ def accepted_options() -> frozenset[str]:
 def validate_section(section: Mapping[str, Any]) -> dict[str, Any]:
     """Check the `cluster:` section (kind slurm); return it with defaults filled in.
 
-    Raises ClusterConfigError naming every bad key or value, before anything is started.
+    Raises ClusterConfigError naming the bad key(s) or value, before anything is started.
     """
     if not isinstance(section, Mapping):
         raise ClusterConfigError(f"cluster: expected a mapping, got {type(section).__name__}")
@@ -254,10 +254,14 @@ def _check_with_sbatch(cluster: SLURMCluster, slurm: Mapping[str, Any]) -> None:
     suspects = sorted({o for word, opts in _SBATCH_HINTS.items() if word in message.lower()
                        for o in opts})
     given = [o for o in suspects if o in slurm]
-    where = (f" Check cluster.slurm option(s) {', '.join(given)}: "
-             + ", ".join(f"{o}={slurm[o]!r}" for o in given) + "." if given else
-             f" Likely culprits (set here or in Dask's jobqueue config): {', '.join(suspects)}."
-             if suspects else "")
+    if given:
+        where = (f" Check cluster.slurm option(s) {', '.join(given)}: "
+                 + ", ".join(f"{o}={slurm[o]!r}" for o in given) + ".")
+    elif suspects:
+        where = (" Likely culprits (from Dask's jobqueue config or dask-jobqueue's defaults): "
+                 + ", ".join(suspects) + ".")
+    else:
+        where = ""
     raise ClusterConfigError(
         f"cluster.slurm: SLURM refused the worker job script: {message}.{where}\n"
         f"Job script:\n{cluster.job_script()}")
@@ -295,6 +299,7 @@ def start_slurm_cluster(
         s, config_name, dashboard_given="dashboard_address" in section)
     if s["interface"] is not None:
         kwargs["interface"] = s["interface"]
+    _check_interface(kwargs, config_name)
     security = None
     if s["tls"]:
         security = temporary_security()
@@ -305,7 +310,6 @@ def start_slurm_cluster(
         log("cluster.tls is false: scheduler, worker and client traffic is NOT encrypted and "
             "anyone who can reach the scheduler's port can run code as you")
 
-    _check_interface(kwargs, config_name)
     try:
         cluster = SLURMCluster(**kwargs)
     except ValueError as exc:  # dask-jobqueue's own checks, e.g. no cores/memory anywhere
