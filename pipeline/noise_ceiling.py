@@ -146,7 +146,8 @@ def stack_repeats(trials: np.ndarray, image_ids: np.ndarray,
     if t.ndim != 2:
         raise ValueError(f"trials must be an (n_trials, voxels) array, got shape {t.shape}")
     if ids.shape != (t.shape[0],):
-        raise ValueError(f"image_ids must have one id per trial ({t.shape[0]}), got shape {ids.shape}")
+        raise ValueError(f"image_ids must have one id per trial ({t.shape[0]}), "
+                         f"got shape {ids.shape}")
     if min_showings < 1:
         raise ValueError(f"min_showings must be >= 1, got {min_showings}")
     uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
