@@ -1,0 +1,387 @@
+"""Dask workers as SLURM jobs, through dask-jobqueue's ``SLURMCluster``.
+
+The config's ``cluster:`` section (kind ``slurm``) holds a few keys of ours and a ``slurm:``
+mapping that is passed straight through as ``SLURMCluster`` keyword arguments, so the
+options and their meaning are dask-jobqueue's own and Dask's config files
+(``~/.config/dask/jobqueue.yaml``, ``jobqueue.slurm.*``) fill in whatever the section leaves
+out. Everything is checked before a job is submitted: option names against the signatures
+of ``SLURMCluster``/``SLURMJob``, value types, and finally the generated job script with
+``sbatch --test-only`` (which catches a wrong partition, account or an impossible request).
+
+Defaults for a shared cluster: TLS with a temporary certificate, scheduler on the configured
+network interface, dashboard bound to 127.0.0.1 (reach it through an SSH tunnel), workers
+scaled adaptively between ``minimum_jobs`` and ``maximum_jobs``. Adaptivity is also what
+replaces a worker whose job died: once Dask gives the lost worker up
+(``distributed.deploy.lost-worker-timeout``), the cluster submits a new job for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import inspect
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dask
+import psutil
+from dask.utils import parse_bytes
+from dask_jobqueue import SLURMCluster
+from dask_jobqueue.core import Job, JobQueueCluster
+from dask_jobqueue.slurm import SLURMJob
+from distributed import Client
+from distributed.security import Security
+from tornado.ioloop import PeriodicCallback
+
+from cluster.security import cert_directory, temporary_security
+
+
+class ClusterConfigError(ValueError):
+    """The cluster section of a config is wrong; the message names the option."""
+
+
+# Keys of the `cluster:` section (kind slurm) and their defaults.
+SECTION_DEFAULTS: dict[str, Any] = {
+    "kind": "slurm",
+    "tls": True,
+    "minimum_jobs": 1,
+    "maximum_jobs": 4,
+    "dashboard_address": "127.0.0.1:0",
+    "interface": None,
+    "slurm": {},
+}
+
+# SLURMCluster keywords that this module sets itself, with where the user sets them instead.
+_RESERVED = {
+    "security": "use cluster.tls (true: temporary certificates; false: no TLS)",
+    "protocol": "follows cluster.tls (tls:// or tcp://)",
+    "dashboard_address": "use cluster.dashboard_address",
+    "host": "use scheduler_options: {host: ...} or cluster.interface",
+    "n_workers": "use cluster.minimum_jobs / cluster.maximum_jobs (adaptive scaling)",
+    "asynchronous": "not configurable",
+    "loop": "not configurable",
+    "job_cls": "not configurable",
+    "scheduler_cls": "not configurable from a config file",
+    "scheduler": "not configurable",
+}
+
+# Names dask-jobqueue still accepts but has renamed.
+_DEPRECATED = {
+    "project": "account",
+    "extra": "worker_extra_args",
+    "env_extra": "job_script_prologue",
+    "job_extra": "job_extra_directives",
+    "header_skip": "job_directives_skip",
+}
+
+_LIST_OPTIONS = ("job_extra_directives", "worker_extra_args", "job_script_prologue",
+                 "job_directives_skip")
+_POSITIVE_INT_OPTIONS = ("cores", "processes", "job_cpu")
+_STR_OPTIONS = ("queue", "account", "walltime", "job_mem", "interface", "local_directory",
+                "log_directory", "shared_temp_directory", "python", "shebang", "job_name",
+                "config_name", "name", "worker_command")
+
+# Words in sbatch's refusal -> the options that most likely caused it.
+_SBATCH_HINTS = {
+    "partition": ("queue",),
+    "account": ("account",),
+    "time limit": ("walltime",),
+    "node configuration is not available": ("cores", "memory", "job_cpu", "job_mem",
+                                            "job_extra_directives"),
+    "memory": ("memory", "job_mem"),
+    "qos": ("job_extra_directives",),
+}
+
+
+def accepted_options() -> frozenset[str]:
+    """Every keyword ``SLURMCluster`` accepts for its cluster or its jobs, minus ours."""
+    names: set[str] = set()
+    for fn in (JobQueueCluster.__init__, SLURMCluster.__init__, SLURMJob.__init__, Job.__init__):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+    names.discard("self")
+    return frozenset(names - set(_RESERVED) - set(_DEPRECATED))
+
+
+def validate_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the `cluster:` section (kind slurm); return it with defaults filled in.
+
+    Raises ClusterConfigError naming the bad key(s) or value, before anything is started.
+    """
+    if not isinstance(section, Mapping):
+        raise ClusterConfigError(f"cluster: expected a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(SECTION_DEFAULTS))
+    if unknown:
+        raise ClusterConfigError(
+            f"cluster: unknown key(s) {', '.join(map(repr, unknown))} for kind 'slurm'; "
+            f"allowed: {', '.join(sorted(SECTION_DEFAULTS))} "
+            "(SLURM and Dask worker options go under cluster.slurm)")
+    s = {**SECTION_DEFAULTS, **section}
+    if s["kind"] != "slurm":
+        raise ClusterConfigError(f"cluster.kind: expected 'slurm', got {s['kind']!r}")
+    if not isinstance(s["tls"], bool):
+        raise ClusterConfigError(f"cluster.tls: expected true or false, got {s['tls']!r}")
+    for key in ("minimum_jobs", "maximum_jobs"):
+        v = s[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ClusterConfigError(f"cluster.{key}: expected an integer >= 0, got {v!r}")
+    if s["maximum_jobs"] < max(1, s["minimum_jobs"]):
+        raise ClusterConfigError(
+            f"cluster.maximum_jobs ({s['maximum_jobs']}) must be >= 1 and >= "
+            f"cluster.minimum_jobs ({s['minimum_jobs']})")
+    if not isinstance(s["dashboard_address"], str):
+        raise ClusterConfigError(
+            f"cluster.dashboard_address: expected a string like '127.0.0.1:8787', "
+            f"got {s['dashboard_address']!r}")
+    if s["interface"] is not None and not isinstance(s["interface"], str):
+        raise ClusterConfigError(
+            f"cluster.interface: expected a network interface name like 'ib0', "
+            f"got {s['interface']!r}")
+    slurm = s["slurm"] if s["slurm"] is not None else {}
+    if not isinstance(slurm, Mapping):
+        raise ClusterConfigError(
+            f"cluster.slurm: expected a mapping of SLURMCluster options, "
+            f"got {type(slurm).__name__}")
+    _validate_slurm_options(slurm)
+    if s["interface"] is not None and "interface" in slurm:
+        raise ClusterConfigError(
+            "cluster.interface and cluster.slurm.interface are both set; keep one")
+    if "dashboard_address" in section and "dashboard_address" in slurm.get(
+            "scheduler_options", {}):
+        raise ClusterConfigError(
+            "cluster.dashboard_address and cluster.slurm.scheduler_options.dashboard_address "
+            "are both set; keep one")
+    s["slurm"] = dict(slurm)
+    return s
+
+
+def _validate_slurm_options(slurm: Mapping[str, Any]) -> None:
+    accepted = accepted_options()
+    problems = []
+    for key in slurm:
+        if key in _RESERVED:
+            problems.append(f"{key!r} is set by neurotask ({_RESERVED[key]})")
+        elif key in _DEPRECATED:
+            problems.append(
+                f"{key!r} is deprecated in dask-jobqueue; use {_DEPRECATED[key]!r}")
+        elif key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown option {key!r}{hint}")
+    if problems:
+        raise ClusterConfigError(
+            "cluster.slurm: " + "; ".join(problems)
+            + ". Options are SLURMCluster keyword arguments: "
+            + ", ".join(sorted(accepted)))
+    for key, value in slurm.items():
+        problem = _value_problem(key, value)
+        if problem:
+            raise ClusterConfigError(f"cluster.slurm.{key}: {problem}, got {value!r}")
+
+
+def _value_problem(key: str, value: Any) -> str | None:
+    if value is None:
+        return None  # None means "from Dask's config", as in dask-jobqueue itself
+    if key in _LIST_OPTIONS:
+        # A bare string would be split into characters by dask-jobqueue.
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return "expected a list of strings"
+    elif key in _POSITIVE_INT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return "expected a positive integer"
+    elif key == "memory":
+        try:
+            if parse_bytes(value) <= 0:
+                return "expected a positive amount like '4GB'"
+        except (TypeError, ValueError):
+            return "expected an amount of memory like '4GB'"
+    elif key in _STR_OPTIONS:
+        if not isinstance(value, str):
+            return "expected a string"
+    elif key == "scheduler_options":
+        if not isinstance(value, Mapping):
+            return "expected a mapping of distributed.Scheduler keyword arguments"
+    return None
+
+
+def _scheduler_options(s: Mapping[str, Any], config_name: str,
+                       dashboard_given: bool) -> dict[str, Any]:
+    """Dask's configured scheduler options, updated by ours; dashboard on localhost by default.
+
+    dask-jobqueue ignores its config's scheduler-options once any are passed, so merge here.
+    """
+    opts = dict(dask.config.get(f"jobqueue.{config_name}.scheduler-options", {}) or {})
+    opts.update(s["slurm"].get("scheduler_options") or {})
+    if dashboard_given or "dashboard_address" not in opts:
+        opts["dashboard_address"] = s["dashboard_address"]
+    return opts
+
+
+def _check_interface(kwargs: Mapping[str, Any], config_name: str) -> None:
+    """The scheduler binds here, so its interface must exist on this machine."""
+    sched = kwargs["scheduler_options"]
+    if "host" in sched:
+        return
+    if sched.get("interface"):
+        iface, where = sched["interface"], "scheduler_options.interface"
+    elif kwargs.get("interface"):
+        iface, where = kwargs["interface"], "cluster.interface (or cluster.slurm.interface)"
+    else:
+        iface = dask.config.get(f"jobqueue.{config_name}.interface", None)
+        where = f"Dask config jobqueue.{config_name}.interface"
+    present = psutil.net_if_addrs()
+    if iface and iface not in present:
+        raise ClusterConfigError(
+            f"{where}: network interface {iface!r} does not exist on {socket.gethostname()}; "
+            f"its interfaces are {', '.join(sorted(present))}")
+
+
+def _check_with_sbatch(cluster: SLURMCluster, slurm: Mapping[str, Any]) -> None:
+    """Let SLURM judge the job script without submitting it (``sbatch --test-only``)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="neurotask-job-") as f:
+        f.write(cluster.job_script())
+        f.flush()
+        proc = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True,
+                              text=True, timeout=60)
+    if proc.returncode == 0:
+        return
+    message = (proc.stderr or proc.stdout).strip()
+    suspects = sorted({o for word, opts in _SBATCH_HINTS.items() if word in message.lower()
+                       for o in opts})
+    given = [o for o in suspects if o in slurm]
+    if given:
+        where = (f" Check cluster.slurm option(s) {', '.join(given)}: "
+                 + ", ".join(f"{o}={slurm[o]!r}" for o in given) + ".")
+    elif suspects:
+        where = (" Likely culprits (from Dask's jobqueue config or dask-jobqueue's defaults): "
+                 + ", ".join(suspects) + ".")
+    else:
+        where = ""
+    raise ClusterConfigError(
+        f"cluster.slurm: SLURM refused the worker job script: {message}.{where}\n"
+        f"Job script:\n{cluster.job_script()}")
+
+
+def start_slurm_cluster(
+    section: dict,
+    *,
+    log: Callable[[str], Any] = print,
+    check_with_sbatch: bool = True,
+) -> tuple[SLURMCluster, Security | None]:
+    """Start a Dask scheduler here and SLURM worker jobs scaled adaptively.
+
+    ``section`` is the config's ``cluster:`` mapping with kind 'slurm' (keys and defaults in
+    ``SECTION_DEFAULTS``); ``section['slurm']`` is passed through as SLURMCluster keyword
+    arguments, and only the keys given there are passed, so Dask's jobqueue config supplies
+    the rest. Every option is validated, and with ``check_with_sbatch`` the job script is
+    checked by ``sbatch --test-only``, before any job is submitted; problems raise
+    ClusterConfigError naming the option.
+
+    Returns the cluster (scaling between minimum_jobs and maximum_jobs) and the Security
+    object the client must use (None when cluster.tls is false). ``log`` receives the
+    dashboard link and, as jobs are submitted, connect and leave, their SLURM job ids.
+    """
+    s = validate_section(section)
+    slurm = dict(s["slurm"])
+    if shutil.which("sbatch") is None:
+        raise ClusterConfigError(
+            "cluster.kind is 'slurm' but 'sbatch' is not on PATH: run on a SLURM login node "
+            "(or start the local test SLURM with scripts/slurm start)")
+    config_name = slurm.get("config_name") or "slurm"
+
+    kwargs: dict[str, Any] = dict(slurm)
+    kwargs["scheduler_options"] = _scheduler_options(
+        s, config_name, dashboard_given="dashboard_address" in section)
+    if s["interface"] is not None:
+        kwargs["interface"] = s["interface"]
+    _check_interface(kwargs, config_name)
+    security = None
+    if s["tls"]:
+        security = temporary_security()
+        kwargs["security"] = security
+        kwargs["shared_temp_directory"] = cert_directory(
+            config_name, slurm.get("shared_temp_directory"))
+    else:
+        log("cluster.tls is false: scheduler, worker and client traffic is NOT encrypted and "
+            "anyone who can reach the scheduler's port can run code as you")
+
+    try:
+        cluster = SLURMCluster(**kwargs)
+    except ValueError as exc:  # dask-jobqueue's own checks, e.g. no cores/memory anywhere
+        raise ClusterConfigError(f"cluster.slurm: {exc}") from exc
+    try:
+        if check_with_sbatch:
+            _check_with_sbatch(cluster, slurm)
+        _watch_jobs(cluster, log)
+        cluster.adapt(minimum_jobs=s["minimum_jobs"], maximum_jobs=s["maximum_jobs"])
+    except BaseException:
+        cluster.close()
+        raise
+    log(f"Dask scheduler {cluster.scheduler_address}; SLURM workers scale between "
+        f"{s['minimum_jobs']} and {s['maximum_jobs']} jobs")
+    log(dashboard_message(cluster))
+    return cluster, cluster.security if s["tls"] else None
+
+
+def dashboard_message(cluster: SLURMCluster) -> str:
+    """The dashboard link, with the SSH tunnel command when it is bound to localhost."""
+    link = cluster.dashboard_link
+    host, _, port = link.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+    if host in ("127.0.0.1", "localhost"):
+        here = socket.gethostname()
+        return (f"Dask dashboard: {link} (bound to localhost on {here}; from your computer: "
+                f"ssh -N -L {port}:127.0.0.1:{port} {getpass.getuser()}@{here} "
+                f"then open http://localhost:{port}/status)")
+    return f"Dask dashboard: {link}"
+
+
+def worker_job_ids(cluster: SLURMCluster) -> dict[str, str]:
+    """Dask worker name -> SLURM job id, for every job the cluster has submitted."""
+    out: dict[str, str] = {}
+    for name, job in list(cluster.workers.items()):
+        job_id = getattr(job, "job_id", None)
+        if job_id is None:
+            continue
+        group = cluster.worker_spec.get(name, {}).get("group")
+        for worker in ([f"{name}{suffix}" for suffix in group] if group else [name]):
+            out[str(worker)] = str(job_id)
+    return out
+
+
+def _watch_jobs(cluster: SLURMCluster, log: Callable[[str], Any]) -> None:
+    """Log SLURM job ids as jobs are submitted, and as their workers connect and leave."""
+    submitted: set[str] = set()
+    connected: dict[str, tuple[str, str]] = {}  # worker address -> (name, job id)
+
+    def check() -> None:
+        if cluster.status.name in ("closing", "closed"):
+            pc.stop()
+            return
+        ids = worker_job_ids(cluster)
+        for worker, job_id in ids.items():
+            if job_id not in submitted:
+                submitted.add(job_id)
+                log(f"SLURM job {job_id} submitted for Dask worker {worker}")
+        workers = cluster.scheduler_info.get("workers", {})
+        for addr, info in workers.items():
+            if addr not in connected:
+                name = str(info.get("name"))
+                connected[addr] = (name, ids.get(name, "?"))
+                log(f"Dask worker {name} connected from SLURM job {connected[addr][1]} ({addr})")
+        for addr in set(connected) - set(workers):
+            name, job_id = connected.pop(addr)
+            log(f"Dask worker {name} (SLURM job {job_id}) left the cluster")
+
+    pc = PeriodicCallback(check, 500)
+    cluster._neurotask_job_watcher = pc  # keep it alive with the cluster
+    cluster.loop.add_callback(pc.start)
+
+
+def connect_client(cluster: SLURMCluster, security: Security | None) -> Client:
+    """A client of the cluster's scheduler, using the cluster's certificate when TLS is on."""
+    return Client(cluster, security=security)

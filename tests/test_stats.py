@@ -1,0 +1,97 @@
+"""Per-voxel test statistics against scipy, scikit-learn and statsmodels."""
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from sklearn.metrics import r2_score as sk_r2
+from statsmodels.stats.multitest import multipletests
+
+from pipeline import stats
+
+
+def _data(n=40, v=25, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((n, v))
+    pred = 0.4 * y + rng.standard_normal((n, v))
+    return y.astype(dtype), pred.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pearson_r_and_pvalue_equal_scipy(dtype):
+    y, pred = _data(dtype=dtype)
+    r = stats.pearson_r(y, pred)
+    p = stats.pearson_pvalue(r, y.shape[0])
+    p_greater = stats.pearson_pvalue(r, y.shape[0], alternative="greater")
+    for j in range(y.shape[1]):
+        a, b = y[:, j].astype(np.float64), pred[:, j].astype(np.float64)
+        ref = sps.pearsonr(a, b)
+        assert r[j] == pytest.approx(ref.statistic, abs=1e-12)
+        assert p[j] == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+        assert p_greater[j] == pytest.approx(sps.pearsonr(a, b, alternative="greater").pvalue,
+                                             rel=1e-9, abs=1e-300)
+
+
+def test_pearson_r_keeps_tiny_variations_of_float32_predictions():
+    # Heavily regularised voxels: predictions vary by ~1e-6 around an O(1) mean.
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((200, 3))
+    signal = y + rng.standard_normal((200, 3))
+    pred = (5.0 + 1e-4 * signal).astype(np.float32)
+    r = stats.pearson_r(y, pred)
+    for j in range(3):
+        assert r[j] == pytest.approx(sps.pearsonr(y[:, j], pred[:, j].astype(np.float64)).statistic,
+                                     abs=1e-12)
+    assert np.all(r > 0.5)
+
+
+def test_constant_or_nonfinite_columns_give_nan_r_and_p_one():
+    y, pred = _data(v=5)
+    y[:, 1] = 3.0
+    pred[:, 2] = -1.0
+    y[4, 3] = np.nan
+    r = stats.pearson_r(y, pred)
+    assert np.isnan(r[[1, 2, 3]]).all() and np.isfinite(r[[0, 4]]).all()
+    p = stats.pearson_pvalue(r, y.shape[0])
+    assert np.all(p[[1, 2, 3]] == 1.0)
+    assert np.all(stats.pearson_pvalue(r, y.shape[0], alternative="greater")[[1, 2, 3]] == 1.0)
+    scores = stats.test_scores(y, pred)
+    assert np.isnan(scores["r2"][1])
+    assert np.all(scores["pvalue"][[1, 2, 3]] == 1.0)
+
+
+def test_r2_equals_sklearn():
+    y, pred = _data(v=10)
+    ref = sk_r2(y, pred, multioutput="raw_values")
+    np.testing.assert_allclose(stats.r2_score(y, pred), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.test_scores(y, pred)["r2"], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_pvalue_input_checks():
+    with pytest.raises(ValueError, match="n=2"):
+        stats.pearson_pvalue(np.array([0.5]), 2)
+    with pytest.raises(ValueError, match="alternative"):
+        stats.pearson_pvalue(np.array([0.5]), 10, alternative="less")
+
+
+def test_fdr_bh_equals_statsmodels_and_the_definition():
+    rng = np.random.default_rng(2)
+    p = np.concatenate([rng.uniform(0, 1, 300), rng.uniform(0, 1e-3, 40)])
+    q, sig = stats.fdr_bh(p, 0.05)
+    reject, q_ref, _, _ = multipletests(p, alpha=0.05, method="fdr_bh")
+    np.testing.assert_allclose(q, q_ref, rtol=1e-12)
+    np.testing.assert_array_equal(sig, reject)
+    # The definition: reject the k smallest, k the largest rank with p_(k) <= k/m * alpha.
+    order = np.sort(p)
+    ranks = np.arange(1, p.size + 1)
+    k = ranks[order <= ranks / p.size * 0.05].max()
+    assert sig.sum() == k and np.all(p[sig] <= order[k - 1])
+
+
+def test_fdr_bh_counts_nan_as_one_and_handles_empty():
+    p = np.array([1e-4, np.nan, 0.01, 0.04])
+    q, sig = stats.fdr_bh(p, 0.05)
+    _, q_ref, _, _ = multipletests([1e-4, 1.0, 0.01, 0.04], method="fdr_bh")
+    np.testing.assert_allclose(q, q_ref)
+    assert not sig[1]
+    q0, s0 = stats.fdr_bh(np.array([]))
+    assert q0.size == 0 and s0.size == 0
