@@ -16,9 +16,7 @@ from typing import Any, Callable, Iterator
 
 from distributed import Client, LocalCluster
 
-
-class ClusterConfigError(ValueError):
-    """An invalid ``cluster:`` section; the message names the option."""
+from cluster.errors import ClusterConfigError
 
 
 _LOCAL_KEYS = {"kind", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "processes"}
@@ -62,7 +60,7 @@ def open_client(section: dict[str, Any] | None, *, log: Callable[[str], None] = 
         elif kind == "slurm":
             from cluster.slurm import connect_client, start_slurm_cluster
 
-            cluster, security = start_slurm_cluster({k: v for k, v in section.items() if k != "kind"}, log=log)
+            cluster, security = start_slurm_cluster(section, log=log)
             stack.callback(cluster.close)
             client = stack.enter_context(connect_client(cluster, security))
         elif kind == "address":

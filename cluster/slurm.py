@@ -37,11 +37,8 @@ from distributed import Client
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
+from cluster.errors import ClusterConfigError
 from cluster.security import cert_directory, temporary_security
-
-
-class ClusterConfigError(ValueError):
-    """The cluster section of a config is wrong; the message names the option."""
 
 
 # Keys of the `cluster:` section (kind slurm) and their defaults.

@@ -125,7 +125,7 @@ def plan_units(cfg: Config, store: StudyStore, progress: Progress, subject: str,
 
 def finalize_pair(store: StudyStore, subject: str, task: str, task_index: int, fdr: float) -> int:
     """BH-FDR across all voxels of (subject, task): writes qvalue and significant."""
-    p = store.results(subject)["pvalue"].isel(task=task_index).values
+    p = store.read_result(subject, "pvalue", task_index)
     q, significant = stats.fdr_bh(p, fdr)
     store.write_result_chunk(subject, task_index, slice(None), {"qvalue": q, "significant": significant})
     return int(significant.sum())

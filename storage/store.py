@@ -239,6 +239,10 @@ class StudyStore:
         ds = xr.Dataset({name: (("task", "voxel"), np.asarray(a)[None, :]) for name, a in values.items()})
         self._write(ds, f"results/{subject}", region={"task": slice(task_index, task_index + 1), "voxel": voxels})
 
+    def read_result(self, subject: str, name: str, task_index: int) -> np.ndarray:
+        """One variable of one task's results, (v,), without loading the rest."""
+        return self._open(f"results/{subject}")[name][task_index].values
+
     def results(self, subject: str) -> xr.Dataset:
         """A subject's results (task, voxel), loaded."""
         if not self.has(f"results/{subject}"):
