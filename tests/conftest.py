@@ -1,0 +1,64 @@
+"""Shared fixtures: small simulated studies written in BOLD5000's formats, and the reference
+data shipped beside the checkout (../shared/reference)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A compact study: 2 subjects, 300 images, tasks from four Taskonomy clusters, the paper's
+# protocol with a shorter alpha grid so the whole suite stays fast on 2 cores.
+SMALL_TASKS = ["edge2d", "keypoint2d", "keypoint3d", "rgb2depth", "class_1000", "class_places"]
+
+
+def small_config_dict(workdir: Path, **sections) -> dict:
+    cfg = {
+        "study": {"name": "small", "workdir": str(workdir), "subjects": ["CSI1", "CSI2"], "tasks": SMALL_TASKS},
+        "simulate": {"seed": 3, "n_images": 300, "n_repeated": 30, "n_showings": 3, "n_sessions": 2,
+                     "n_features": 48, "volume_shape": [16, 16, 10], "signal_variance": [0.3, 1.0]},
+        "data": {"chunk_size": 250},
+        "fit": {"n_alphas": 20, "n_folds": 5},
+        "cluster": {"kind": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+    }
+    for name, values in sections.items():
+        if values is None:
+            cfg.pop(name, None)
+        else:
+            cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory) -> Path:
+    """Config path of a small study that has been simulated, ingested and fitted once."""
+    from pipeline import cli
+
+    d = tmp_path_factory.mktemp("small")
+    path = write_config(d / "study.yaml", small_config_dict(d / "work"))
+    assert cli.main(["run", "--config", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    for candidate in (ROOT.parent / "shared" / "reference", Path("/work/shared/reference")):
+        if candidate.is_dir():
+            return candidate
+    pytest.fail("../shared/reference is missing beside the checkout")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_dask():
+    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+    yield

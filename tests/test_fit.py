@@ -1,0 +1,177 @@
+"""End to end: simulate -> ingest -> fit on Dask, the planted structure recovered, resume after
+a kill, and the fit's refusals of inconsistent input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_TASKS, small_config_dict, write_config
+from pipeline import cli, design, fit, ridge, stats
+from pipeline.config import load_config
+from pipeline.errors import FitError
+from pipeline.simulate import ROI_DRIVER
+from pipeline.tasks import task_cluster
+from storage import Progress, StudyStore
+from cluster import open_client
+
+
+def test_results_are_labelled_and_complete(small_study):
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    for subject in cfg.study.subjects:
+        res = store.results(subject)
+        assert list(res["task"].values) == SMALL_TASKS
+        assert set(res.data_vars) >= {"r", "r2", "alpha", "pvalue", "qvalue", "significant"}
+        assert {"voxel_i", "voxel_j", "voxel_k", "roi"} <= set(res.coords)
+        assert res.attrs["volume_shape"] == cfg.simulate.volume_shape
+        # every voxel fitted: only the constant voxel has an undefined r
+        assert int(np.isnan(res["r"].values).any(0).sum()) == 1
+        assert np.isin(res["alpha"].values, fit.alpha_grid(cfg, cfg.simulate.n_features)).all()
+        q, sig = stats.fdr_bh(res["pvalue"].values[0], cfg.fit.fdr)
+        np.testing.assert_allclose(res["qvalue"].values[0], q)
+        np.testing.assert_array_equal(res["significant"].values[0], sig)
+
+
+def test_orchestrated_fit_equals_the_engine_alone(small_study):
+    """The Dask fit over chunks gives what one call of the engine on all voxels gives."""
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    task = "keypoint3d"
+    dec = fit.build_decomposition(str(store.path), "CSI2", task, cfg)
+    Y = store.responses("CSI2")["responses"].values
+    res = ridge.ridge_cv(dec, Y, fit.alpha_grid(cfg, cfg.simulate.n_features))
+    scores = stats.test_scores(Y[dec.final.eval_rows], res.test_prediction)
+    stored = store.results("CSI2").sel(task=task)
+    np.testing.assert_array_equal(stored["alpha"].values, res.alpha)
+    np.testing.assert_allclose(stored["r"].values, scores["r"], rtol=1e-5, atol=1e-6)
+
+
+def test_planted_structure_is_recovered(small_study):
+    """Each ROI is best predicted by the Taskonomy cluster that drives it in the simulation;
+    pure-noise voxels are (almost) never significant."""
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    for subject in cfg.study.subjects:
+        res = store.results(subject)
+        truth = np.load(cfg.workdir / f"raw/ground_truth/{subject}.npz")
+        clusters = np.array([task_cluster(t) for t in res["task"].values])
+        for roi in np.unique(res["roi"].values):
+            if not roi:
+                continue
+            r = res["r"].values[:, res["roi"].values == roi]
+            by_cluster = {c: np.nanmean(r[clusters == c]) for c in set(clusters)}
+            assert max(by_cluster, key=by_cluster.get) == ROI_DRIVER[roi[2:]], (subject, roi, by_cluster)
+        # noise voxels: map ground truth to stored voxels by coordinates
+        ijk = np.stack([res[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], 1)
+        key = {tuple(x): d for x, d in zip(truth["voxel_ijk"], truth["driver"])}
+        noise = np.array([key[tuple(x)] == "" for x in ijk])
+        assert noise.sum() > 50
+        assert res["significant"].values[:, noise].mean() < 0.02
+        # Driven ROI voxels: with only 45 test images, a voxel of true r ~0.3 reaches FDR
+        # significance about half to three quarters of the time; most are found by some task.
+        driven_roi = ~noise & (res["roi"].values != "")
+        assert res["significant"].values[:, driven_roi].any(0).mean() > 0.6
+
+
+def test_status_reports_done_units(small_study, capsys):
+    assert cli.main(["status", "--config", str(small_study)]) == 0
+    out = capsys.readouterr().out
+    assert "CSI1: 300 images" in out and "keypoint3d" in out and "done" in out and "missing" not in out
+
+
+def test_rerun_with_other_fit_parameters_is_refused(small_study, tmp_path):
+    cfg = load_config(small_study)
+    other = small_config_dict(cfg.workdir, fit={"n_alphas": 10})
+    path = write_config(tmp_path / "other.yaml", other)
+    code = cli.main(["fit", "--config", str(path)])
+    assert code == 2
+    # nothing was touched: the stored results still carry the original parameters
+    assert StudyStore(cfg.store_path).results("CSI1").attrs["fit"]["n_alphas"] == 20
+
+
+def test_features_missing_images_is_an_error(small_study, tmp_path):
+    cfg0 = load_config(small_study)
+    work = tmp_path / "w"
+    shutil.copytree(cfg0.workdir, work)
+    cfg = load_config(write_config(tmp_path / "c.yaml", small_config_dict(work, study={"subjects": ["CSI1"], "tasks": ["edge2d"]})))
+    store = StudyStore(cfg.store_path)
+    feats = store.read_features("edge2d")
+    store.write_features("edge2d", feats.values[:-7], list(feats["image"].values[:-7]))
+    Progress(cfg.workdir / "progress", store.store_id).clear("fit")
+    store.remove("results/CSI1")
+    with open_client(cfg.cluster, log=lambda m: None) as client:
+        with pytest.raises(FitError, match=r"features/edge2d lacks 7 of the subject's 300 images"):
+            fit.fit(cfg, client, log=lambda m: None)
+
+
+def test_failing_unit_is_retried_then_named_and_others_kept(small_study, tmp_path, monkeypatch):
+    cfg0 = load_config(small_study)
+    work = tmp_path / "w"
+    shutil.copytree(cfg0.workdir, work)
+    cfg = load_config(write_config(tmp_path / "c.yaml", small_config_dict(
+        work, study={"subjects": ["CSI1"], "tasks": ["edge2d", "class_1000"]}, fit={"retries": 1})))
+    store = StudyStore(cfg.store_path)
+    Progress(cfg.workdir / "progress", store.store_id).clear("fit")
+    store.remove("results/CSI1")
+    monkeypatch.setenv(fit.FAULT_ENV, "CSI1/class_1000/2")  # inherited by the local workers
+    with open_client(cfg.cluster, log=lambda m: None) as client:
+        with pytest.raises(FitError, match=r"CSI1/class_1000/chunk 2 .*injected fault"):
+            fit.fit(cfg, client, log=lambda m: None)
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
+    assert len(progress.done_units("fit", "CSI1", "edge2d")) == n_chunks
+    assert progress.done_units("fit", "CSI1", "class_1000") == {f"{c:05d}" for c in range(n_chunks)} - {"00002"}
+    ref = StudyStore(cfg0.store_path).results("CSI1")
+    got = store.results("CSI1")
+    np.testing.assert_array_equal(got["r"].sel(task="edge2d").values, ref["r"].sel(task="edge2d").values)
+
+
+def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
+    """SIGKILL the whole fit (driver and its local workers) mid-way; the rerun computes only
+    the units without a marker, leaves finished ones untouched, and ends identical."""
+    cfg0 = load_config(small_study)
+    work = tmp_path / "w"
+    shutil.copytree(cfg0.workdir / "raw", work / "raw")
+    cfg_dict = small_config_dict(work, cluster={"n_workers": 1})
+    path = write_config(tmp_path / "k.yaml", cfg_dict)
+    assert cli.main(["simulate", "--config", str(path)]) == 0
+    assert cli.main(["ingest", "--config", str(path)]) == 0
+    cfg = load_config(path)
+    store = StudyStore(cfg.store_path)
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
+    total = 2 * len(SMALL_TASKS) * n_chunks
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "fit", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(list((cfg.workdir / "progress" / "fit").rglob("*.json"))) < 4:
+            assert proc.poll() is None, "fit ended before it could be killed"
+            assert time.time() < deadline, "no progress"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {(p.parent.parent.name, p.parent.name, p.stem): p.stat().st_mtime_ns
+                   for p in (cfg.workdir / "progress" / "fit").rglob("*.json")}
+    assert 4 <= len(done_before) < total
+
+    with open_client(cfg.cluster, log=lambda m: None) as client:
+        report = fit.fit(cfg, client, log=lambda m: None)
+    assert report.skipped == len(done_before)
+    assert report.computed == total - len(done_before)
+    for (subject, task, unit), mtime in done_before.items():  # finished units were not redone
+        assert (cfg.workdir / "progress/fit" / subject / task / f"{unit}.json").stat().st_mtime_ns == mtime
+    ref = StudyStore(cfg0.store_path)
+    for subject in cfg.study.subjects:
+        a, b = store.results(subject), ref.results(subject)
+        for var in ("r", "r2", "alpha", "pvalue", "qvalue", "significant"):
+            np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=f"{subject} {var}")
