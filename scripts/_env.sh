@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[neurotask] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-stamp="$VENV/.neurotask-installed$extra"
+stamp="$VENV/.neurotask-installed${extra:+-$extra}"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[neurotask] installing the project into $VENV (first time takes a few minutes)"
