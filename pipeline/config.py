@@ -77,6 +77,8 @@ class FitSection:
     zscore_features: bool = True
     fdr: float = 0.05
     retries: int = 2  # per chunk, before the run fails naming it
+    n_permutations: int = 5000  # permutation test of test r (the authors' protocol); 0 = off
+    permutation_seed: int = 0
 
 
 @dataclass
@@ -196,6 +198,7 @@ def _check_values(cfg: Config) -> None:
         (cfg.fit.n_alphas >= 1, "fit.n_alphas must be >= 1"),
         (0 < cfg.fit.fdr < 1, "fit.fdr must be in (0, 1)"),
         (cfg.fit.retries >= 0, "fit.retries must be >= 0"),
+        (cfg.fit.n_permutations >= 0, "fit.n_permutations must be >= 0 (0 turns the test off)"),
         (cfg.data.chunk_size >= 1, "data.chunk_size must be >= 1"),
         (cfg.fit.alphas == "paper" or all(a > 0 for a in cfg.fit.alphas), "fit.alphas must be positive"),
         (cfg.data.sessions == "auto" or cfg.data.sessions >= 1, "data.sessions must be >= 1 or 'auto'"),
@@ -254,7 +257,8 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 def fit_fingerprint(fit: FitSection, data: DataSection) -> dict[str, Any]:
     """The parameters that determine a fit's results; stored with them so that a rerun with
     different ones is refused rather than mixed into the same store."""
-    keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype", "zscore_features")
+    keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype",
+            "zscore_features", "n_permutations", "permutation_seed")
     out = {k: getattr(fit, k) for k in keys}
     if fit.cv != "single_split":
         out.pop("validation_fraction")

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from distributed import Client, Future, as_completed
 
-from pipeline import design, ridge, stats
+from pipeline import design, noise_ceiling, ridge, stats
 from pipeline.config import Config, fit_fingerprint
 from pipeline.console import ProgressBar
 from pipeline.errors import FitError
@@ -89,18 +89,24 @@ def build_decomposition(store_path: str, subject: str, task: str, cfg: Config) -
 
 
 def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
-             decomposition: ridge.Decomposition, alphas: np.ndarray) -> dict:
+             decomposition: ridge.Decomposition, alphas: np.ndarray,
+             n_permutations: int = 0, permutation_seed: int = 0) -> dict:
     """Fit one voxel chunk, write its results region, then mark it done."""
     if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) in {unit.name}")
     store = StudyStore(store_path)
     Y = store.read_response_chunk(unit.subject, slice(unit.start, unit.stop))
     result = ridge.ridge_cv(decomposition, Y, alphas)
-    scores = stats.test_scores(Y[decomposition.final.eval_rows], result.test_prediction)
-    store.write_result_chunk(unit.subject, unit.task_index, slice(unit.start, unit.stop), {
-        "r": scores["r"].astype(np.float32), "r2": scores["r2"].astype(np.float32),
-        "alpha": result.alpha, "pvalue": scores["pvalue"],
-    })
+    y_test = Y[decomposition.final.eval_rows]
+    scores = stats.test_scores(y_test, result.test_prediction)
+    values = {"r": scores["r"].astype(np.float32), "r2": scores["r2"].astype(np.float32),
+              "alpha": result.alpha, "pvalue": scores["pvalue"]}
+    if n_permutations:
+        # The same permutations for every chunk (a function of seed and n_test only), so a
+        # voxel's p does not depend on the chunking.
+        perm = stats.permutation_test(y_test, result.test_prediction, n_permutations, permutation_seed)
+        values["pvalue_perm"] = perm.pvalue
+    store.write_result_chunk(unit.subject, unit.task_index, slice(unit.start, unit.stop), values)
     Progress(progress_dir, store_id).mark_done(*unit.marker, info={"voxels": unit.stop - unit.start})
     return {"unit": unit.name, "nan_r": int(np.isnan(scores["r"]).sum())}
 
@@ -123,12 +129,31 @@ def plan_units(cfg: Config, store: StudyStore, progress: Progress, subject: str,
     return out
 
 
-def finalize_pair(store: StudyStore, subject: str, task: str, task_index: int, fdr: float) -> int:
-    """BH-FDR across all voxels of (subject, task): writes qvalue and significant."""
-    p = store.read_result(subject, "pvalue", task_index)
-    q, significant = stats.fdr_bh(p, fdr)
-    store.write_result_chunk(subject, task_index, slice(None), {"qvalue": q, "significant": significant})
-    return int(significant.sum())
+def finalize_pair(store: StudyStore, subject: str, task_index: int, fdr: float, permutation: bool) -> None:
+    """BH-FDR across all voxels of (subject, task), for the parametric and, if computed, the
+    permutation p-values: writes their q-values and significance."""
+    values = {}
+    for suffix in ("", "_perm") if permutation else ("",):
+        q, significant = stats.fdr_bh(store.read_result(subject, "pvalue" + suffix, task_index), fdr)
+        values.update({"qvalue" + suffix: q, "significant" + suffix: significant})
+    store.write_result_chunk(subject, task_index, slice(None), values)
+
+
+def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray) -> bool:
+    """Per-voxel noise ceiling of the test-set r from the subject's repeated images (NCSNR),
+    for test responses averaging as many showings as each test image had. Written to
+    ``results/<subject>`` once; False when the subject has no repeated images."""
+    resp = store.responses(subject)
+    if "repeat_responses" not in resp:
+        return False
+    m_test = resp["n_showings"].values[test_rows] if "n_showings" in resp else 1
+    chunk = int(resp.attrs["chunk_size"])
+    for a in range(0, resp.sizes["voxel"], chunk):
+        sl = slice(a, min(a + chunk, resp.sizes["voxel"]))
+        sn = noise_ceiling.signal_noise(resp["repeat_responses"][:, :, sl].values.astype(np.float64))
+        nc = noise_ceiling.noise_ceiling(sn.ncsnr, m_test)
+        store.write_voxel_results(subject, sl, {"ncsnr": sn.ncsnr, "noise_ceiling_r": nc.r, "noise_ceiling_r2": nc.r2})
+    return True
 
 
 def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[str], None] = print,
@@ -148,7 +173,13 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
         if overwrite:
             store.remove(f"results/{subject}")
             progress.clear("fit", subject)
-        order = store.ensure_results(subject, cfg.tasks, params)
+            progress.unmark("ceiling", subject)
+        permutation = cfg.fit.n_permutations > 0
+        order = store.ensure_results(subject, cfg.tasks, params, permutation=permutation)
+        if not progress.is_done("ceiling", subject):
+            n_images = store.responses(subject).sizes["image"]
+            if subject_noise_ceiling(store, subject, splits_for(cfg, n_images).test):
+                progress.mark_done("ceiling", subject)
         missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
         if missing:
             raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
@@ -181,7 +212,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
         remaining[key] = len(units)
         for u in units:
             f = client.submit(fit_unit, str(store.path), str(progress.directory), progress.store_id, u, dec, alphas,
-                              key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
+                              cfg.fit.n_permutations, cfg.fit.permutation_seed, key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
                               pure=False)
             futures[f] = (u, key)
             ac.add(f)
@@ -206,7 +237,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
 
     for subject, task, index in complete_pairs:
         if (subject, task) not in failed_pairs:
-            finalize_pair(store, subject, task, index, cfg.fit.fdr)
+            finalize_pair(store, subject, index, cfg.fit.fdr, cfg.fit.n_permutations > 0)
             report.finalized.append((subject, task))
     report.seconds = time.perf_counter() - t0
     if report.failed:

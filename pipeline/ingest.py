@@ -192,6 +192,7 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
         if overwrite:  # results of the old responses would no longer match
             progress.clear("ingest", subject)
             progress.clear("fit", subject)
+            progress.unmark("ceiling", subject)
             store.remove(f"results/{subject}")
         log(f"{subject}: ingesting {len(f.sessions)} session(s)")
         summary = ingest_subject(cfg, f, store, log=log)

@@ -2,7 +2,7 @@
 voxel <-> volume mapping and NIfTI export. Imports nothing else of neurotask."""
 
 from storage.progress import Progress
-from storage.store import RESULT_VARS, StoreError, StudyStore
+from storage.store import CEILING_VARS, PERMUTATION_VARS, RESULT_VARS, StoreError, StudyStore
 from storage.volume import mask_to_ijk, save_nifti, to_volume
 
-__all__ = ["Progress", "RESULT_VARS", "StoreError", "StudyStore", "mask_to_ijk", "save_nifti", "to_volume"]
+__all__ = ["CEILING_VARS", "PERMUTATION_VARS", "Progress", "RESULT_VARS", "StoreError", "StudyStore", "mask_to_ijk", "save_nifti", "to_volume"]

@@ -31,7 +31,7 @@ class Progress:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"store_id": self.store_id, "finished": time.time(), "host": socket.gethostname(),
                   "pid": os.getpid(), **(info or {})}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")  # not *.json
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
             f.flush()
@@ -55,6 +55,9 @@ class Progress:
         if not d.is_dir():
             return set()
         return {p.stem for p in d.glob("*.json") if self.read(*parts, p.stem) is not None}
+
+    def unmark(self, *parts: str) -> None:
+        self._path(*parts).unlink(missing_ok=True)
 
     def clear(self, *parts: str) -> None:
         shutil.rmtree(self.directory.joinpath(*parts), ignore_errors=True)

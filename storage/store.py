@@ -27,8 +27,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-RESULT_FLOAT_VARS = ("r", "r2", "alpha", "pvalue", "qvalue")
-RESULT_VARS = RESULT_FLOAT_VARS + ("significant",)
+# Per (task, voxel). Permutation variables exist when the fit ran the permutation test.
+RESULT_VARS = ("r", "r2", "alpha", "pvalue", "qvalue", "significant")
+PERMUTATION_VARS = ("pvalue_perm", "qvalue_perm", "significant_perm")
+# Per voxel, the same for every task: the noise ceiling from repeated images.
+CEILING_VARS = ("ncsnr", "noise_ceiling_r", "noise_ceiling_r2")
+_FLOAT64 = {"alpha", "pvalue", "qvalue", "pvalue_perm", "qvalue_perm", "ncsnr", "noise_ceiling_r", "noise_ceiling_r2"}
 VOXEL_COORDS = ("voxel_i", "voxel_j", "voxel_k", "roi")
 
 # xarray warns that zarr v3 consolidated metadata is not part of the spec; we never use it.
@@ -195,8 +199,11 @@ class StudyStore:
 
     # ------------------------------------------------------------------ results
 
-    def ensure_results(self, subject: str, tasks: list[str], fit_params: dict[str, Any]) -> list[str]:
+    def ensure_results(self, subject: str, tasks: list[str], fit_params: dict[str, Any],
+                       permutation: bool = False) -> list[str]:
         """Create ``results/<subject>`` or add missing tasks to it; return the stored task order.
+
+        With ``permutation``, the permutation-test variables are part of the results.
 
         Refuses (StoreError) when the stored results were fitted with other parameters.
         """
@@ -217,27 +224,41 @@ class StudyStore:
             have = [str(t) for t in existing["task"].values]
             new = [t for t in tasks if t not in have]
             if new:
-                self._write(self._results_template(new, resp, fit_params), group, append_dim="task")
+                template = self._results_template(new, resp, fit_params, permutation).drop_vars(CEILING_VARS)
+                self._write(template, group, append_dim="task")
             return have + new
-        encoding = {name: {"chunks": (1, chunk)} for name in RESULT_VARS}
-        self._write(self._results_template(tasks, resp, fit_params), group, mode="w", encoding=encoding)
+        template = self._results_template(tasks, resp, fit_params, permutation)
+        encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in template.data_vars}
+        self._write(template, group, mode="w", encoding=encoding)
         return list(tasks)
 
     @staticmethod
-    def _results_template(tasks: list[str], resp: xr.Dataset, fit_params: dict[str, Any]) -> xr.Dataset:
+    def _results_template(tasks: list[str], resp: xr.Dataset, fit_params: dict[str, Any],
+                          permutation: bool) -> xr.Dataset:
         t, v = len(tasks), resp.sizes["voxel"]
-        data = {name: (("task", "voxel"), np.full((t, v), np.nan, np.float64 if name in ("pvalue", "qvalue", "alpha") else np.float32))
-                for name in RESULT_FLOAT_VARS}
-        data["significant"] = (("task", "voxel"), np.zeros((t, v), dtype=bool))
+        names = RESULT_VARS + (PERMUTATION_VARS if permutation else ())
+        data = {}
+        for name in names:
+            if name.startswith("significant"):
+                data[name] = (("task", "voxel"), np.zeros((t, v), dtype=bool))
+            else:
+                data[name] = (("task", "voxel"), np.full((t, v), np.nan, np.float64 if name in _FLOAT64 else np.float32))
+        for name in CEILING_VARS:
+            data[name] = (("voxel",), np.full(v, np.nan))
         coords = {"task": _strings(tasks), "voxel": resp["voxel"].values}
         coords.update({c: ("voxel", resp[c].values) for c in VOXEL_COORDS})
         attrs = {k: resp.attrs[k] for k in ("subject", "volume_shape", "affine", "chunk_size") if k in resp.attrs}
         return xr.Dataset(data, coords=coords, attrs=dict(attrs, fit=fit_params))
 
     def write_result_chunk(self, subject: str, task_index: int, voxels: slice, values: dict[str, np.ndarray]) -> None:
-        """values: name -> (len(voxels),) for some of RESULT_VARS, written as one region."""
+        """values: name -> (len(voxels),) for some (task, voxel) variables, written as one region."""
         ds = xr.Dataset({name: (("task", "voxel"), np.asarray(a)[None, :]) for name, a in values.items()})
         self._write(ds, f"results/{subject}", region={"task": slice(task_index, task_index + 1), "voxel": voxels})
+
+    def write_voxel_results(self, subject: str, voxels: slice, values: dict[str, np.ndarray]) -> None:
+        """values: name -> (len(voxels),) for per-voxel variables (CEILING_VARS)."""
+        ds = xr.Dataset({name: (("voxel",), np.asarray(a)) for name, a in values.items()})
+        self._write(ds, f"results/{subject}", region={"voxel": voxels})
 
     def read_result(self, subject: str, name: str, task_index: int) -> np.ndarray:
         """One variable of one task's results, (v,), without loading the rest."""

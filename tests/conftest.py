@@ -22,7 +22,7 @@ def small_config_dict(workdir: Path, **sections) -> dict:
         "simulate": {"seed": 3, "n_images": 300, "n_repeated": 30, "n_showings": 3, "n_sessions": 2,
                      "n_features": 48, "volume_shape": [16, 16, 10], "signal_variance": [0.3, 1.0]},
         "data": {"chunk_size": 250},
-        "fit": {"n_alphas": 20, "n_folds": 5},
+        "fit": {"n_alphas": 20, "n_folds": 5, "n_permutations": 200},
         "cluster": {"kind": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},
     }
     for name, values in sections.items():

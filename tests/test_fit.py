@@ -160,8 +160,8 @@ def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_before = {(p.parent.parent.name, p.parent.name, p.stem): p.stat().st_mtime_ns
-                   for p in (cfg.workdir / "progress" / "fit").rglob("*.json")}
+    done_before = {(s, t, u): (cfg.workdir / "progress/fit" / s / t / f"{u}.json").stat().st_mtime_ns
+                   for s in cfg.study.subjects for t in SMALL_TASKS for u in progress.done_units("fit", s, t)}
     assert 4 <= len(done_before) < total
 
     with open_client(cfg.cluster, log=lambda m: None) as client:
@@ -175,3 +175,33 @@ def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
         a, b = store.results(subject), ref.results(subject)
         for var in ("r", "r2", "alpha", "pvalue", "qvalue", "significant"):
             np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=f"{subject} {var}")
+
+
+def test_permutation_pvalues_and_noise_ceiling_are_stored(small_study):
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    res = store.results("CSI1")
+    n_test = int(round(cfg.fit.test_fraction * 300))
+    # permutation p: one-sided (null r >= observed), on the grid 1/(1+N), tracks the parametric p
+    p_perm, r = res["pvalue_perm"].values, res["r"].values
+    ok = np.isfinite(r)
+    assert np.allclose(p_perm[ok] * (1 + cfg.fit.n_permutations) % 1, 0, atol=1e-6)
+    p_one_sided = stats.pearson_pvalue(r[ok], n_test, alternative="greater")
+    strong = p_one_sided < 1e-3
+    assert (p_perm[ok][strong] <= 2 / (1 + cfg.fit.n_permutations) + 1e-12).mean() > 0.95
+    mid = (p_one_sided > 0.05) & (p_one_sided < 0.95)
+    assert np.median(np.abs(p_perm[ok][mid] - p_one_sided[mid])) < 0.05
+    q, sig = stats.fdr_bh(p_perm[1], cfg.fit.fdr)
+    np.testing.assert_array_equal(res["significant_perm"].values[1], sig)
+    # noise ceiling from the 30 images shown 3 times, against the simulation's truth
+    truth = np.load(cfg.workdir / "raw/ground_truth/CSI1.npz")
+    key = {tuple(x): c for x, c in zip(truth["voxel_ijk"], truth["noise_ceiling_single_trial"])}
+    ijk = np.stack([res[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], 1)
+    true_ceiling = np.array([key[tuple(x)] for x in ijk])
+    est = res["noise_ceiling_r"].values
+    driven = true_ceiling > 0.4
+    # 30 repeated images give a noisy per-voxel estimate (sd ~0.1 at these SNRs): check bias
+    # and spread, not single voxels.
+    assert abs(np.nanmedian(est[driven] - true_ceiling[driven])) < 0.06
+    assert np.nanmedian(np.abs(est[driven] - true_ceiling[driven])) < 0.12
+    assert np.corrcoef(np.nan_to_num(est), true_ceiling)[0, 1] > 0.7
