@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import nibabel as nib
+from nibabel.openers import ImageOpener
 import numpy as np
 import scipy.io
 
@@ -395,7 +396,7 @@ def iter_volumes(path: str | Path) -> Iterator[np.ndarray]:
     n_bytes = int(np.prod(shape[:3])) * dtype.itemsize
     t = 0
     try:
-        with nib.openers.ImageOpener(str(path)) as f:
+        with ImageOpener(str(path)) as f:
             f.seek(int(proxy.offset))
             for t in range(shape[3]):
                 buf = f.read(n_bytes)

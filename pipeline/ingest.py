@@ -30,7 +30,6 @@ is refused (use --overwrite).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -496,9 +495,12 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
         if record is not None and store.has(f"responses/{subject}") and not overwrite:
             stored = record.get("params")
             if stored is not None and stored != params:
-                raise DataError(f"{subject} was ingested with {stored}; the config {cfg.path} asks for "
-                                f"{params}. Use `neurotask ingest --overwrite` to re-ingest it (its fit "
-                                "results are then discarded), or a new study.workdir")
+                keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
+                was = ", ".join(f"data.{k}={stored.get(k)!r}" for k in keys)
+                now = ", ".join(f"data.{k}={params.get(k)!r}" for k in keys)
+                raise DataError(f"{subject} was ingested with {was}; the config {cfg.path} asks for {now}. "
+                                "Use `neurotask ingest --overwrite` to re-ingest it (its fit results are "
+                                "then discarded), or a new study.workdir")
             log(f"{subject}: already ingested, skipped")
             done[subject] = record
             continue
@@ -523,7 +525,9 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
             # The new data are complete and valid: only now is the old subject replaced.
             store.create()
             progress = Progress(cfg.workdir / "progress", store.store_id)
-            progress.clear("ingest", subject)
+            # Unmark first, so that a kill while writing leaves the subject "not ingested".
+            # (Progress.clear removes directories of units, not a single unit's marker file.)
+            (progress.directory / "ingest" / f"{subject}.json").unlink(missing_ok=True)
             progress.clear("fit", subject)
             store.remove(f"results/{subject}")
             summary = _write(cfg, store, plan, staged, log)
