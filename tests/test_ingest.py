@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.ingest import ingest, validate_layout, volume_geometry
 from storage import Progress, StudyStore, mask_to_ijk
-from tests.bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
+from bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
                                   write_release1_subject, write_roi_mat, write_stim_list)
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bold5000.yaml"
@@ -106,6 +106,43 @@ def test_shipped_config_loads_and_names_its_placeholder_root(tmp_path):
         validate_layout(cfg)
     assert "/path/to/BOLD5000/CSI1_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-01.nii.gz" in str(e.value)
     assert "/path/to/BOLD5000/spm/sub-CSI3/sub-CSI3_mask-RHLOC.nii.gz (also looked for the spelling RHLO)" in str(e.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"voxels": "mask"}, "data.voxels is 'mask' but data.voxel_mask is not set"),
+    ({"format": "release1_rois"}, "data.voxels must be 'rois' with data.format 'release1_rois'"),
+    ({"format": "release1_rois", "voxels": "rois", "voxel_order": "authors_zyx"}, "'authors_zyx' needs volumes"),
+    ({"trs": [3, 6]}, r"data.trs must be distinct TRs among 1, 2, 3, 4, 5, 34"),
+    ({"trs": []}, r"data.trs must be distinct TRs"),
+    ({"events": "sub-{subject}_ses-{session}_events.tsv"}, r"data.events must contain \{session\} and \{run\}"),
+    ({"betas": "CSI{n}_betas.nii.gz"}, r"data.betas must contain \{session\}"),
+    ({"voxels": "rois", "rois": []}, "data.rois is empty"),
+    ({"rois": ["LHPPA", "LHPPA"]}, "data.rois has duplicates"),
+    ({"format": "nifti"}, r"data.format: expected 'glmsingle' or 'release1_rois'"),
+])
+def test_data_config_checks(tmp_path, data, message):
+    from pipeline.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(tmp_path, **data)
+
+
+def test_unknown_template_placeholder_is_named(tmp_path):
+    cfg = make_cfg(tmp_path, stim_list="CSI{n}_{session}_imgnames.txt")
+    with pytest.raises(DataError, match=r"data.stim_list 'CSI\{n\}_\{session\}_imgnames.txt': cannot fill"):
+        validate_layout(cfg)
+
+
+def test_relative_root_is_relative_to_the_config_file(tmp_path):
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["data"]["root"] = "downloads/BOLD5000"
+    raw["study"]["subjects"] = ["CSI1"]
+    path = tmp_path / "configs" / "b.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    write_glmsingle_subject(cfg, "CSI1")
+    assert (tmp_path / "configs" / "downloads" / "BOLD5000" / "CSI1_brainmask.nii.gz").is_file()
+    assert set(validate_layout(cfg)) == {"CSI1"}
 
 
 # --------------------------------------------------------------------------- glmsingle values
