@@ -46,18 +46,28 @@ class SimulateSection:
 
 @dataclass
 class DataSection:
-    """Where the subjects' files are. Path templates take {subject} (e.g. CSI1), {n} (1),
-    and, for betas, {session} (1-based; use {session:02d} for zero padding)."""
+    """Where the subjects' files are and how they become ``responses/<subject>``.
 
+    Path templates take {subject} (e.g. CSI1) and {n} (1); betas and events also {session}
+    (1-based; {session:02d} pads), events {run}, roi_masks {roi}, roi_mat {tr}. Relative paths
+    are under ``root`` (itself relative to the config file) or, without a root, under
+    study.workdir. configs/bold5000.yaml documents the released dataset's layout."""
+
+    format: Literal["glmsingle", "release1_rois"] = "glmsingle"  # release 2.0 betas / 1.0 ROI .mat
+    root: str | None = None  # the downloaded dataset's directory
     betas: str = "raw/{subject}/{subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-{session:02d}.nii.gz"
     sessions: int | Literal["auto"] = "auto"
-    brain_mask: str | None = "raw/{subject}/{subject}_brainmask.nii.gz"
+    brain_mask: str | None = "raw/{subject}/{subject}_brainmask.nii.gz"  # None: voxels finite in every session
+    voxel_mask: str | None = None  # a user NIfTI (whole-brain or cortical) for voxels: mask
     roi_masks: str = "raw/{subject}/sub-{subject}_mask-{roi}.nii.gz"
     rois: list[str] = field(
         default_factory=lambda: [f"{h}{r}" for h in ("LH", "RH") for r in ("EarlyVis", "LOC", "OPA", "PPA", "RSC")]
     )
-    voxels: Literal["brain", "rois"] = "brain"  # which voxels enter the store
+    voxels: Literal["brain", "rois", "mask"] = "brain"  # which voxels enter the store
+    roi_mat: str = "ROIs/CSI{n}/mat/CSI{n}_ROIs_TR{tr}.mat"  # format release1_rois
+    trs: list[int] = field(default_factory=lambda: [3, 4])  # release1_rois: TR files averaged
     stim_list: str = "raw/{subject}/CSI0{n}_stim_lists.txt"
+    events: str | None = None  # per-run events files, cross-checked against the stimulus list
     repeats: Literal["exclude", "average"] = "exclude"
     zscore_sessions: bool = True
     voxel_order: Literal["ijk", "authors_zyx"] = "ijk"
@@ -202,6 +212,23 @@ def _check_values(cfg: Config) -> None:
         (cfg.data.chunk_size >= 1, "data.chunk_size must be >= 1"),
         (cfg.fit.alphas == "paper" or all(a > 0 for a in cfg.fit.alphas), "fit.alphas must be positive"),
         (cfg.data.sessions == "auto" or cfg.data.sessions >= 1, "data.sessions must be >= 1 or 'auto'"),
+    ]
+    d = cfg.data
+    checks += [
+        (len(set(d.rois)) == len(d.rois), "data.rois has duplicates"),
+        (d.voxels != "rois" or bool(d.rois), "data.rois is empty but data.voxels is 'rois'"),
+        (d.voxels != "mask" or d.voxel_mask is not None, "data.voxels is 'mask' but data.voxel_mask is not set"),
+        (bool(d.trs) and all(t in (1, 2, 3, 4, 5, 34) for t in d.trs) and len(set(d.trs)) == len(d.trs),
+         f"data.trs must be distinct TRs among 1, 2, 3, 4, 5, 34 (34: the released TR3/TR4 average), got {d.trs}"),
+        (d.format != "release1_rois" or d.voxels == "rois",
+         "data.voxels must be 'rois' with data.format 'release1_rois' (those files hold ROI voxels only)"),
+        (d.format != "release1_rois" or d.voxel_order == "ijk",
+         "data.voxel_order 'authors_zyx' needs volumes; data.format 'release1_rois' has none"),
+        (d.format != "release1_rois" or "{tr" in d.roi_mat, "data.roi_mat must contain {tr}"),
+        (d.format != "glmsingle" or "{session" in d.betas, "data.betas must contain {session}"),
+        (not d.rois or d.format != "glmsingle" or "{roi" in d.roi_masks, "data.roi_masks must contain {roi}"),
+        (d.events is None or ("{session" in d.events and "{run" in d.events),
+         "data.events must contain {session} and {run}"),
     ]
     if cfg.simulate is not None:
         s = cfg.simulate
