@@ -40,8 +40,9 @@ def _simulate(cfg: Config) -> None:
     store = StudyStore(cfg.store_path)
     store.create()
     progress = Progress(cfg.workdir / "progress", store.store_id)
-    fingerprint = hashlib.sha256(json.dumps([asdict(cfg.simulate), cfg.study.subjects, cfg.tasks,
-                                             asdict(cfg.data)], sort_keys=True).encode()).hexdigest()[:16]
+    files = {k: getattr(cfg.data, k) for k in ("root", "betas", "brain_mask", "roi_masks", "stim_list", "rois")}
+    fingerprint = hashlib.sha256(json.dumps([asdict(cfg.simulate), cfg.study.subjects, cfg.tasks, files],
+                                            sort_keys=True).encode()).hexdigest()[:16]
     record = progress.read("simulate", "study")
     if record and record.get("fingerprint") == fingerprint:
         log(f"simulated study already in {cfg.workdir}, skipped")

@@ -120,11 +120,19 @@ class Config:
     def tasks(self) -> list[str]:
         return task_names() if self.study.tasks == "all" else list(self.study.tasks)
 
-    def data_path(self, template: str, subject: str, **extra: Any) -> Path:
-        """Fill a data path template for one subject; relative paths are under workdir."""
+    def data_path(self, template: str, subject: str, *, key: str = "", **extra: Any) -> Path:
+        """Fill a data path template for one subject; relative paths are under ``data.root``
+        (relative to the config file) when set, else under the workdir."""
         n = int("".join(c for c in subject if c.isdigit()) or 0)
-        p = Path(template.format(subject=subject, n=n, **extra)).expanduser()
-        return p if p.is_absolute() else self.workdir / p
+        try:
+            filled = template.format(subject=subject, n=n, **extra)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{self.path}: data.{key or 'path'} {template!r}: cannot fill the template ({e!r}); "
+                              f"placeholders here: subject, n{''.join(', ' + k for k in extra)}") from None
+        p = Path(filled).expanduser()
+        if p.is_absolute():
+            return p
+        return (self.resolve(self.data.root) if self.data.root else self.workdir) / p
 
 
 # --------------------------------------------------------------------------- validation

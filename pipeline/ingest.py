@@ -50,17 +50,7 @@ _ZSCORE_ELEMENTS = 1 << 16  # values z-scored at once: bounds the float64 tempor
 
 def data_file(cfg: Config, key: str, subject: str, **extra: Any) -> Path:
     """The path that template ``data.<key>`` gives for one subject (and session/run/roi/tr)."""
-    template = getattr(cfg.data, key)
-    n = int("".join(c for c in subject if c.isdigit()) or 0)
-    try:
-        filled = template.format(subject=subject, n=n, **extra)
-    except (KeyError, IndexError, ValueError) as e:
-        raise DataError(f"{cfg.path}: data.{key} {template!r}: cannot fill the template ({e!r}); "
-                        f"placeholders here: subject, n{''.join(', ' + k for k in extra)}") from None
-    p = Path(filled).expanduser()
-    if p.is_absolute():
-        return p
-    return (cfg.resolve(cfg.data.root) if cfg.data.root else cfg.workdir) / p
+    return cfg.data_path(getattr(cfg.data, key), subject, key=key, **extra)
 
 
 @dataclass
@@ -526,8 +516,7 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
             store.create()
             progress = Progress(cfg.workdir / "progress", store.store_id)
             # Unmark first, so that a kill while writing leaves the subject "not ingested".
-            # (Progress.clear removes directories of units, not a single unit's marker file.)
-            (progress.directory / "ingest" / f"{subject}.json").unlink(missing_ok=True)
+            progress.unmark("ingest", subject)
             progress.clear("fit", subject)
             progress.unmark("ceiling", subject)
             store.remove(f"results/{subject}")

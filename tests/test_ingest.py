@@ -14,7 +14,7 @@ import yaml
 
 from pipeline import bold5000 as b5
 from pipeline.config import load_config
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, validate_layout, volume_geometry
 from storage import Progress, StudyStore, mask_to_ijk
 from bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
@@ -128,7 +128,7 @@ def test_data_config_checks(tmp_path, data, message):
 
 def test_unknown_template_placeholder_is_named(tmp_path):
     cfg = make_cfg(tmp_path, stim_list="CSI{n}_{session}_imgnames.txt")
-    with pytest.raises(DataError, match=r"data.stim_list 'CSI\{n\}_\{session\}_imgnames.txt': cannot fill"):
+    with pytest.raises(ConfigError, match=r"data.stim_list 'CSI\{n\}_\{session\}_imgnames.txt': cannot fill"):
         validate_layout(cfg)
 
 
