@@ -112,6 +112,23 @@ class StudyStore:
         )
         self._write(ds, f"features/{task}", mode="w")
 
+    def init_features(self, task: str, images: list[str], n_features: int, batch_size: int,
+                      attrs: dict | None = None) -> None:
+        """Create ``features/<task>`` (image, feature) with its image names, data unwritten,
+        chunked by ``batch_size`` images so each featurize batch writes exactly one chunk."""
+        template = da.zeros((len(images), n_features), chunks=(batch_size, n_features), dtype=np.float32)
+        ds = xr.Dataset({"features": (("image", "feature"), template)}, coords={"image": _strings(images)},
+                        attrs=dict(attrs or {}, task=task, batch_size=batch_size))
+        self._write(ds, f"features/{task}", mode="w", compute=False)
+
+    def write_feature_rows(self, task: str, rows: slice, values: np.ndarray) -> None:
+        """values (len(rows), n_features) into ``features/<task>``; rows must align with chunks."""
+        ds = xr.Dataset({"features": (("image", "feature"), np.asarray(values, dtype=np.float32))})
+        self._write(ds, f"features/{task}", region={"image": rows, "feature": slice(None)})
+
+    def feature_attrs(self, task: str) -> dict:
+        return dict(self._open(f"features/{task}").attrs) if self.has(f"features/{task}") else {}
+
     def feature_tasks(self) -> list[str]:
         return self.members("features")
 
