@@ -113,7 +113,7 @@ class TaskonomyEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "TaskonomyEncoder":
+    def train(self, mode: bool = True) -> TaskonomyEncoder:
         # Feature extraction only: BatchNorm must keep using the checkpoint's statistics.
         return super().train(False)
 

@@ -5,6 +5,8 @@ A *feature space* is a configured, named featurizer; downstream it is a task lik
 
 - ``taskonomy``: one of the 21 Taskonomy encoders (``pipeline.encoders``), its input made by
   the task bank's rules (``pipeline.preprocess``), weights from ``features.weights_dir``.
+  2048 features: the (8, 16, 16) map flattened channels-last as the task bank stored it;
+  ``output: taskbank`` (the paper's, relu(BN(compress))) or ``normalized`` (the port's GroupNorm).
 - ``torch_module``: any ``nn.Module`` built by an importable ``"package.module:callable"``
   factory (with keyword arguments), optionally loaded from a local state dict; features are
   the output of a named sub-module (forward hook; the forward pass stops there), adaptively
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,10 +80,16 @@ class Extractor(ABC):
     n_features: int
     device: torch.device
 
+    space: FeatureSpace
+
     @abstractmethod
     def __call__(self, base: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         """base: (B, 3, image_size, image_size) RGB in [0, 1] on ``device``; keys: B image
         names (seed any randomness). Returns (B, n_features) float32 on ``device``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance to store beside the features: the space's options and what was loaded."""
+        return {"name": self.name, **self.space.describe(), "n_features": self.n_features}
 
 
 class FeatureSpace(ABC):
@@ -148,6 +157,7 @@ class TaskonomyFeatureSpace(FeatureSpace):
 class TaskonomyExtractor(Extractor):
     def __init__(self, space: TaskonomyFeatureSpace, encoder: nn.Module, device: torch.device,
                  channels_last: bool, checkpoint: str) -> None:
+        self.space = space
         self.name = space.name
         self.image_size = space.image_size
         self.n_features = N_FEATURES
@@ -166,6 +176,9 @@ class TaskonomyExtractor(Extractor):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return taskbank_layout(self.encoder(x))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "checkpoint": self.checkpoint}  # its name carries the sha256
 
 
 # ---------------------------------------------------------------- generic torch modules
@@ -232,7 +245,8 @@ class TorchModuleFeatureSpace(FeatureSpace):
         except Exception as e:  # the user's factory: report whatever it raised, with where
             raise FeatureSpaceError(f"{where}.factory {self.factory!r} failed: {type(e).__name__}: {e}") from None
         if not isinstance(module, nn.Module):
-            raise FeatureSpaceError(f"{where}.factory {self.factory!r} returned a {type(module).__name__}, not an nn.Module")
+            raise FeatureSpaceError(f"{where}.factory {self.factory!r} returned a "
+                                    f"{type(module).__name__}, not an nn.Module")
         if self.state_dict is not None:
             state = load_state_dict(self.state_dict, expected_sha256=self.sha256)
             try:
@@ -255,6 +269,7 @@ class TorchModuleFeatureSpace(FeatureSpace):
 class TorchModuleExtractor(Extractor):
     def __init__(self, space: TorchModuleFeatureSpace, module: nn.Module, device: torch.device,
                  channels_last: bool) -> None:
+        self.space = space
         self.name = space.name
         self.image_size = space.image_size
         self.device = device
@@ -264,7 +279,7 @@ class TorchModuleExtractor(Extractor):
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        self._captured: torch.Tensor | None = None
+        self._local = threading.local()  # the hook's capture, per thread: Dask may share an extractor
         if space.layer:
             layers = dict(module.named_modules())
             if space.layer not in layers:
@@ -280,18 +295,18 @@ class TorchModuleExtractor(Extractor):
             self.n_features = int(self(probe, ["probe"]).shape[1])
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self._captured = output
+        self._local.captured = output
         raise _StopForward
 
     def __call__(self, base: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         x = normalize(base, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self._captured = None
+        self._local.captured = None
         try:
             out = self.module(x)
         except _StopForward:
-            out = self._captured
+            out = self._local.captured
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         if not isinstance(out, torch.Tensor):

@@ -56,7 +56,7 @@ OFFICIAL_ENCODER_SHA256: dict[str, str] = {
 
 MIN_DIGEST_CHARS = 8  # a shorter name digest would verify next to nothing
 _ENCODER_NAME = re.compile(r"^(?P<task>[a-z0-9_]+)_encoder-(?P<digest>[0-9a-f]+)\.pth$")
-_HUB_DIGEST = re.compile(r"-(?P<digest>[0-9a-f]{%d,64})\.[A-Za-z0-9]+$" % MIN_DIGEST_CHARS)
+_HUB_DIGEST = re.compile(rf"-(?P<digest>[0-9a-f]{{{MIN_DIGEST_CHARS},64}})\.[A-Za-z0-9]+$")
 
 
 class WeightsError(RuntimeError):
@@ -104,7 +104,8 @@ def name_digest(path: str | os.PathLike) -> str | None:
 
 def verify_digest(data_digest: str, claimed: str, path: str | os.PathLike) -> None:
     if len(claimed) < MIN_DIGEST_CHARS:
-        raise WeightsError(f"{path}: the name's sha256 prefix {claimed!r} is shorter than {MIN_DIGEST_CHARS} characters")
+        raise WeightsError(f"{path}: the name's sha256 prefix {claimed!r} is shorter than "
+                           f"{MIN_DIGEST_CHARS} characters")
     if not data_digest.startswith(claimed.lower()):
         raise WeightsError(
             f"{path} is corrupt or incomplete: its sha256 is {data_digest[:16]}..., "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import types
 from pathlib import Path
@@ -78,6 +79,7 @@ def test_torch_module_layer_is_pooled_and_flattened(models_module):
     assert space.name == "tiny_block" and space.image_size == 32
     ex = space.load(CPU)
     assert ex.n_features == 6 * 2 * 2
+    assert ex.describe()["layer"] == "block" and ex.describe()["pool"] == [2, 2]
     images = _images(3)
     out = extract_batch(images, ["a", "b", "c"], [ex])["tiny_block"]
     # the same computation by hand
@@ -105,6 +107,18 @@ def test_whole_model_output_without_layer_or_pool(models_module):
     with torch.no_grad():
         expected = make_tiny()(crop_and_resize(_images(2), 16) * 2 - 1).numpy()
     np.testing.assert_allclose(extract_batch(_images(2), ["a", "b"], [ex])["t"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_extractor_is_thread_safe(models_module):
+    ex = build_feature_space({"name": "t", "kind": "torch_module", "factory": "nt_test_models:make_tiny",
+                              "layer": "block", "pool": 2, "image_size": 24}).load(CPU)
+    batches = [crop_and_resize(_images(2, seed=s), 24) for s in range(8)]
+    with torch.inference_mode():
+        expected = [ex(b, ["a", "b"]) for b in batches]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda b: ex(b, ["a", "b"]), batches * 4))
+    for i, g in enumerate(got):
+        torch.testing.assert_close(g, expected[i % 8])
 
 
 def test_local_state_dict_is_loaded_and_verified(models_module, tmp_path):
@@ -254,7 +268,8 @@ def test_config_builds_taskonomy_spaces_first_then_extra(models_module, weights_
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"tasks": ["denoise", "rgb2normal"], "weights_dir": "/w"}, r"features.tasks: unknown Taskonomy task\(s\) rgb2normal"),
+    ({"tasks": ["denoise", "rgb2normal"], "weights_dir": "/w"},
+     r"features.tasks: unknown Taskonomy task\(s\) rgb2normal"),
     ({"tasks": "denoise", "weights_dir": "/w"}, "expected 'all' or a list"),
     ({"tasks": ["denoise"]}, "features.weights_dir"),
     ({"weights_dir": "/w", "output": "raw"}, "features.output: expected one of taskbank, normalized"),
@@ -293,7 +308,7 @@ def batch(extractors) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     return images, extract_batch(images, KEYS, extractors)
 
 
-def test_taskonomy_features_equal_the_encoder_on_its_task_input(weights_dir, batch):
+def test_taskonomy_features_equal_the_encoder_on_its_task_input(weights_dir, extractors, batch):
     images, out = batch
     assert list(out) == TASKONOMY
     base = crop_and_resize(images, 256)
@@ -303,6 +318,9 @@ def test_taskonomy_features_equal_the_encoder_on_its_task_input(weights_dir, bat
         with torch.no_grad():
             expected = taskbank_layout(encoder(x)).numpy()
         assert out[task].shape == (3, 2048) and out[task].dtype == np.float32
+        described = next(e for e in extractors if e.name == task).describe()
+        assert described["checkpoint"] == find_checkpoint(weights_dir, task).name
+        assert described["n_features"] == 2048 and described["task"] == task
         np.testing.assert_allclose(out[task], expected, rtol=1e-5, atol=1e-5)
 
 
