@@ -62,3 +62,13 @@ def reference_dir() -> Path:
 def _quiet_dask():
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
     yield
+
+
+def pytest_configure(config):
+    # One torch thread: the encoder tests' tiny batches gain nothing from more, and on a shared
+    # 2-core machine oversubscribed torch threads slow them down several-fold.
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.set_num_threads(1)
