@@ -127,10 +127,16 @@ def _check_results(results: Mapping[str, xr.Dataset]) -> list[str]:
     return tasks
 
 
+def str_labels(values) -> np.ndarray:
+    """Any array of strings (fixed-width, object, or numpy's StringDType as Zarr v3 strings
+    read back) -> fixed-width unicode array."""
+    return np.array([str(x) for x in np.asarray(values).ravel().tolist()], dtype=str).reshape(np.shape(values))
+
+
 def _roi_labels(ds: xr.Dataset) -> np.ndarray:
     if "roi" not in ds.coords:
         return np.full(ds.sizes["voxel"], "")
-    return np.asarray(ds["roi"].values).astype(str)
+    return str_labels(ds["roi"].values)
 
 
 def roi_group_of(roi: str, groups: Mapping[str, Sequence[str]] = ROI_GROUPS) -> str | None:

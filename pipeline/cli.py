@@ -1,9 +1,13 @@
 """The ``neurotask`` command.
 
-    neurotask run      [--config FILE]   simulate (if configured) -> ingest -> fit -> summary
+    neurotask run      [--config FILE]   simulate (if configured) -> ingest -> fit -> analyse -> report
     neurotask simulate  --config FILE    write a synthetic study in BOLD5000's formats
     neurotask ingest    --config FILE    betas + masks + stimulus list -> responses in the store
     neurotask fit       --config FILE    ridge CV of every (subject, task, voxel chunk) on Dask
+    neurotask analyse   --config FILE    task similarity, trees, Taskonomy comparison -> analysis/
+    neurotask report    --config FILE    figures, NIfTI maps and report/index.html
+    neurotask import-published DIR --config FILE [--masks DIR]
+                                         the authors' published results -> results/ in the store
     neurotask status    --config FILE    what is done in the study's store
 
 Errors a user can cause print one message and exit with status 2, without a traceback.
@@ -77,6 +81,27 @@ def _fit(cfg: Config, overwrite: bool) -> None:
     log(f"\nresults: {cfg.store_path} (groups results/<subject>)")
 
 
+def _analyse(cfg: Config, overwrite: bool) -> None:
+    from pipeline.analysis_stage import run_analysis, summary_lines
+
+    analysis = run_analysis(cfg, overwrite=overwrite, log=log)
+    for line in summary_lines(analysis):
+        log(line)
+
+
+def _report(cfg: Config) -> Path:
+    from pipeline.report import write_report
+
+    return write_report(cfg, log=log)
+
+
+def _import_published(cfg: Config, directory: Path, masks: Path | None, overwrite: bool) -> None:
+    from pipeline.import_published import import_published
+
+    import_published(cfg, directory, masks=masks, overwrite=overwrite, log=log)
+    log(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` and `neurotask report`")
+
+
 def _status(cfg: Config) -> None:
     from pipeline.status import status_lines
 
@@ -91,11 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                         ("simulate", "write a synthetic study in BOLD5000's formats"),
                         ("ingest", "betas + masks + stimulus list -> responses in the store"),
                         ("fit", "ridge CV of every (subject, task, voxel chunk) on Dask"),
+                        ("analyse", "task similarity, trees and the comparison with Taskonomy"),
+                        ("report", "figures, NIfTI maps and one HTML page"),
+                        ("import-published", "the authors' published per-voxel results into the store"),
                         ("status", "what is done in the study's store")]:
         p = sub.add_parser(name, help=help_)
+        if name == "import-published":
+            p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
+            p.add_argument("--masks", type=Path, default=None,
+                           help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
         p.add_argument("--config", type=Path, default=DEMO_CONFIG if name == "run" else None,
                        required=name != "run", help="study config (YAML)")
-        if name in ("run", "ingest", "fit"):
+        if name in ("run", "ingest", "fit", "analyse", "import-published"):
             p.add_argument("--overwrite", action="store_true",
                            help="discard what this stage stored before and redo it")
     return parser
@@ -112,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             _ingest(cfg, args.overwrite)
         elif args.command == "fit":
             _fit(cfg, args.overwrite)
+        elif args.command == "analyse":
+            _analyse(cfg, args.overwrite)
+        elif args.command == "report":
+            _report(cfg)
+        elif args.command == "import-published":
+            _import_published(cfg, args.directory, args.masks, args.overwrite)
         elif args.command == "status":
             _status(cfg)
         elif args.command == "run":
@@ -119,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 _simulate(cfg)
             _ingest(cfg, args.overwrite)
             _fit(cfg, args.overwrite)
-            log(f"done in {time.perf_counter() - t0:.1f} s")
+            _analyse(cfg, args.overwrite)
+            index = _report(cfg)
+            log(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
         return 2

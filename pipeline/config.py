@@ -92,12 +92,39 @@ class FitSection:
 
 
 @dataclass
+class AnalysisSection:
+    """Brain task structure from the fitted results (pipeline.analysis); never refits."""
+
+    significance: Literal["parametric", "stored", "none"] = "parametric"
+    fdr: float = 0.05
+    metric: Literal["cosine", "pearson", "jaccard"] = "cosine"
+    linkage: Literal["average", "complete", "single", "weighted", "ward"] = "average"
+    n_clusters: int = 4
+    n_permutations: int = 1000  # Mantel test
+    n_bootstrap: int = 200  # voxel resamples for the confidence intervals
+    seed: int = 0
+    taskonomy_affinities: Literal["16k", "1k"] = "16k"
+    ci: float = 0.95
+
+
+@dataclass
+class ReportSection:
+    """Figures, NIfTI maps and the HTML page (pipeline.report)."""
+
+    task: str | None = None  # task of the whole-brain r map (Figure 2); None: most significant voxels
+    n_slices: int = 16  # axial slices per mosaic
+    graph_neighbours: int = 2  # Figure 7: edges from each task to its most similar tasks
+
+
+@dataclass
 class Config:
     path: Path
     study: StudySection
     data: DataSection
     fit: FitSection
     simulate: SimulateSection | None = None
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    report: ReportSection = field(default_factory=ReportSection)
     cluster: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
     @property
@@ -137,7 +164,8 @@ class Config:
 
 # --------------------------------------------------------------------------- validation
 
-_SECTIONS = {"study": StudySection, "simulate": SimulateSection, "data": DataSection, "fit": FitSection}
+_SECTIONS = {"study": StudySection, "simulate": SimulateSection, "data": DataSection, "fit": FitSection,
+             "analysis": AnalysisSection, "report": ReportSection}
 
 
 def _type_name(tp: Any) -> str:
@@ -220,6 +248,15 @@ def _check_values(cfg: Config) -> None:
         (cfg.data.chunk_size >= 1, "data.chunk_size must be >= 1"),
         (cfg.fit.alphas == "paper" or all(a > 0 for a in cfg.fit.alphas), "fit.alphas must be positive"),
         (cfg.data.sessions == "auto" or cfg.data.sessions >= 1, "data.sessions must be >= 1 or 'auto'"),
+        (0 < cfg.analysis.fdr < 1, "analysis.fdr must be in (0, 1)"),
+        (cfg.analysis.n_clusters >= 2, "analysis.n_clusters must be >= 2"),
+        (cfg.analysis.n_permutations >= 1, "analysis.n_permutations must be >= 1"),
+        (cfg.analysis.n_bootstrap >= 1, "analysis.n_bootstrap must be >= 1"),
+        (0 < cfg.analysis.ci < 1, "analysis.ci must be in (0, 1)"),
+        (cfg.report.task is None or cfg.report.task in task_names(),
+         f"report.task: unknown task {cfg.report.task!r}; known: {', '.join(task_names())}"),
+        (cfg.report.n_slices >= 1, "report.n_slices must be >= 1"),
+        (cfg.report.graph_neighbours >= 1, "report.graph_neighbours must be >= 1"),
     ]
     d = cfg.data
     checks += [
@@ -284,6 +321,8 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
         fit=_section(FitSection, raw.get("fit"), "fit", path),
         simulate=_section(SimulateSection, raw["simulate"], "simulate", path) if "simulate" in raw else None,
         cluster=dict(cluster),
+        analysis=_section(AnalysisSection, raw.get("analysis"), "analysis", path),
+        report=_section(ReportSection, raw.get("report"), "report", path),
     )
     _check_values(cfg)
     return cfg

@@ -1,0 +1,207 @@
+"""The analysis stage: fitted (or imported) results in the store -> ``analysis/`` in the store.
+
+Reads ``results/<subject>`` (and, where an import stored them, the separate ROI-only models
+``roi_results/<subject>``) for the study's subjects, runs :func:`pipeline.analysis.analyse`
+with the config's ``analysis:`` settings and writes the Dataset it returns to the group
+``analysis/task_structure`` (dims subject, subject2, task, task2, roi, roi_group, contrast,
+...; see ``pipeline.analysis``). It never fits anything: it refuses to start while a
+subject's fit is unfinished, and it touches neither the results nor the fit's progress
+markers.
+
+Resumable like every stage: the stored analysis carries a fingerprint of its inputs (the
+settings and the bytes of every r, p and significance array it read). A rerun on the same
+inputs finds it and does nothing; changed settings or results recompute it. Randomness
+comes from ``analysis.seed`` only, so a recomputation gives identical numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import xarray as xr
+
+from pipeline.analysis import AnalysisError, analyse, str_labels
+from pipeline.config import Config
+from pipeline.errors import NeurotaskError
+from pipeline.tasks import task_names
+from storage import Progress, StudyStore
+
+ANALYSIS_GROUP = "analysis/task_structure"
+ROI_RESULTS = "roi_results"  # roi_results/<subject>: ROI-only models (Figure 1), if any
+
+# the result variables whose values determine the analysis
+_INPUT_VARS = ("r", "pvalue", "significant")
+
+
+class AnalysisStageError(NeurotaskError):
+    """The store does not (yet) hold what the analysis needs."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def fit_complete(store: StudyStore, progress: Progress, subject: str, tasks: list[str]) -> dict[str, str]:
+    """Tasks of ``subject`` whose results are not finished -> why ('3/7 chunks fitted').
+
+    Imported results (attrs ``imported``) are complete by construction; fitted ones are
+    complete when every voxel chunk of the task has its progress marker.
+    """
+    ds = store.results(subject)
+    if ds.attrs.get("imported"):
+        return {}
+    chunk = int(ds.attrs.get("chunk_size", ds.sizes["voxel"]))
+    n_units = -(-ds.sizes["voxel"] // chunk)
+    out = {}
+    for task in tasks:
+        done = len(progress.done_units("fit", subject, task))
+        if done < n_units:
+            out[task] = f"{done}/{n_units} chunks fitted"
+    return out
+
+
+def study_tasks(cfg: Config, results: dict[str, xr.Dataset], log: Callable[[str], None] = print) -> list[str]:
+    """The tasks to analyse: the configured list, or with ``tasks: all`` every known task
+    present in all subjects' results (in the authors' order; others are reported)."""
+    present = [set(str(t) for t in ds["task"].values) for ds in results.values()]
+    if cfg.study.tasks != "all":
+        for subject, have in zip(results, present):
+            missing = [t for t in cfg.tasks if t not in have]
+            if missing:
+                raise AnalysisStageError(
+                    f"{cfg.store_path}: results/{subject} lack task(s) {', '.join(missing)} listed in "
+                    f"study.tasks of {cfg.path}; run `neurotask fit` (or import them) first")
+        return cfg.tasks
+    common = set.intersection(*present)
+    tasks = [t for t in task_names() if t in common]
+    left_out = sorted(set.union(*present) - set(tasks))
+    if left_out:
+        log(f"analysis: left out task(s) not in every subject's results: {', '.join(left_out)}")
+    return tasks
+
+
+def load_inputs(cfg: Config, log: Callable[[str], None] = print
+                ) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset] | None, list[str]]:
+    """(results per subject, ROI-only results per subject or None, tasks), checked complete."""
+    store = StudyStore(cfg.store_path)
+    if not store.exists():
+        raise AnalysisStageError(f"no study store at {cfg.store_path}; run `neurotask run` or `import-published` first")
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    missing = [s for s in cfg.study.subjects if not store.has(f"results/{s}")]
+    if missing:
+        raise AnalysisStageError(
+            f"{cfg.store_path}: no results for subject(s) {', '.join(missing)}; run `neurotask fit` first")
+    results = {s: store.results(s) for s in cfg.study.subjects}
+    tasks = study_tasks(cfg, results, log)
+    unfinished = {s: fit_complete(store, progress, s, tasks) for s in cfg.study.subjects}
+    unfinished = {s: u for s, u in unfinished.items() if u}
+    if unfinished:
+        lines = [f"{s}/{t}: {why}" for s, u in unfinished.items() for t, why in u.items()]
+        raise AnalysisStageError(
+            f"{cfg.store_path}: the fit is not finished for {len(lines)} (subject, task) pair(s); "
+            f"run `neurotask fit` to finish it first:\n  " + "\n  ".join(lines[:20])
+            + ("\n  ..." if len(lines) > 20 else ""))
+    results = {s: ds.sel(task=tasks) for s, ds in results.items()}
+    rois = None
+    with_roi = [s for s in cfg.study.subjects if store.has(f"{ROI_RESULTS}/{s}")]
+    if with_roi:
+        if len(with_roi) != len(cfg.study.subjects):
+            raise AnalysisStageError(
+                f"{cfg.store_path}: ROI-only results ({ROI_RESULTS}/) exist for {', '.join(with_roi)} but not for "
+                f"{', '.join(s for s in cfg.study.subjects if s not in with_roi)}")
+        rois = {s: store.read_dataset(f"{ROI_RESULTS}/{s}") for s in cfg.study.subjects}
+    return results, rois, tasks
+
+
+def settings(cfg: Config) -> dict:
+    """The analysis keyword arguments of :func:`pipeline.analysis.analyse` from the config."""
+    return asdict(cfg.analysis)
+
+
+def input_fingerprint(results: dict[str, xr.Dataset], rois: dict[str, xr.Dataset] | None, kwargs: dict) -> str:
+    """sha256 of the analysis settings and of every array the analysis reads."""
+    h = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode())
+    for kind, group in (("results", results), ("roi_results", rois or {})):
+        for subject, ds in group.items():
+            h.update(f"{kind}/{subject}:{[str(t) for t in ds['task'].values]}".encode())
+            for name in _INPUT_VARS + ("roi",):
+                if name in ds.variables:
+                    values = ds[name].values
+                    h.update(name.encode())
+                    if values.dtype.kind in "OTU":  # strings, whichever numpy string type
+                        values = str_labels(values)
+                    h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _storable(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width unicode arrays -> object str (Zarr v3's specified variable-length strings)."""
+    ds = ds.copy()
+    for name in list(ds.coords):
+        c = ds.coords[name]
+        if c.dtype.kind == "U":
+            ds = ds.assign_coords({name: (c.dims, c.values.astype(object), c.attrs)})
+    for name in list(ds.data_vars):
+        if ds[name].dtype.kind == "U":
+            ds[name] = ds[name].astype(object)
+    return ds
+
+
+def read_analysis(cfg: Config) -> xr.Dataset:
+    """The stored analysis of the study (raises if the analysis has not run)."""
+    store = StudyStore(cfg.store_path)
+    if not store.exists() or not store.has(ANALYSIS_GROUP):
+        raise AnalysisStageError(f"{cfg.store_path}: no analysis yet ({ANALYSIS_GROUP}); run `neurotask analyse` first")
+    return store.read_dataset(ANALYSIS_GROUP)
+
+
+def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], None] = print) -> xr.Dataset:
+    """Analyse the study's stored results unless an analysis of the same inputs is stored.
+
+    Returns the stored analysis Dataset (read back from the store).
+    """
+    results, rois, tasks = load_inputs(cfg, log)
+    kwargs = settings(cfg)
+    fingerprint = input_fingerprint(results, rois, kwargs)
+    store = StudyStore(cfg.store_path)
+    if store.has(ANALYSIS_GROUP) and not overwrite:
+        stored = store.read_dataset(ANALYSIS_GROUP)
+        if stored.attrs.get("input_fingerprint") == fingerprint:
+            log(f"analysis of these results and settings already in {cfg.store_path} ({ANALYSIS_GROUP}), skipped")
+            return stored
+    t0 = time.perf_counter()
+    log(f"analysis: {len(results)} subject(s) x {len(tasks)} tasks"
+        + (" (+ ROI-only models)" if rois else ""))
+    try:
+        out = analyse(results, roi_results=rois, **kwargs)
+    except AnalysisError as e:
+        raise AnalysisStageError(f"analysis of {cfg.store_path} with the settings of {cfg.path}: {e}") from None
+    out.attrs.update(
+        input_fingerprint=fingerprint,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        subjects_source={s: str(ds.attrs.get("source", "fit")) for s, ds in results.items()},
+    )
+    store.write_dataset(ANALYSIS_GROUP, _storable(out))
+    log(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
+    return store.read_dataset(ANALYSIS_GROUP)
+
+
+def summary_lines(analysis: xr.Dataset) -> list[str]:
+    """A few lines of the headline comparison with Taskonomy, for the terminal."""
+    a = analysis
+    lines = [f"brain vs Taskonomy task similarity: Spearman r {float(a.spearman_taskonomy_mean):.3f} "
+             f"(Mantel p {float(a.mantel_p_mean):.3g}, {a.attrs['ci']:.0%} CI "
+             f"[{float(a.spearman_taskonomy_mean_ci[0]):.3f}, {float(a.spearman_taskonomy_mean_ci[1]):.3f}])",
+             f"tree cut at {a.attrs['n_clusters']} ({a.attrs['linkage']} linkage): ARI vs Taskonomy clusters "
+             f"{float(a.ari_taskonomy_mean):.3f}, vs Taskonomy's tree {float(a.ari_taskonomy_tree_mean):.3f}"]
+    none = [str(t) for t in a.task.values if bool(a.no_significant_voxel.sel(task=t).all())]
+    if none:
+        lines.append(f"no significant voxel in any subject: {', '.join(none)}")
+    return lines

@@ -1,0 +1,244 @@
+"""Import the Neural Taskonomy authors' published per-voxel results into a study store.
+
+``neurotask import-published DIR --config FILE`` writes, for each of the study's subjects,
+``results/<subject>`` (task, voxel) in the layout the fit writes (r, r2, alpha, pvalue,
+qvalue, significant; coords voxel_i/j/k, roi) and, where the source has them, the separate
+ROI-only models as ``roi_results/<subject>``. The analysis stage and the report then run on
+them exactly as on a fitted study; nothing is fitted.
+
+``DIR`` may hold, per subject (``CSI<N>``):
+
+* ``subj<N>/``: a folder in the authors' released layout (``outputs/encoding_results/
+  subj<N>/`` of github.com/ariaaay/NeuralTaskonomy): ``corr_whole_brain_taskrepr_<task>__TRavg.p``,
+  ``rsq_whole_brain_taskrepr_<task>__TRavg.p``, ``corr_taskrepr_<task>__TRavg.p``; read with
+  the restricted unpickler of :mod:`pipeline.published`. If the study has one subject, ``DIR``
+  may also be that folder itself.
+* ``CSI<N>.npz``: the same results converted into one npz (the reference data's format:
+  ``tasks``, ``r``, ``p``, ``r2``, ``cortical_mask_zyx``, ``roi_names``, ``roi_r_<ROI>``,
+  ``roi_p_<ROI>``).
+
+The cortical mask places each whole-brain voxel in the subject's functional grid (voxel j
+of the results is voxel j of ``vol_zyx[mask_zyx]``), so the maps become NIfTI volumes. The
+npz carries its mask; for the pickle layout pass ``masks`` (a folder of ``CSI<N>.npz`` with
+``cortical_mask_zyx``); without one the voxels have no position (voxel_i/j/k = -1) and the
+report draws no maps. The authors' affine is not published: the volumes get 2 mm isotropic
+voxels centred on the grid (BOLD5000's resolution), noted in the results' attrs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from pipeline.analysis_stage import ROI_RESULTS
+from pipeline.config import Config
+from pipeline.errors import DataError
+from pipeline.published import (
+    PublishedResultsError,
+    load_reference_npz,
+    load_reference_roi_npz,
+    published_subject_datasets,
+)
+from storage import Progress, StudyStore
+
+VOXEL_SIZE_MM = 2.0
+_SUBJECT_DIR = re.compile(r"^subj(\d+)$")
+_LAYOUT_FILE = re.compile(r"^(corr_whole_brain_taskrepr|corr_taskrepr)_.+__TRavg\.p$")
+
+
+class PublishedImportError(DataError):
+    """The published results cannot be imported as asked (names the folder or file)."""
+
+
+@dataclass(frozen=True)
+class PublishedSource:
+    subject: str
+    kind: str  # "layout" (the authors' pickles) or "npz"
+    path: Path
+    mask: Path | None  # an npz holding cortical_mask_zyx (for "npz": the file itself)
+
+
+def subject_number(subject: str) -> int:
+    """'CSI1' -> 1 (the authors number subjects subj1, subj2, ...)."""
+    digits = "".join(c for c in subject if c.isdigit())
+    if not digits:
+        raise PublishedImportError(f"subject name {subject!r} has no number; published results are per subj<N>")
+    return int(digits)
+
+
+def _has_layout_files(d: Path) -> bool:
+    return any(_LAYOUT_FILE.match(p.name) for p in d.iterdir())
+
+
+def locate_sources(directory: str | Path, subjects: Sequence[str], masks: str | Path | None = None
+                   ) -> dict[str, PublishedSource]:
+    """Where each subject's published results are under ``directory`` (module docstring)."""
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise PublishedImportError(f"published results folder {d} does not exist")
+    mask_dir = Path(masks).expanduser() if masks is not None else None
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise PublishedImportError(f"cortical masks folder {mask_dir} does not exist")
+    out: dict[str, PublishedSource] = {}
+    missing: list[str] = []
+    for subject in subjects:
+        n = subject_number(subject)
+        npz, folder = d / f"{subject}.npz", d / f"subj{n}"
+        mask = None
+        if mask_dir is not None:
+            mask = mask_dir / f"{subject}.npz"
+            if not mask.is_file():
+                raise PublishedImportError(f"no cortical mask for {subject}: {mask} does not exist")
+        if folder.is_dir() and _has_layout_files(folder):
+            out[subject] = PublishedSource(subject, "layout", folder, mask)
+        elif npz.is_file():
+            out[subject] = PublishedSource(subject, "npz", npz, mask or npz)
+        elif len(subjects) == 1 and _has_layout_files(d):
+            out[subject] = PublishedSource(subject, "layout", d, mask)
+        else:
+            missing.append(f"{subject} (looked for {folder}/ and {npz})")
+    if missing:
+        found = sorted(p.name for p in d.iterdir() if _SUBJECT_DIR.match(p.name) or p.suffix == ".npz")
+        raise PublishedImportError(
+            f"{d}: no published results for " + "; ".join(missing)
+            + f". Found: {', '.join(found) or 'nothing of the expected layout'}")
+    return out
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "cortical_mask_zyx" not in z.files:
+                raise PublishedImportError(f"{path}: no array 'cortical_mask_zyx'")
+            return np.asarray(z["cortical_mask_zyx"], dtype=bool)
+    except (OSError, ValueError) as exc:
+        raise PublishedImportError(f"cannot read cortical mask {path}: {exc}") from exc
+
+
+def grid_affine(shape_ijk: Sequence[int], voxel_size: float = VOXEL_SIZE_MM) -> np.ndarray:
+    """(4, 4) affine of isotropic voxels with the grid centred on the origin."""
+    affine = np.diag([voxel_size] * 3 + [1.0])
+    affine[:3, 3] = -voxel_size * (np.asarray(shape_ijk, dtype=float) - 1.0) / 2.0
+    return affine
+
+
+def to_store_layout(ds: xr.Dataset, subject: str, *, shape_ijk: Sequence[int] | None, source: str) -> xr.Dataset:
+    """A :mod:`pipeline.published` results Dataset -> the layout of ``results/<subject>``."""
+    t, v = ds.sizes["task"], ds.sizes["voxel"]
+    out = xr.Dataset(
+        {
+            "r": ds["r"].astype(np.float32),
+            "r2": ds["r2"].astype(np.float32),
+            # the authors' chosen ridge penalties are not in the released files
+            "alpha": (("task", "voxel"), np.full((t, v), np.nan)),
+            "pvalue": ds["pvalue"].astype(np.float64),
+            "qvalue": ds["qvalue"].astype(np.float64),
+            "significant": ds["significant"].astype(bool),
+        },
+        coords={
+            "task": np.array([str(x) for x in ds["task"].values], dtype=object),
+            "voxel": np.arange(v, dtype=np.int64),
+            "voxel_i": ("voxel", ds["i"].values.astype(np.int32)),
+            "voxel_j": ("voxel", ds["j"].values.astype(np.int32)),
+            "voxel_k": ("voxel", ds["k"].values.astype(np.int32)),
+            "roi": ("voxel", np.array([str(x) for x in ds["roi"].values], dtype=object)),
+        },
+        attrs={
+            "subject": subject,
+            "imported": True,
+            "source": source,
+            "model": ds.attrs.get("model", "whole_brain"),
+            "fdr_alpha": float(ds.attrs.get("fdr_alpha", 0.05)),
+        },
+    )
+    if shape_ijk is not None:
+        out.attrs.update(
+            volume_shape=[int(x) for x in shape_ijk],
+            affine=grid_affine(shape_ijk).tolist(),
+            affine_note=f"not published by the authors: {VOXEL_SIZE_MM:g} mm isotropic voxels centred on the grid",
+        )
+    return out
+
+
+def read_source(src: PublishedSource, tasks: Sequence[str] | None, fdr: float
+                ) -> tuple[xr.Dataset, xr.Dataset | None, tuple[int, int, int] | None]:
+    """(whole-brain results, ROI-only results or None, grid shape (i, j, k) or None)."""
+    mask = _read_mask(src.mask) if src.mask is not None else None
+    try:
+        if src.kind == "npz":
+            whole = load_reference_npz(src.path, alpha=fdr)
+            roi = load_reference_roi_npz(src.path, alpha=fdr)
+            available = [str(x) for x in whole["task"].values]
+            if tasks is not None:
+                absent = [x for x in tasks if x not in available]
+                if absent:
+                    raise PublishedImportError(f"{src.path}: no results for task(s) {absent}")
+                whole, roi = whole.sel(task=list(tasks)), roi.sel(task=list(tasks))
+        else:
+            whole, roi = published_subject_datasets(src.path, tasks=tasks, mask_zyx=mask, subject=src.subject, alpha=fdr)
+    except PublishedResultsError as e:
+        raise PublishedImportError(str(e)) from None
+    if whole is None:
+        raise PublishedImportError(f"{src.path}: no whole-brain results (corr_whole_brain_taskrepr_<task>__TRavg.p)")
+    shape = tuple(int(x) for x in mask.shape[::-1]) if mask is not None else None
+    return whole, roi, shape
+
+
+def _fingerprint(src: PublishedSource, tasks: Sequence[str] | None, fdr: float) -> str:
+    """Identifies the imported files (name, size, mtime) and the settings of the import."""
+    files = sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]
+    files = [p for p in files if p.is_file()] + ([src.mask] if src.mask else [])
+    record = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha256(json.dumps([record, list(tasks or []), fdr]).encode()).hexdigest()[:16]
+
+
+def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | None = None,
+                     overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Import every study subject's published results into the store. -> per-subject summary.
+
+    A subject already imported from the same files is skipped; one whose results came from
+    elsewhere (a fit, other files) is refused unless ``overwrite``.
+    """
+    sources = locate_sources(directory, cfg.study.subjects, masks)
+    tasks = None if cfg.study.tasks == "all" else cfg.tasks
+    fdr = cfg.analysis.fdr
+    store = StudyStore(cfg.store_path)
+    store.create()
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    summary = {}
+    for subject, src in sources.items():
+        fingerprint = _fingerprint(src, tasks, fdr)
+        record = progress.read("import", subject)
+        if store.has(f"results/{subject}") and not overwrite:
+            if record and record.get("fingerprint") == fingerprint:
+                log(f"{subject}: published results from {src.path} already imported, skipped")
+                summary[subject] = record
+                continue
+            raise PublishedImportError(
+                f"{cfg.store_path}: results/{subject} already exist (from {record['source'] if record else 'a fit'}); "
+                "use --overwrite to replace them, or a new study.workdir")
+        whole, roi, shape = read_source(src, tasks, fdr)
+        if shape is None:
+            log(f"{subject}: no cortical mask given: voxels have no position, the report will draw no maps")
+        store.remove(f"results/{subject}")
+        store.remove(f"{ROI_RESULTS}/{subject}")
+        progress.clear("fit", subject)  # any earlier fit of this subject no longer describes its results
+        label = f"published ({src.kind}) {src.path}"
+        store.write_dataset(f"results/{subject}", to_store_layout(whole, subject, shape_ijk=shape, source=label))
+        if roi is not None:
+            store.write_dataset(f"{ROI_RESULTS}/{subject}", to_store_layout(roi, subject, shape_ijk=None, source=label))
+        info = {"fingerprint": fingerprint, "source": label, "tasks": [str(x) for x in whole["task"].values],
+                "voxels": int(whole.sizes["voxel"]), "roi_voxels": int(roi.sizes["voxel"]) if roi is not None else 0,
+                "volume_shape": list(shape) if shape else None}
+        progress.mark_done("import", subject, info=info)
+        log(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
+            + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
+        summary[subject] = info
+    return summary
