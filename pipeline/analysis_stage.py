@@ -168,7 +168,12 @@ def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], N
     Returns the stored analysis Dataset (read back from the store).
     """
     results, rois, tasks = load_inputs(cfg, log)
+    if len(tasks) < 2:
+        raise AnalysisStageError(f"task similarity needs at least 2 tasks; the study has {tasks}")
     kwargs = settings(cfg)
+    if kwargs["n_clusters"] > len(tasks):
+        log(f"analysis: n_clusters {kwargs['n_clusters']} > {len(tasks)} tasks; the trees are cut into {len(tasks)}")
+        kwargs["n_clusters"] = len(tasks)
     fingerprint = input_fingerprint(results, rois, kwargs)
     store = StudyStore(cfg.store_path)
     if store.has(ANALYSIS_GROUP) and not overwrite:

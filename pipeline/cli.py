@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                 _simulate(cfg)
             _ingest(cfg, args.overwrite)
             _fit(cfg, args.overwrite)
-            _analyse(cfg, args.overwrite)
-            index = _report(cfg)
-            log(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
+            if len(cfg.tasks) < 2:
+                log(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
+            else:
+                _analyse(cfg, args.overwrite)
+                index = _report(cfg)
+                log(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
         return 2

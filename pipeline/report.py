@@ -185,7 +185,7 @@ def figure_mosaic(
     rows = -(-len(ks) // cols)
     height, width = rows * nj, cols * ni
     # the axes hold the tiled image at its aspect ratio; 0.4 inch above (title), 0.35 below (legend)
-    fig_w, top, bottom = 8.0, 0.4, 0.35
+    fig_w, top, bottom = float(np.clip(width / 35.0, 8.0, 14.0)), 0.4, 0.35  # ~3 px per voxel on real grids
     ax_w = 0.84 * fig_w
     ax_h = min(ax_w * height / width, 12.0)
     fig_h = ax_h + top + bottom

@@ -61,9 +61,20 @@ class Study:
     output: str
 
 
+# Several test modules import the fixture; pytest then holds one definition per module, so
+# the study itself is cached here, in this module, to be made once per session.
+_CACHE: dict[str, Study] = {}
+
+
 @pytest.fixture(scope="session")
 def analysis_study(tmp_path_factory) -> Study:
     """The small study after one `neurotask run` (simulate, ingest, fit, analyse, report)."""
+    if "study" not in _CACHE:
+        _CACHE["study"] = _run_study(tmp_path_factory)
+    return _CACHE["study"]
+
+
+def _run_study(tmp_path_factory) -> Study:
     import contextlib
     import io
 

@@ -1,0 +1,164 @@
+"""The report: figures, NIfTI maps and the HTML page, opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis_fixtures import ROOT, analysis_study  # noqa: F401
+from pipeline import cli
+from pipeline.analysis import significance_mask
+from pipeline.analysis_stage import read_analysis
+from pipeline.config import load_config
+from pipeline.report import chosen_task, montage, slice_indices
+from pipeline.tasks import task_names
+from storage import StudyStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Appended to a copy of the page: once everything has loaded, record for every <img> whether
+# it decoded (complete, with a natural size) and the page's size, in an element --dump-dom shows.
+_CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0,
+                                                      w: i.naturalWidth, h: i.naturalHeight}));
+  const out = document.createElement('pre');
+  out.id = 'neurotask-check';
+  out.textContent = JSON.stringify({images: imgs, height: document.body.scrollHeight,
+                                    title: document.title});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    """Debian's chromium, installed by scripts/ensure_chromium when missing."""
+    if not CHROMIUM.exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "ensure_chromium")], check=False, timeout=900)
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing and scripts/ensure_chromium could not install it")
+    return CHROMIUM
+
+
+def open_in_chromium(chromium: Path, page: Path, profile: Path) -> dict:
+    """Load ``page`` in headless Chromium; -> what the check script found after the load event."""
+    cmd = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+           "--dump-dom", page.resolve().as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    m = re.search(r'<pre id="neurotask-check">(.*?)</pre>', done.stdout, re.S)
+    assert m, f"chromium did not render the page (exit {done.returncode}):\n{done.stderr[-2000:]}"
+    return json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"'))
+
+
+def test_run_ends_with_the_report(analysis_study):
+    index = analysis_study.workdir / "report" / "index.html"
+    assert index.is_file()
+    assert analysis_study.output.rstrip().splitlines()[-1].endswith(f"report: {index}")
+
+
+def test_report_renders_in_chromium_with_every_image_loaded(analysis_study, chromium, tmp_path):
+    # self-contained: the folder copied elsewhere works (the page itself needs nothing beside it)
+    copy = tmp_path / "copied_report"
+    shutil.copytree(analysis_study.workdir / "report", copy)
+    page = copy / "index.html"
+    text = page.read_text()
+    assert re.findall(r"<img [^>]*src='(?!data:image/png;base64,)", text) == []
+    page.write_text(text.replace("</body>", _CHECK + "</body>"))
+    found = open_in_chromium(chromium, page, tmp_path / "profile")
+    images = found["images"]
+    # Figure 1; Figures 2 and 3 (two contrasts) per subject; 5, 5 per subject, 6, 7
+    assert len(images) == 1 + 2 * (1 + 2) + 4, images
+    assert all(i["ok"] for i in images), [i for i in images if not i["ok"]]
+    assert all(i["w"] > 300 and i["h"] > 200 for i in images)
+    assert found["height"] > 3000 and "neurotask report" in found["title"]
+
+
+def test_report_page_holds_the_statistics_and_provenance(analysis_study):
+    cfg = load_config(analysis_study.config)
+    report = analysis_study.workdir / "report"
+    text = (report / "index.html").read_text()
+    stats = json.loads((report / "statistics.json").read_text())
+    a = read_analysis(cfg)
+    mean = stats["taskonomy_comparison"]["mean"]
+    assert mean["spearman_taskonomy"] == pytest.approx(float(a["spearman_taskonomy_mean"]))
+    assert mean["ari_taskonomy"] == pytest.approx(float(a["ari_taskonomy_mean"]))
+    assert f"{mean['spearman_taskonomy']:.3f}" in text and f"{mean['mantel_p']:.3f}" in text
+    assert stats["n_significant"]["CSI2"]["edge3d"] == int(a["n_significant"].sel(subject="CSI2", task="edge3d"))
+    # provenance: config text, versions, dates
+    assert "n_clusters: 5" in text and "Package versions" in text
+    assert f"<td>numpy</td><td>{np.__version__}</td>" in text
+    assert re.search(r"Created \d{4}-\d{2}-\d{2} \d{2}:\d{2}", text)
+    for fig in ("fig1_roi_bars", "fig5_similarity", "fig6_trees", "fig7_graphs"):
+        assert f"id='{fig}'" in text
+        png = Image.open(report / "figures" / f"{fig}.png")
+        assert len(np.unique(np.asarray(png.convert("L")))) > 10  # drawn, not blank
+    for svg in ("fig5_similarity", "fig6_trees", "fig7_graphs"):
+        assert (report / "figures" / f"{svg}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_nifti_maps_put_every_voxel_back_in_its_place(analysis_study):
+    cfg = load_config(analysis_study.config)
+    a = read_analysis(cfg)
+    store = StudyStore(cfg.store_path)
+    task = chosen_task(a, cfg.report.task)
+    assert task == task_names()[int(np.argmax(a["n_significant"].sum("subject").values))]
+    for subject in ("CSI1", "CSI2"):
+        res = store.results(subject)
+        ijk = np.stack([res[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], axis=1)
+        d = analysis_study.workdir / "report" / "nifti" / subject
+        img = nib.load(d / "r_keypoint3d.nii.gz")
+        assert img.shape == tuple(res.attrs["volume_shape"])
+        np.testing.assert_array_equal(img.affine, np.asarray(res.attrs["affine"]))
+        vol = np.asarray(img.dataobj)
+        r = res["r"].sel(task="keypoint3d").values
+        np.testing.assert_array_equal(vol[ijk[:, 0], ijk[:, 1], ijk[:, 2]], r)
+        outside = np.ones(vol.shape, bool)
+        outside[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = False
+        assert np.isnan(vol[outside]).all()
+        # the significance masks of all tasks, in the order of tasks.txt
+        order = (d / "tasks.txt").read_text().split()
+        sig = np.asarray(nib.load(d / "significant.nii.gz").dataobj)
+        expected = significance_mask(res.sel(task=order), "parametric", 0.05)
+        np.testing.assert_array_equal(sig[ijk[:, 0], ijk[:, 1], ijk[:, 2]].T, expected)
+        # Figure 3's map: r(3D) - r(2D) where either is significant, NaN elsewhere
+        contrast = np.asarray(nib.load(d / "fig3_contrast_keypoint.nii.gz").dataobj)[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+        k3, k2 = order.index("keypoint3d"), order.index("keypoint2d")
+        either = expected[k3] | expected[k2]
+        diff = res["r"].sel(task="keypoint3d").values - res["r"].sel(task="keypoint2d").values
+        np.testing.assert_allclose(contrast[either], diff[either], rtol=1e-6)
+        assert np.isnan(contrast[~either]).all()
+        assert (d / f"fig2_r_significant_{task}.nii.gz").is_file()
+
+
+def test_report_without_analysis_is_a_clear_error(tmp_path, capsys):
+    from analysis_fixtures import analysis_config_dict, write_config
+
+    path = write_config(tmp_path / "study.yaml", analysis_config_dict(tmp_path / "work"))
+    assert cli.main(["report", "--config", str(path)]) == 2
+    assert "run `neurotask analyse` first" in capsys.readouterr().err
+
+
+def test_montage_and_slice_choice():
+    vol = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)  # (i, j, k)
+    m = montage(vol, [1, 3], cols=2)
+    assert m.shape == (3, 4)
+    # tile 0 is slice k=1 with j upwards: the top row is j = 2
+    np.testing.assert_array_equal(m[:, :2], vol[:, :, 1].T[::-1])
+    np.testing.assert_array_equal(m[:, 2:], vol[:, :, 3].T[::-1])
+    three = montage(vol, [0, 1, 2], cols=2)
+    assert three.shape == (6, 4) and np.isnan(three[3:, 2:]).all()
+    bg = np.zeros((2, 3, 10), bool)
+    bg[:, :, 2:8] = True
+    np.testing.assert_array_equal(slice_indices(bg, 20), np.arange(2, 8))
+    np.testing.assert_array_equal(slice_indices(bg, 3), [2, 4, 7])
