@@ -106,8 +106,9 @@ def test_the_recovered_tree_finds_the_planted_taskonomy_clusters(analysis_study)
     block: tasks of one cluster predict the same voxels. Cut into five groups, the brain
     tree should give back exactly those clusters. On the 3-subject demo (1000 images) every
     linkage gives ARI 1.0 at k = 5, in every subject; this study is smaller (400 images, 60
-    test images), so we allow a little noise: ARI >= 0.8 is still at most one task misplaced
-    (one wrong task among 21 gives ARI 0.80-0.97 depending on where it lands)."""
+    test images), so we allow a little noise: moving any one task to another cluster gives
+    ARI 0.83-0.96, so ARI >= 0.8 tolerates about one misplaced task and no more (it measures
+    1.000 here)."""
     a = read_analysis(load_config(analysis_study.config))
     assert float(a["ari_taskonomy_mean"]) >= 0.8
     assert (a["ari_taskonomy"].values >= 0.8).all()
