@@ -201,6 +201,8 @@ def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], N
 def summary_lines(analysis: xr.Dataset) -> list[str]:
     """A few lines of the headline comparison with Taskonomy, for the terminal."""
     a = analysis
+    if not np.isfinite(float(a.spearman_taskonomy_mean)):
+        return ["no comparison with Taskonomy: it needs at least 3 tasks with Taskonomy affinities"]
     lines = [f"brain vs Taskonomy task similarity: Spearman r {float(a.spearman_taskonomy_mean):.3f} "
              f"(Mantel p {float(a.mantel_p_mean):.3g}, {a.attrs['ci']:.0%} CI "
              f"[{float(a.spearman_taskonomy_mean_ci[0]):.3f}, {float(a.spearman_taskonomy_mean_ci[1]):.3f}])",

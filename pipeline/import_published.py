@@ -230,7 +230,7 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
         store.remove(f"results/{subject}")
         store.remove(f"{ROI_RESULTS}/{subject}")
         progress.clear("fit", subject)  # any earlier fit of this subject no longer describes its results
-        label = f"published ({src.kind}) {src.path}"
+        label = f"published ({src.kind}) {src.path.resolve()}"
         store.write_dataset(f"results/{subject}", to_store_layout(whole, subject, shape_ijk=shape, source=label))
         if roi is not None:
             store.write_dataset(f"{ROI_RESULTS}/{subject}", to_store_layout(roi, subject, shape_ijk=None, source=label))

@@ -480,6 +480,8 @@ def build_report(
         if maps is None:
             notes.append(f"{subject}: voxels have no position in a volume; no maps or NIfTI files.")
             continue
+        if ds.attrs.get("affine_note"):
+            notes.append(f"{subject}: voxel positions are exact; the affine is {ds.attrs['affine_note']}.")
         ds = ds.sel(task=tasks)
         sig = significance_mask(ds, significance, fdr)  # (task, voxel)
         r = ds["r"].transpose("task", "voxel").values

@@ -103,7 +103,13 @@ def test_import_of_the_authors_layout_then_analysis_and_report(layout_dir, tmp_p
     vol_zyx = np.asarray(img.dataobj).transpose(2, 1, 0)
     np.testing.assert_array_equal(vol_zyx[mask], raw["class_places"]["r"].astype(np.float32))
     assert np.isnan(vol_zyx[~mask]).all()
-    assert (cfg.workdir / "report" / "index.html").stat().st_size > 10_000
+    page = (cfg.workdir / "report" / "index.html").read_text()
+    assert "affine is not published by the authors" in page
+    # --overwrite replaces the subject's results with those of other files (here the npz: 21 tasks)
+    assert cli.main(["import-published", str(PUBLISHED), "--config", str(config), "--overwrite"]) == 0
+    assert store.results("CSI1").sizes["task"] == 21
+    assert cli.main(["analyse", "--config", str(config)]) == 0
+    assert read_analysis(cfg).sizes["task"] == 21
 
 
 def test_import_refuses_unsafe_pickles(tmp_path, capsys):
