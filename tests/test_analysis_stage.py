@@ -89,7 +89,7 @@ def test_analysis_refuses_an_unfinished_fit(study_copy):
     assert cli.main(["analyse", "--config", str(study_copy)]) == 2
 
 
-def test_analysis_names_missing_subjects_and_tasks(study_copy, tmp_path):
+def test_analysis_names_missing_subjects_and_stores(study_copy, tmp_path):
     cfg = load_config(study_copy, overrides={"study": {"subjects": ["CSI1", "CSI3"]}})
     with pytest.raises(AnalysisStageError, match="no results for subject.*CSI3"):
         run_analysis(cfg)

@@ -16,7 +16,7 @@ from analysis_fixtures import reference_dir, write_config
 from pipeline import cli
 from pipeline import similarity as S
 from pipeline.analysis import analyse
-from pipeline.analysis_stage import read_analysis, run_analysis
+from pipeline.analysis_stage import AnalysisStageError, read_analysis, run_analysis
 from pipeline.config import load_config
 from pipeline.import_published import PublishedImportError, grid_affine, import_published, locate_sources
 from pipeline.published import load_reference_npz, load_reference_roi_npz, read_published_roi, read_published_subject
@@ -105,6 +105,9 @@ def test_import_of_the_authors_layout_then_analysis_and_report(layout_dir, tmp_p
     assert np.isnan(vol_zyx[~mask]).all()
     page = (cfg.workdir / "report" / "index.html").read_text()
     assert "affine is not published by the authors" in page
+    # a task the configured list asks for but the store lacks is named
+    with pytest.raises(AnalysisStageError, match=r"results/CSI1 lack task\(s\) edge3d"):
+        run_analysis(load_config(config, overrides={"study": {"tasks": ["curvature", "class_places", "edge3d"]}}))
     # --overwrite replaces the subject's results with those of other files (here the npz: 21 tasks)
     assert cli.main(["import-published", str(PUBLISHED), "--config", str(config), "--overwrite"]) == 0
     assert store.results("CSI1").sizes["task"] == 21
