@@ -5,7 +5,8 @@ the paper's analyses and our comparison with Taskonomy. The maths lives in
 ``pipeline.similarity`` (pure) and ``pipeline.taskonomy``; this module only labels arrays.
 
 Input, per subject: an ``xr.Dataset`` with dims (task, voxel), variables ``r`` and
-``pvalue`` (plus ``significant`` for ``significance="stored"``) and a coordinate ``roi``
+``pvalue`` (plus ``pvalue_perm`` for ``significance="permutation"``, ``significant`` for
+``significance="stored"``) and a coordinate ``roi``
 (str per voxel, '' for none) on voxel. Every subject must have the same tasks.
 
 Output dims: subject, subject2, task, task2, roi, roi_group, contrast, bound
@@ -66,7 +67,7 @@ from pipeline.stats import fdr_bh
 from pipeline.taskonomy import has_affinities, taskonomy_similarity
 from pipeline.tasks import task_info
 
-SIGNIFICANCE = ("parametric", "stored", "none")
+SIGNIFICANCE = ("parametric", "permutation", "stored", "none")
 
 # Figure 3's 3D-vs-2D pairs: contrast name -> (3D task, 2D task)
 CONTRASTS = {"keypoint": ("keypoint3d", "keypoint2d"), "edge": ("edge3d", "edge2d")}
@@ -88,16 +89,18 @@ def significance_mask(result: xr.Dataset, significance: str = "parametric", fdr:
     """(task, voxel) bool: which voxels count as predicted for each task.
 
     "parametric": Benjamini-Hochberg at ``fdr`` on ``pvalue``, per task across all the
-    subject's voxels; "stored": the results' own ``significant``; "none": every voxel
+    subject's voxels; "permutation": the same on the permutation-test ``pvalue_perm`` (the
+    authors' protocol); "stored": the results' own ``significant``; "none": every voxel
     with a finite r (no masking).
     """
     if significance not in SIGNIFICANCE:
         raise AnalysisError(f"significance must be one of {', '.join(SIGNIFICANCE)}; got {significance!r}")
     if significance == "none":
         return np.isfinite(result["r"].transpose("task", "voxel").values)
-    name = "pvalue" if significance == "parametric" else "significant"
+    name = {"parametric": "pvalue", "permutation": "pvalue_perm", "stored": "significant"}[significance]
     if name not in result:
-        raise AnalysisError(f"significance={significance!r} needs variable {name!r} in the results")
+        hint = " (fit with fit.n_permutations > 0)" if significance == "permutation" else ""
+        raise AnalysisError(f"significance={significance!r} needs variable {name!r} in the results{hint}")
     values = result[name].transpose("task", "voxel").values
     if significance == "stored":
         return values.astype(bool)

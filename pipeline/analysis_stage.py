@@ -35,7 +35,7 @@ ANALYSIS_GROUP = "analysis/task_structure"
 ROI_RESULTS = "roi_results"  # roi_results/<subject>: ROI-only models (Figure 1), if any
 
 # the result variables whose values determine the analysis
-_INPUT_VARS = ("r", "pvalue", "significant")
+_INPUT_VARS = ("r", "pvalue", "pvalue_perm", "significant")
 
 
 class AnalysisStageError(NeurotaskError):
@@ -188,6 +188,8 @@ def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], N
         out = analyse(results, roi_results=rois, **kwargs)
     except AnalysisError as e:
         raise AnalysisStageError(f"analysis of {cfg.store_path} with the settings of {cfg.path}: {e}") from None
+    for line in permutation_floor_note(results, out, kwargs):
+        log(line)
     out.attrs.update(
         input_fingerprint=fingerprint,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -196,6 +198,26 @@ def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], N
     store.write_dataset(ANALYSIS_GROUP, _storable(out))
     log(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
     return store.read_dataset(ANALYSIS_GROUP)
+
+
+def permutation_floor_note(results: dict[str, xr.Dataset], analysis: xr.Dataset, kwargs: dict) -> list[str]:
+    """Why tasks may have no significant voxel under permutation p-values: with N
+    permutations no p is below 1/(N+1), and BH at q over m voxels rejects nothing unless at
+    least ceil(p_min m / q) voxels reach that floor. -> lines to log (none if not the case)."""
+    if kwargs["significance"] != "permutation":
+        return []
+    lines = []
+    for subject, ds in results.items():
+        floor = float(np.nanmin(ds["pvalue_perm"].values)) if ds.sizes["voxel"] else np.nan
+        needed = int(np.ceil(floor * ds.sizes["voxel"] / kwargs["fdr"] - 1e-9)) if np.isfinite(floor) else 0
+        empty = [str(t) for t in analysis["task"].values
+                 if int(analysis["n_significant"].sel(subject=subject, task=t)) == 0]
+        if needed > 1 and empty:
+            lines.append(
+                f"note: {subject}: permutation p-values are >= {floor:.3g}, so BH at q < {kwargs['fdr']:g} over "
+                f"{ds.sizes['voxel']} voxels finds a task's voxels only if >= {needed} of them reach that floor; "
+                f"none for {', '.join(empty)}. More permutations (fit.n_permutations) lower the floor.")
+    return lines
 
 
 def summary_lines(analysis: xr.Dataset) -> list[str]:

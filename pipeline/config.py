@@ -95,7 +95,7 @@ class FitSection:
 class AnalysisSection:
     """Brain task structure from the fitted results (pipeline.analysis); never refits."""
 
-    significance: Literal["parametric", "stored", "none"] = "parametric"
+    significance: Literal["parametric", "permutation", "stored", "none"] = "parametric"
     fdr: float = 0.05
     metric: Literal["cosine", "pearson", "jaccard"] = "cosine"
     linkage: Literal["average", "complete", "single", "weighted", "ward"] = "average"

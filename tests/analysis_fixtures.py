@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def reference_dir() -> Path:
+def reference_path() -> Path:
     """../shared/reference beside the checkout, else /work/shared/reference."""
     for candidate in (ROOT.parent / "shared" / "reference", Path("/work/shared/reference")):
         if candidate.is_dir():
@@ -34,7 +34,8 @@ def analysis_config_dict(workdir: Path) -> dict:
         "simulate": {"seed": 11, "n_images": 400, "n_repeated": 30, "n_showings": 3, "n_sessions": 2,
                      "n_features": 64, "volume_shape": [16, 18, 12], "signal_variance": [0.3, 1.0]},
         "data": {"chunk_size": 1000},
-        "fit": {"n_alphas": 20, "n_folds": 5},
+        # 200 permutations: enough for BH at q < 0.05 over ~1500 voxels, and a short fit
+        "fit": {"n_alphas": 20, "n_folds": 5, "n_permutations": 200},
         "analysis": {"n_clusters": 5, "n_permutations": 200, "n_bootstrap": 50},
         "report": {"n_slices": 8},
         "cluster": {"kind": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},

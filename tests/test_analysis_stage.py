@@ -117,3 +117,30 @@ def test_the_recovered_tree_finds_the_planted_taskonomy_clusters(analysis_study)
     # every task predicts some voxels, and the brain's similarity follows Taskonomy's
     assert (a["n_significant"].values > 0).all()
     assert float(a["spearman_taskonomy_mean"]) > 0 and float(a["mantel_p_mean"]) < 0.05
+
+
+def test_permutation_significance_uses_the_stored_permutation_p_values(study_copy):
+    from statsmodels.stats.multitest import multipletests
+
+    cfg = load_config(study_copy, overrides={"analysis": {"significance": "permutation"}})
+    log: list[str] = []
+    out = run_analysis(cfg, log=log.append)
+    assert out.attrs["significance"] == "permutation"
+    res = StudyStore(cfg.store_path).results("CSI1")
+    p = res["pvalue_perm"].sel(task=list(out["task"].values)).values
+    expected = np.array([multipletests(row, alpha=0.05, method="fdr_bh")[0].sum() for row in p])
+    np.testing.assert_array_equal(out["n_significant"].sel(subject="CSI1").values, expected)
+    # 200 permutations: no p below 1/201, so BH over 1479 voxels needs >= 148 voxels at that
+    # floor; the tasks of the small clusters (fewer driven voxels) get none, and the log says why
+    empty = [str(t) for t, n in zip(out["task"].values, expected) if n == 0]
+    assert empty and all(t in ("denoise", "room_layout", "vanishing_point", "jigsaw") for t in empty)
+    note = next(line for line in log if line.startswith("note: CSI1"))
+    assert ">= 148 of them" in note and all(t in note for t in empty)
+
+
+def test_permutation_significance_needs_permutation_p_values(study_copy):
+    cfg = load_config(study_copy, overrides={"analysis": {"significance": "permutation"}})
+    store = StudyStore(cfg.store_path)
+    results = {s: store.results(s).drop_vars("pvalue_perm") for s in cfg.study.subjects}
+    with pytest.raises(Exception, match=r"pvalue_perm.*fit.n_permutations > 0"):
+        analyse(results, significance="permutation")

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from analysis_fixtures import reference_dir, write_config
+from analysis_fixtures import reference_path, write_config
 from pipeline import cli
 from pipeline import similarity as S
 from pipeline.analysis import analyse
@@ -23,7 +23,7 @@ from pipeline.published import load_reference_npz, load_reference_roi_npz, read_
 from pipeline.tasks import task_names
 from storage import StudyStore
 
-PUBLISHED = reference_dir() / "published"
+PUBLISHED = reference_path() / "published"
 PICKLES = PUBLISHED / "original_pickles" / "subj1"
 SUBJECTS = ["CSI1", "CSI2", "CSI3"]
 GRIDS = {"CSI1": (71, 89, 72), "CSI2": (72, 92, 70), "CSI3": (72, 88, 67)}
