@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import getpass
 import inspect
+import os
 import shutil
 import socket
 import subprocess
@@ -292,6 +293,10 @@ def start_slurm_cluster(
     config_name = slurm.get("config_name") or "slurm"
 
     kwargs: dict[str, Any] = dict(slurm)
+    if kwargs.get("log_directory"):
+        # dask-jobqueue creates it here and writes it into #SBATCH lines, neither of which
+        # expands '~' or '$VAR' (a literal './~' directory would appear instead).
+        kwargs["log_directory"] = os.path.expandvars(os.path.expanduser(kwargs["log_directory"]))
     kwargs["scheduler_options"] = _scheduler_options(
         s, config_name, dashboard_given="dashboard_address" in section)
     if s["interface"] is not None:
