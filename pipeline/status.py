@@ -6,11 +6,10 @@ results region is in the store, so a marker is proof of a finished chunk.
 *Running* comes from the fit run file ``<workdir>/progress/fit-run.json``. The fit driver
 (``pipeline.fit.fit``) keeps it current through ``FitRunState`` (rewritten every second): the
 units in flight in that run, split into those the Dask scheduler has handed to a worker
-("running") and those submitted but still waiting ("queued"). The file
-names the driver's host and pid; when ``status`` runs on that host it checks that the process
-still exists, so a run that was killed shows as interrupted and its unfinished units as
-missing. From another host the liveness cannot be checked and the age of the last update is
-shown instead.
+("running") and those submitted but still waiting ("queued"). The file names the driver's
+host and pid; when ``status`` runs on that host it checks that the process still exists, so
+a run that was killed shows as interrupted and its unfinished units as missing. From another
+host the liveness cannot be checked and the age of the last update is shown instead.
 """
 
 from __future__ import annotations
