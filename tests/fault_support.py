@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import yaml
 
+from pipeline.fit import Unit
 from pipeline.fit import fit_unit as _real_fit_unit
 from storage import RESULT_VARS, Progress, StudyStore
 
@@ -183,12 +184,14 @@ def set_env(name: str, value: str | None) -> None:
 GATE_EVENT = "neurotask-test-gate"
 
 
-def journaled_fit_unit(journal_dir: str, gate_pair: tuple[str, str] | None, store_path: str,
-                       progress_dir: str, store_id: str, unit, decomposition, alphas) -> dict:
-    """``pipeline.fit.fit_unit`` with a record of each execution in journal_dir/<unit>.log:
-    "begin JOB" before, "end JOB wrote|skipped" after (wrote: this execution wrote the marker).
-    Units of ``gate_pair`` first wait for the distributed Event GATE_EVENT, so the test decides
-    when the end of the fit may run."""
+def journaled_fit_unit(journal_dir: str, gate_pair: tuple[str, str] | None, *args, **kwargs) -> dict:
+    """``pipeline.fit.fit_unit(*args, **kwargs)`` with a record of each execution in
+    journal_dir/<unit>.log: "begin JOB" before, "end JOB wrote|skipped" after (wrote: this
+    execution wrote the unit's marker). Units of ``gate_pair`` first wait for the distributed
+    Event GATE_EVENT, so the test decides when the end of the fit may run. Only the Unit and
+    fit_unit's (store_path, progress_dir, store_id, ...) argument order are relied on."""
+    unit = next(a for a in [*args, *kwargs.values()] if isinstance(a, Unit))
+    progress = Progress(args[1], args[2])
     job = os.environ.get("SLURM_JOB_ID", "local")
     journal = Path(journal_dir) / f"{unit.subject}_{unit.task}_{unit.chunk:05d}.log"
     _append(journal, f"begin {job} {time.time():.3f}")
@@ -196,9 +199,8 @@ def journaled_fit_unit(journal_dir: str, gate_pair: tuple[str, str] | None, stor
         from distributed import Event
 
         Event(GATE_EVENT).wait(timeout=180)
-    progress = Progress(progress_dir, store_id)
     before = progress.read(*unit.marker)
-    out = _real_fit_unit(store_path, progress_dir, store_id, unit, decomposition, alphas)
+    out = _real_fit_unit(*args, **kwargs)
     wrote = progress.read(*unit.marker) != before
     _append(journal, f"end {job} {'wrote' if wrote else 'skipped'} {time.time():.3f}")
     return out
