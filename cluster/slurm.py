@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import getpass
 import inspect
+import os
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from dask_jobqueue import SLURMCluster
 from dask_jobqueue.core import Job, JobQueueCluster
 from dask_jobqueue.slurm import SLURMJob
 from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
@@ -292,6 +294,10 @@ def start_slurm_cluster(
     config_name = slurm.get("config_name") or "slurm"
 
     kwargs: dict[str, Any] = dict(slurm)
+    if kwargs.get("log_directory"):
+        # dask-jobqueue creates it here and writes it into #SBATCH lines, neither of which
+        # expands '~' or '$VAR' (a literal './~' directory would appear instead).
+        kwargs["log_directory"] = os.path.expandvars(os.path.expanduser(kwargs["log_directory"]))
     kwargs["scheduler_options"] = _scheduler_options(
         s, config_name, dashboard_given="dashboard_address" in section)
     if s["interface"] is not None:
@@ -350,29 +356,48 @@ def worker_job_ids(cluster: SLURMCluster) -> dict[str, str]:
     return out
 
 
+class _JobLog(SchedulerPlugin):
+    """Logs SLURM job ids: of each job as it is submitted (polled, as sbatch answers
+    asynchronously) and of each worker as it connects and leaves (scheduler events, so a
+    worker that lives for less than a polling interval is logged too)."""
+
+    name = "neurotask-slurm-job-log"
+
+    def __init__(self, cluster: SLURMCluster, log: Callable[[str], Any]):
+        self.cluster, self.log = cluster, log
+        self.submitted: set[str] = set()
+        self.connected: dict[str, tuple[str, str]] = {}  # worker address -> (name, job id)
+
+    def note_submissions(self) -> dict[str, str]:
+        ids = worker_job_ids(self.cluster)
+        for worker, job_id in ids.items():
+            if job_id not in self.submitted:
+                self.submitted.add(job_id)
+                self.log(f"SLURM job {job_id} submitted for Dask worker {worker}")
+        return ids
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ids = self.note_submissions()
+        ws = scheduler.workers.get(worker)
+        name = str(ws.name) if ws is not None else "?"
+        self.connected[worker] = (name, ids.get(name, "?"))
+        self.log(f"Dask worker {name} connected from SLURM job {self.connected[worker][1]} ({worker})")
+
+    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        name, job_id = self.connected.pop(worker, ("?", "?"))
+        self.log(f"Dask worker {name} (SLURM job {job_id}) left the cluster")
+
+
 def _watch_jobs(cluster: SLURMCluster, log: Callable[[str], Any]) -> None:
     """Log SLURM job ids as jobs are submitted, and as their workers connect and leave."""
-    submitted: set[str] = set()
-    connected: dict[str, tuple[str, str]] = {}  # worker address -> (name, job id)
+    plugin = _JobLog(cluster, log)
+    cluster.scheduler.add_plugin(plugin)  # before any job exists: adapt() comes after
 
     def check() -> None:
         if cluster.status.name in ("closing", "closed"):
             pc.stop()
             return
-        ids = worker_job_ids(cluster)
-        for worker, job_id in ids.items():
-            if job_id not in submitted:
-                submitted.add(job_id)
-                log(f"SLURM job {job_id} submitted for Dask worker {worker}")
-        workers = cluster.scheduler_info.get("workers", {})
-        for addr, info in workers.items():
-            if addr not in connected:
-                name = str(info.get("name"))
-                connected[addr] = (name, ids.get(name, "?"))
-                log(f"Dask worker {name} connected from SLURM job {connected[addr][1]} ({addr})")
-        for addr in set(connected) - set(workers):
-            name, job_id = connected.pop(addr)
-            log(f"Dask worker {name} (SLURM job {job_id}) left the cluster")
+        plugin.note_submissions()
 
     pc = PeriodicCallback(check, 500)
     cluster._neurotask_job_watcher = pc  # keep it alive with the cluster

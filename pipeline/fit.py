@@ -28,6 +28,7 @@ from pipeline import design, noise_ceiling, ridge, stats
 from pipeline.config import Config, fit_fingerprint
 from pipeline.console import ProgressBar
 from pipeline.errors import FitError
+from pipeline.status import FitRunState
 from storage import Progress, StudyStore
 
 # Test hook: "SUBJECT/TASK/CHUNK" makes that unit raise, to exercise retries and failure reports.
@@ -94,6 +95,11 @@ def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
     """Fit one voxel chunk, write its results region, then mark it done."""
     if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) in {unit.name}")
+    progress = Progress(progress_dir, store_id)
+    if progress.is_done(*unit.marker):
+        # Dask runs this again when the worker holding the finished result died before the
+        # client collected it: the chunk is in the store already, so write nothing twice.
+        return {"unit": unit.name, "nan_r": None}
     store = StudyStore(store_path)
     Y = store.read_response_chunk(unit.subject, slice(unit.start, unit.stop))
     result = ridge.ridge_cv(decomposition, Y, alphas)
@@ -107,7 +113,9 @@ def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
         perm = stats.permutation_test(y_test, result.test_prediction, n_permutations, permutation_seed)
         values["pvalue_perm"] = perm.pvalue
     store.write_result_chunk(unit.subject, unit.task_index, slice(unit.start, unit.stop), values)
-    Progress(progress_dir, store_id).mark_done(*unit.marker, info={"voxels": unit.stop - unit.start})
+    # The SLURM job in the marker says which worker job wrote the chunk (None outside SLURM).
+    progress.mark_done(*unit.marker, info={"voxels": unit.stop - unit.start,
+                                           "slurm_job": os.environ.get("SLURM_JOB_ID")})
     return {"unit": unit.name, "nan_r": int(np.isnan(scores["r"]).sum())}
 
 
@@ -196,6 +204,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
     limit = max_pairs_in_flight or max(2, n_workers)
     bar = ProgressBar(total, "fit")
+    run_state = FitRunState(progress.directory, progress.store_id, client)  # for `neurotask status`
     futures: dict[Future, tuple[Unit, tuple[str, str]]] = {}
     remaining: dict[tuple[str, str], int] = {}
     decompositions: dict[tuple[str, str], Future] = {}
@@ -215,6 +224,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
                               cfg.fit.n_permutations, cfg.fit.permutation_seed, key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
                               pure=False)
             futures[f] = (u, key)
+            run_state.add(f.key, u.subject, u.task, u.chunk)
             ac.add(f)
 
     while pending and len(decompositions) < limit:
@@ -227,6 +237,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
             report.failed.append(f"{unit.name}: {f.exception()!r}")
             failed_pairs.add(key)
         bar.update(1)
+        run_state.done(f.key)
         f.release()
         remaining[key] -= 1
         if remaining[key] == 0:
@@ -234,6 +245,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
             if pending:
                 submit_next_pair()
     bar.close()
+    run_state.close(failed=bool(report.failed))
 
     for subject, task, index in complete_pairs:
         if (subject, task) not in failed_pairs:
