@@ -16,8 +16,6 @@ Errors a user can cause print one message and exit with status 2, without a trac
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,30 +32,9 @@ def log(msg: str) -> None:
 
 
 def _simulate(cfg: Config) -> None:
-    from dataclasses import asdict
-
     from pipeline.simulate import simulate_study
-    from storage import Progress, StudyStore
 
-    if cfg.simulate is None:
-        raise NeurotaskError(f"{cfg.path}: no 'simulate' section; nothing to simulate")
-    store = StudyStore(cfg.store_path)
-    store.create()
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    files = {k: getattr(cfg.data, k) for k in ("root", "betas", "brain_mask", "roi_masks", "stim_list", "rois")}
-    fingerprint = hashlib.sha256(json.dumps([asdict(cfg.simulate), cfg.study.subjects, cfg.tasks, files],
-                                            sort_keys=True).encode()).hexdigest()[:16]
-    record = progress.read("simulate", "study")
-    if record and record.get("fingerprint") == fingerprint:
-        log(f"simulated study already in {cfg.workdir}, skipped")
-        return
-    if record:
-        raise NeurotaskError(
-            f"{cfg.workdir} holds a study simulated with other settings; use a new study.workdir "
-            "(or delete that directory) to simulate again")
-    log(f"simulating a study in {cfg.workdir}")
     simulate_study(cfg, log=log)
-    progress.mark_done("simulate", "study", info={"fingerprint": fingerprint})
 
 
 def _ingest(cfg: Config, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ import networkx as nx
 import numpy as np
 from scipy import stats
 from scipy.cluster import hierarchy
-from scipy.spatial.distance import squareform
+
 from sklearn.metrics import adjusted_rand_score
 
 METRICS = ("cosine", "pearson", "jaccard")

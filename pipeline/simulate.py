@@ -21,7 +21,9 @@ single-trial noise ceiling is therefore ``sqrt(s2 / (s2 + 1))``; it is written t
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -29,8 +31,9 @@ import numpy as np
 
 from pipeline.bold5000 import REP_PREFIX
 from pipeline.config import Config, SimulateSection
+from pipeline.errors import NeurotaskError
 from pipeline.tasks import CLUSTERS, taskonomy_tasks
-from storage import StudyStore
+from storage import Progress, StudyStore
 
 ROI_DRIVER = {"EarlyVis": "2D", "LOC": "semantic", "OPA": "3D", "PPA": "3D", "RSC": "3D"}
 # ROI centres as fractions of the volume (i within a hemisphere from the midline, j, k) and radii.
@@ -149,30 +152,48 @@ def presentation(images: list[str], sim: SimulateSection, rng) -> tuple[list[str
 
 
 def simulate_study(cfg: Config, log=print) -> dict:
-    """Write the raw files of every subject under ``workdir/raw`` and the feature bank into the
-    store. Deterministic given ``simulate.seed``. Returns a summary."""
+    """Write what is missing of the simulated study: the raw files of each subject not simulated
+    yet (under ``workdir/raw``) and the feature bank of each task not in the store yet.
+
+    Deterministic given ``simulate.seed``: a subject's data depend on the seed and the subject's
+    number only, so subjects and tasks added to the config later are simulated alone, exactly
+    as they would have been in a first run. A workdir simulated with other settings is refused.
+    """
     sim = cfg.simulate
     if sim is None:
-        raise ValueError(f"{cfg.path}: no 'simulate' section")
+        raise NeurotaskError(f"{cfg.path}: no 'simulate' section; nothing to simulate")
+    store = StudyStore(cfg.store_path)
+    store.create()
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    files = {k: getattr(cfg.data, k) for k in ("root", "betas", "brain_mask", "roi_masks", "stim_list", "rois")}
+    fingerprint = hashlib.sha256(json.dumps([asdict(sim), files], sort_keys=True).encode()).hexdigest()[:16]
+    record = progress.read("simulate", "settings")
+    if record and record.get("fingerprint") != fingerprint:
+        raise NeurotaskError(f"{cfg.workdir} holds a study simulated with other settings; use a new "
+                             "study.workdir (or delete that directory) to simulate again")
+    progress.mark_done("simulate", "settings", info={"fingerprint": fingerprint})
+
     rng = np.random.default_rng(sim.seed)
     images = image_names(sim.n_images, rng)
     latents = latent_factors(sim.n_images, sim, rng)
     features = task_features(latents, sim.n_features, rng)
-
-    store = StudyStore(cfg.store_path)
-    store.create()
-    for task in cfg.tasks:
+    new_tasks = [t for t in cfg.tasks if not store.has(f"features/{t}")]
+    for task in new_tasks:
         store.write_features(task, features[task], images, attrs={"source": "simulated", "seed": sim.seed})
-
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"images": sim.n_images, "features": sim.n_features, "subjects": {}}
-    for s_index, subject in enumerate(cfg.study.subjects):
-        srng = np.random.default_rng([sim.seed, s_index + 1])
-        summary["subjects"][subject] = _simulate_subject(cfg, subject, images, latents, srng, truth_dir)
-        log(f"simulated {subject}: {summary['subjects'][subject]['voxels']} brain voxels, "
-            f"{summary['subjects'][subject]['trials']} trials in {sim.n_sessions} sessions")
-    (truth_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = {"images": sim.n_images, "features": sim.n_features, "new_tasks": new_tasks, "subjects": {}}
+    for subject in cfg.study.subjects:
+        if progress.is_done("simulate", subject):
+            continue
+        number = int("".join(c for c in subject if c.isdigit()) or 0)
+        srng = np.random.default_rng([sim.seed, number, sum(map(ord, subject))])
+        info = _simulate_subject(cfg, subject, images, latents, srng, truth_dir)
+        progress.mark_done("simulate", subject, info=info)
+        summary["subjects"][subject] = info
+        log(f"simulated {subject}: {info['voxels']} brain voxels, {info['trials']} trials in {sim.n_sessions} sessions")
+    if not summary["subjects"] and not new_tasks:
+        log(f"simulated study already in {cfg.workdir}, skipped")
     return summary
 
 

@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import SMALL_TASKS, small_config_dict, write_config
-from pipeline import cli, design, fit, ridge, stats
+from pipeline import cli, fit, ridge, stats
 from pipeline.config import load_config
 from pipeline.errors import FitError
 from pipeline.simulate import ROI_DRIVER

@@ -1,6 +1,5 @@
 """The simulated study is written in BOLD5000's formats, and ingest reads it back correctly."""
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
