@@ -126,7 +126,7 @@ def test_example_slurm_configs_are_valid(name):
 def test_docs_show_the_example_cluster_section():
     import yaml
 
-    docs = (fs.REPO / "docs" / "slurm.md").read_text()
+    docs = (fs.REPO / "README.md").read_text()
     block = docs[docs.index("```yaml\ncluster:") + len("```yaml\n"):]
     block = block[:block.index("```")]
     assert yaml.safe_load(block)["cluster"] == load_config(fs.REPO / "configs" / "slurm.yaml").cluster
