@@ -101,7 +101,10 @@ def test_voxel_batching_does_not_change_results():
     a = ridge.ridge_cv(dec, Y, ridge.paper_alphas(25, 15), voxel_batch=4)
     b = ridge.ridge_cv(dec, Y, ridge.paper_alphas(25, 15), voxel_batch=100)
     np.testing.assert_array_equal(a.alpha, b.alpha)
-    np.testing.assert_allclose(a.test_prediction, b.test_prediction, rtol=1e-5)
+    # float32 GEMM rounding depends on the batch width (~1e-7 of the predictions' scale), which
+    # rtol alone cannot absorb for predictions that cross zero.
+    scale = np.abs(b.test_prediction).max()
+    np.testing.assert_allclose(a.test_prediction, b.test_prediction, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_bad_inputs():
