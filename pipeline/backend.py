@@ -11,6 +11,7 @@ Only operations whose numpy and torch spellings differ are methods here; the res
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -96,8 +97,13 @@ class TorchBackend:
         if isinstance(x, torch.Tensor):
             return x.to(device=self.device, dtype=self._dtype(dtype))
         x = np.asarray(x)
-        if not x.flags.writeable:  # torch warns on read-only numpy memory; copy it instead
-            x = x.copy()
+        if not x.flags.writeable:
+            # Shared read-only memory (a decomposition deserialised by Dask): wrap it without a
+            # copy; the engine never writes into its inputs, so torch's warning does not apply.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(x)
+            return t.to(device=self.device, dtype=self._dtype(dtype))
         return torch.as_tensor(x, device=self.device, dtype=self._dtype(dtype))
 
     def to_numpy(self, x: Any) -> np.ndarray:

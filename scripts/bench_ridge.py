@@ -230,6 +230,7 @@ METHODS = {
     "neurotask-exhaustive": lambda X, Y, s, a: run_neurotask(X, Y, s, a, search="exhaustive"),
     "neurotask-torch": lambda X, Y, s, a: run_neurotask(X, Y, s, a, backend="torch"),
     "himalaya": run_himalaya,
+    "himalaya-f64": lambda X, Y, s, a: run_himalaya(X, Y, s, a, dtype=np.float64),
     "sklearn": run_sklearn,
     "paper": run_paper,
     "truth": lambda X, Y, s, a: run_neurotask(X, Y, s, a, search="exhaustive", dtype=np.float64),
@@ -324,7 +325,8 @@ def print_table(results: dict, peak: dict) -> None:
         ag = agreement(ref, r)
         line += f"  same alpha {ag['same_alpha']:.4%} of {ag['voxels']}  max|Δr| {ag['max_abs_dr']:.2e}"
         print(line)
-    for a, b in (("himalaya", "truth"), ("neurotask-exhaustive", "truth"), ("himalaya", "neurotask-exhaustive")):
+    pairs = [(a, b) for a in results for b in ("himalaya-f64", "truth", "neurotask-exhaustive") if a != b]
+    for a, b in pairs:
         if a in results and b in results:
             ag = agreement(results[a], results[b])
             print(f"  {a} vs {b}: same alpha {ag['same_alpha']:.4%} of {ag['voxels']}  max|Δr| {ag['max_abs_dr']:.2e}")
@@ -343,25 +345,45 @@ def prepare_data(args, data_dir: Path) -> None:
     np.save(data_dir / "alphas.npy", ridge.paper_alphas(args.p, args.alphas))
 
 
+REPEATED = ("neurotask", "neurotask-exhaustive", "neurotask-torch", "himalaya")
+
+
 def main_compare(args, data_dir: Path) -> dict:
+    """Every method on the same data; the timed ones ``--repeats`` times, interleaved (one round
+    of every method, then the next round), so that a change in the machine's load affects all
+    methods alike."""
     sizes = {"sklearn": args.sklearn_voxels, "paper": args.paper_voxels, "truth": args.truth_voxels}
+    load_before = os.getloadavg()
     peak_before = gemm_peak()
-    results = {}
-    for method in args.methods:
-        v = min(sizes.get(method, args.voxels), args.voxels)
-        reps = args.repeats if method in ("neurotask", "neurotask-exhaustive", "neurotask-torch", "himalaya") else 1
-        runs = []
-        for i in range(reps):
-            runs.append(run_isolated(method, str(data_dir), v))
-            print(f"[bench] {method} run {i + 1}/{reps}: {runs[-1]['seconds']:.2f} s on {v} voxels", flush=True)
-        results[method] = summarize(runs, v)
+    runs: dict[str, list] = {m: [] for m in args.methods}
+    for i in range(args.repeats):
+        for method in args.methods:
+            if i > 0 and method not in REPEATED:
+                continue
+            v = min(sizes.get(method, args.voxels), args.voxels)
+            runs[method].append(run_isolated(method, str(data_dir), v))
+            print(f"[bench] round {i + 1}: {method} {runs[method][-1]['seconds']:.2f} s on {v} voxels "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    results = {m: summarize(r, min(sizes.get(m, args.voxels), args.voxels)) for m, r in runs.items()}
     peak_after = gemm_peak()
     peak = {k: max(peak_before[k], peak_after[k]) for k in peak_before}
     print_table(results, peak)
-    return {"peak": peak, "peak_before": peak_before, "peak_after": peak_after, "results": {
+    print(f"load average (1 min) before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    return {"peak": peak, "peak_before": peak_before, "peak_after": peak_after,
+            "load_before": load_before, "load_after": os.getloadavg(), "results": {
         name: {k: v for k, v in r.items() if k not in ("alpha_index", "test_r")} | {
-            "agreement_vs_neurotask": agreement(results["neurotask"], r) if "neurotask" in results else None}
+            "agreement_vs_neurotask": agreement(results["neurotask"], r) if "neurotask" in results else None,
+            "agreement_vs_himalaya_f64": agreement(results["himalaya-f64"], r) if "himalaya-f64" in results else None,
+            "agreement_vs_truth": agreement(results["truth"], r) if "truth" in results else None}
         for name, r in results.items()}}
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _memory_child(data_dir: str, chunk: int, n_chunks: int, out_path: str) -> None:
@@ -369,12 +391,14 @@ def _memory_child(data_dir: str, chunk: int, n_chunks: int, out_path: str) -> No
         dec = pickle.load(f)
     Y = np.load(Path(data_dir) / "Y.npy", mmap_mode="r")
     alphas = np.load(Path(data_dir) / "alphas.npy")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ridge.ridge_cv(dec, np.asarray(Y[:, :2]), alphas)  # warm-up: caches, lazy imports, BLAS buffers
+    base = _rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     t = time.perf_counter()
     for c in range(n_chunks):  # as a worker does: one chunk task after another
         ridge.ridge_cv(dec, np.asarray(Y[:, c * chunk:(c + 1) * chunk]), alphas, voxel_batch=chunk)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mb("VmHWM")
     with open(out_path, "wb") as f:
         pickle.dump({"base_mb": base, "peak_mb": peak, "seconds": seconds, "voxels": chunk * n_chunks}, f)
 
@@ -458,7 +482,8 @@ def main() -> None:
     ap.add_argument("--out", help="write every number as JSON here")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.p, args.voxels, args.repeats = 1200, 256, 1000, 1
+        args.n, args.p, args.repeats = 1200, 256, 1
+        args.voxels = 1000 if args.voxels == ap.get_default("voxels") else args.voxels
         args.sklearn_voxels, args.paper_voxels, args.truth_voxels = 500, 20, 1000
         args.chunks = [125, 250, 500]
     with tempfile.TemporaryDirectory() as tmp:
