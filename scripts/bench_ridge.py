@@ -94,7 +94,9 @@ def pearson(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def gemm_peak(repeats: int = 7, size: int = 2048) -> dict:
-    """Best-of-``repeats`` GFLOP/s of square GEMMs: numpy float32/float64, torch float32."""
+    """Best-of-``repeats`` GFLOP/s (per CPU second of the process) of square GEMMs: numpy
+    float32/float64, torch float32. With one BLAS thread this is one core's peak whatever the
+    load; with two it is the 2-core peak only on an otherwise idle machine."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -111,9 +113,23 @@ def gemm_peak(repeats: int = 7, size: int = 2048) -> dict:
 
 
 def _timed(fn) -> float:
-    t = time.perf_counter()
+    """CPU seconds of ``fn()`` (the process's threads): robust to other processes' load."""
+    t = time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.process_time() - t
+
+
+class Clock:
+    """Wall and CPU seconds since creation (or the last ``lap``)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        out = (w - self.wall, c - self.cpu)
+        self.wall, self.cpu = w, c
+        return out
 
 
 # --------------------------------------------------------------------------- methods
@@ -126,20 +142,26 @@ def _decomposition_flops(n_fit: int, n_eval: int, p: int) -> float:
 
 def run_neurotask(X, Y, splits, alphas, search="certified", backend="numpy", dtype=np.float32,
                   voxel_batch=1000) -> dict:
-    t0 = time.perf_counter()
+    clock = Clock()
     dec = ridge.prepare(X, splits, dtype=dtype)
-    t_prep = time.perf_counter() - t0
+    prep = clock.lap()
     p = X.shape[1]
     prep_flops = sum(_decomposition_flops(b.fit_rows.size, b.eval_rows.size, p) for b in dec.folds + (dec.final,))
     stats: dict = {}
-    t0 = time.perf_counter()
     res = ridge.ridge_cv(dec, Y, alphas, search=search, backend=backend, voxel_batch=voxel_batch, stats=stats)
-    t_cv = time.perf_counter() - t0
-    phases = {"decomposition": {"seconds": t_prep, "flops": prep_flops}}
+    fit = clock.lap()
+    phases = {"decomposition": {"seconds": prep[0], "cpu_seconds": prep[1], "flops": prep_flops}}
     phases.update({k: v for k, v in stats.items() if isinstance(v, dict)})
     extra = {k: v for k, v in stats.items() if not isinstance(v, dict)}
-    return dict(seconds=t_prep + t_cv, fixed_seconds=t_prep, voxel_seconds=t_cv, phases=phases,
+    return dict(seconds=prep[0] + fit[0], cpu_seconds=prep[1] + fit[1], fixed_seconds=prep[0],
+                fixed_cpu_seconds=prep[1], voxel_seconds=fit[0], voxel_cpu_seconds=fit[1], phases=phases,
                 extra=extra, alpha_index=res.alpha_index, test_prediction=res.test_prediction)
+
+
+def _timing(clock: Clock, fixed: tuple[float, float] = (0.0, 0.0)) -> dict:
+    wall, cpu = clock.lap()
+    return dict(seconds=fixed[0] + wall, cpu_seconds=fixed[1] + cpu, fixed_seconds=fixed[0],
+                fixed_cpu_seconds=fixed[1], voxel_seconds=wall, voxel_cpu_seconds=cpu, phases={})
 
 
 def run_himalaya(X, Y, splits, alphas, dtype=np.float32) -> dict:
@@ -151,27 +173,26 @@ def run_himalaya(X, Y, splits, alphas, dtype=np.float32) -> dict:
     pos = {r: i for i, r in enumerate(train)}
     folds = [(np.array([pos[r] for r in fit]), np.array([pos[r] for r in val])) for fit, val in splits.folds]
     Xt, Yt = X[train].astype(dtype), Y[train].astype(dtype)
-    t0 = time.perf_counter()
+    clock = Clock()
     best, coefs, _, intercept = solve_ridge_cv_svd(
         Xt, Yt, alphas=alphas.astype(dtype), fit_intercept=True, cv=folds, local_alpha=True,
         n_targets_batch=2000, n_alphas_batch=len(alphas), warn=False)
     pred = X[splits.test].astype(dtype) @ np.asarray(coefs) + np.asarray(intercept)
-    seconds = time.perf_counter() - t0
+    out = _timing(clock)
     index = np.abs(np.log(np.asarray(best, np.float64))[:, None] - np.log(alphas)[None, :]).argmin(1)
-    return dict(seconds=seconds, voxel_seconds=seconds, phases={}, alpha_index=index,
-                test_prediction=pred.astype(np.float64))
+    return out | dict(alpha_index=index, test_prediction=pred.astype(np.float64))
 
 
 def run_sklearn(X, Y, splits, alphas) -> dict:
     from sklearn.linear_model import RidgeCV
 
-    t0 = time.perf_counter()
+    clock = Clock()
     model = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=True)
     model.fit(X[splits.train].astype(np.float64), Y[splits.train].astype(np.float64))
     pred = model.predict(X[splits.test].astype(np.float64))
-    seconds = time.perf_counter() - t0
+    out = _timing(clock)
     index = np.abs(np.log(np.atleast_1d(model.alpha_))[:, None] - np.log(alphas)[None, :]).argmin(1)
-    return dict(seconds=seconds, voxel_seconds=seconds, phases={}, alpha_index=index, test_prediction=pred)
+    return out | dict(alpha_index=index, test_prediction=pred)
 
 
 def run_paper(X, Y, splits, alphas) -> dict:
@@ -197,12 +218,11 @@ def run_paper(X, Y, splits, alphas) -> dict:
         pj = Xt @ (y - y.mean())
         return y.mean(), Q.T @ pj, Xe @ pj
 
-    t0 = time.perf_counter()
+    clock = Clock()
     fold_bases = [basis(fit, val) for fit, val in splits.folds]
     final = basis(splits.train, splits.test)
-    t_fixed = time.perf_counter() - t0
+    fixed = clock.lap()
     v = Y.shape[1]
-    t0 = time.perf_counter()
     scores = torch.zeros(len(fold_bases), v, len(ls), dtype=torch.float64)
     for f, ((Xt, e, Xe, M, Q), (fit, val)) in enumerate(zip(fold_bases, splits.folds)):
         Yf = torch.from_numpy(Y[fit].astype(np.float64))
@@ -220,9 +240,7 @@ def run_paper(X, Y, splits, alphas) -> dict:
         ym, r, N = interms(Xt, Q, Xe, Ytr[:, j])
         l = ls[best[j]]
         pred[:, j] = ((1 / l) * (N - M @ (r / (e + l))) + ym).numpy()
-    t_voxels = time.perf_counter() - t0
-    return dict(seconds=t_fixed + t_voxels, fixed_seconds=t_fixed, voxel_seconds=t_voxels, phases={},
-                alpha_index=best, test_prediction=pred)
+    return _timing(clock, fixed) | dict(alpha_index=best, test_prediction=pred)
 
 
 METHODS = {
@@ -237,7 +255,19 @@ METHODS = {
 }
 
 
-def _child(method: str, data_dir: str, n_voxels: int, out_path: str) -> None:
+def _set_threads(n: int) -> None:
+    """BLAS and torch intra-op threads of this process. torch is not imported here (its import
+    alone adds ~300 MB of RSS): OMP_NUM_THREADS sets its threads when a method imports it."""
+    from threadpoolctl import threadpool_limits
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    threadpool_limits(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def _child(method: str, data_dir: str, n_voxels: int, out_path: str, threads: int) -> None:
+    _set_threads(threads)
     X = np.load(Path(data_dir) / "X.npy")
     Y = np.load(Path(data_dir) / "Y.npy", mmap_mode="r")[:, :n_voxels].copy()
     with open(Path(data_dir) / "splits.pkl", "rb") as f:  # written by this script's parent
@@ -250,12 +280,12 @@ def _child(method: str, data_dir: str, n_voxels: int, out_path: str) -> None:
         pickle.dump(out, f)
 
 
-def run_isolated(method: str, data_dir: str, n_voxels: int) -> dict:
+def run_isolated(method: str, data_dir: str, n_voxels: int, threads: int) -> dict:
     """Run one method in a fresh process (spawned: no inherited memory) and return its dict."""
     ctx = mp.get_context("spawn")
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
         out_path = f.name
-    proc = ctx.Process(target=_child, args=(method, data_dir, n_voxels, out_path))
+    proc = ctx.Process(target=_child, args=(method, data_dir, n_voxels, out_path, threads))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -279,52 +309,54 @@ def agreement(a: dict, b: dict) -> dict:
 
 def summarize(runs: list[dict], n_voxels: int) -> dict:
     """Median over repeats of times and phase rates; the first run's result arrays."""
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    med = lambda key: statistics.median(r.get(key, 0.0) for r in runs)  # noqa: E731
     out = {k: runs[0][k] for k in ("alpha_index", "test_r")}
-    out.update(seconds=med("seconds"), voxel_seconds=med("voxel_seconds"),
-               fixed_seconds=statistics.median(r.get("fixed_seconds", 0.0) for r in runs),
-               peak_rss_mb=max(r["peak_rss_mb"] for r in runs), voxels=n_voxels,
-               extra=runs[0].get("extra", {}), all_seconds=[r["seconds"] for r in runs])
+    for key in ("seconds", "cpu_seconds", "fixed_seconds", "fixed_cpu_seconds", "voxel_seconds", "voxel_cpu_seconds"):
+        out[key] = med(key)
+    out.update(peak_rss_mb=max(r["peak_rss_mb"] for r in runs), voxels=n_voxels,
+               extra=runs[0].get("extra", {}), all_cpu_seconds=[r["cpu_seconds"] for r in runs],
+               all_seconds=[r["seconds"] for r in runs])
     phases = {}
     for name in runs[0]["phases"]:
-        secs = statistics.median(r["phases"][name]["seconds"] for r in runs)
-        phases[name] = {"seconds": secs, "gflops": runs[0]["phases"][name]["flops"] / secs / 1e9}
+        cpu = statistics.median(r["phases"][name]["cpu_seconds"] for r in runs)
+        wall = statistics.median(r["phases"][name]["seconds"] for r in runs)
+        phases[name] = {"seconds": wall, "cpu_seconds": cpu, "flops": runs[0]["phases"][name]["flops"],
+                        "gflops_per_cpu_second": runs[0]["phases"][name]["flops"] / cpu / 1e9}
     out["phases"] = phases
     return out
 
 
-def print_table(results: dict, peak: dict) -> None:
+def print_table(results: dict, peak: dict, threads: int) -> None:
     f32 = peak["numpy_float32"]
-    print(f"\nin-run GEMM peak (GFLOP/s): numpy float32 {peak['numpy_float32']:.0f}, "
+    print(f"\n{threads} BLAS thread(s). Times are CPU seconds of the method's process (its work, "
+          f"robust to other processes' load); wall seconds in brackets.")
+    print(f"in-run GEMM peak (GFLOP per CPU second): numpy float32 {peak['numpy_float32']:.0f}, "
           f"float64 {peak['numpy_float64']:.0f}; torch float32 {peak['torch_float32']:.0f}")
-    head = f"{'method':22s} {'voxels':>7s} {'seconds':>9s} {'s/1000 vox':>10s} {'fixed s':>8s} {'RSS MB':>7s}"
-    print(head)
+    print(f"{'method':22s} {'voxels':>7s} {'CPU s':>9s} {'[wall s]':>9s} {'CPU s/1000 vox':>14s} "
+          f"{'fixed CPU s':>11s} {'peak RSS MB':>11s}")
     for name, r in results.items():
-        print(f"{name:22s} {r['voxels']:7d} {r['seconds']:9.2f} {1000 * r['seconds'] / r['voxels']:10.3f} "
-              f"{r['fixed_seconds']:8.2f} {r['peak_rss_mb']:7.0f}")
-    print("\nphases: seconds, GFLOP/s, fraction of the in-run numpy float32 peak")
+        print(f"{name:22s} {r['voxels']:7d} {r['cpu_seconds']:9.1f} {r['seconds']:9.1f} "
+              f"{1000 * r['cpu_seconds'] / r['voxels']:14.2f} {r['fixed_cpu_seconds']:11.1f} {r['peak_rss_mb']:11.0f}")
+    print("\nphases: CPU seconds, GFLOP per CPU second, fraction of the in-run numpy float32 peak")
     for name, r in results.items():
         for ph, d in r["phases"].items():
-            print(f"  {name:22s} {ph:14s} {d['seconds']:8.2f} s {d['gflops']:8.1f} GFLOP/s {d['gflops'] / f32:6.1%}")
+            g = d["gflops_per_cpu_second"]
+            print(f"  {name:22s} {ph:14s} {d['cpu_seconds']:8.1f} s {g:8.1f} GFLOP/s {g / f32:6.1%}")
         if r["extra"]:
             print(f"  {name:22s} {r['extra']}")
     ref = results.get("neurotask")
     if ref is None:
         return
-    print("\nagreement and speed against neurotask (certified, numpy): per-voxel cost ratios use "
-          "seconds per voxel of each method's own voxel count (fixed costs included; the paper's "
-          "per-voxel loop alone in brackets)")
+    print("\nagainst neurotask (certified, numpy): CPU seconds per voxel, each method on its own voxel "
+          "count, fixed costs included (per-voxel loops alone in brackets)")
     for name, r in results.items():
         if name == "neurotask":
             continue
-        ratio = (r["seconds"] / r["voxels"]) / (ref["seconds"] / ref["voxels"])
-        line = f"  {name:22s} time ratio {ratio:7.2f}x"
-        if name == "paper":
-            per = (r["voxel_seconds"] / r["voxels"]) / (ref["voxel_seconds"] / ref["voxels"])
-            line += f" [{per:.0f}x per-voxel loop vs ridge_cv]"
+        ratio = (r["cpu_seconds"] / r["voxels"]) / (ref["cpu_seconds"] / ref["voxels"])
+        per = (r["voxel_cpu_seconds"] / r["voxels"]) / (ref["voxel_cpu_seconds"] / ref["voxels"])
         ag = agreement(ref, r)
-        line += f"  same alpha {ag['same_alpha']:.4%} of {ag['voxels']}  max|Δr| {ag['max_abs_dr']:.2e}"
-        print(line)
+        print(f"  {name:22s} {ratio:8.2f}x [{per:8.2f}x]  same alpha {ag['same_alpha']:.4%} of "
+              f"{ag['voxels']}  max|Δr| {ag['max_abs_dr']:.2e}")
     pairs = [(a, b) for a in results for b in ("himalaya-f64", "truth", "neurotask-exhaustive") if a != b]
     for a, b in pairs:
         if a in results and b in results:
@@ -354,6 +386,7 @@ def main_compare(args, data_dir: Path) -> dict:
     methods alike."""
     sizes = {"sklearn": args.sklearn_voxels, "paper": args.paper_voxels, "truth": args.truth_voxels}
     load_before = os.getloadavg()
+    _set_threads(args.threads)
     peak_before = gemm_peak()
     runs: dict[str, list] = {m: [] for m in args.methods}
     for i in range(args.repeats):
@@ -361,13 +394,14 @@ def main_compare(args, data_dir: Path) -> dict:
             if i > 0 and method not in REPEATED:
                 continue
             v = min(sizes.get(method, args.voxels), args.voxels)
-            runs[method].append(run_isolated(method, str(data_dir), v))
-            print(f"[bench] round {i + 1}: {method} {runs[method][-1]['seconds']:.2f} s on {v} voxels "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            runs[method].append(run_isolated(method, str(data_dir), v, args.threads))
+            r = runs[method][-1]
+            print(f"[bench] round {i + 1}: {method} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU "
+                  f"on {v} voxels (load {os.getloadavg()[0]:.1f})", flush=True)
     results = {m: summarize(r, min(sizes.get(m, args.voxels), args.voxels)) for m, r in runs.items()}
     peak_after = gemm_peak()
     peak = {k: max(peak_before[k], peak_after[k]) for k in peak_before}
-    print_table(results, peak)
+    print_table(results, peak, args.threads)
     print(f"load average (1 min) before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     return {"peak": peak, "peak_before": peak_before, "peak_after": peak_after,
             "load_before": load_before, "load_after": os.getloadavg(), "results": {
@@ -386,7 +420,8 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _memory_child(data_dir: str, chunk: int, n_chunks: int, out_path: str) -> None:
+def _memory_child(data_dir: str, chunk: int, n_chunks: int, out_path: str, threads: int) -> None:
+    _set_threads(threads)
     with open(Path(data_dir) / "decomposition.pkl", "rb") as f:  # written by this script's parent
         dec = pickle.load(f)
     Y = np.load(Path(data_dir) / "Y.npy", mmap_mode="r")
@@ -394,13 +429,14 @@ def _memory_child(data_dir: str, chunk: int, n_chunks: int, out_path: str) -> No
     ridge.ridge_cv(dec, np.asarray(Y[:, :2]), alphas)  # warm-up: caches, lazy imports, BLAS buffers
     base = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    t = time.perf_counter()
+    clock = Clock()
     for c in range(n_chunks):  # as a worker does: one chunk task after another
         ridge.ridge_cv(dec, np.asarray(Y[:, c * chunk:(c + 1) * chunk]), alphas, voxel_batch=chunk)
-    seconds = time.perf_counter() - t
+    seconds, cpu = clock.lap()
     peak = _rss_mb("VmHWM")
     with open(out_path, "wb") as f:
-        pickle.dump({"base_mb": base, "peak_mb": peak, "seconds": seconds, "voxels": chunk * n_chunks}, f)
+        pickle.dump({"base_mb": base, "peak_mb": peak, "seconds": seconds, "cpu_seconds": cpu,
+                     "voxels": chunk * n_chunks}, f)
 
 
 def main_memory(args, data_dir: Path) -> dict:
@@ -417,7 +453,7 @@ def main_memory(args, data_dir: Path) -> dict:
     for chunk in args.chunks:
         n_chunks = max(1, min(args.voxels // chunk, 2))
         out_path = str(data_dir / f"mem_{chunk}.pkl")
-        proc = ctx.Process(target=_memory_child, args=(str(data_dir), chunk, n_chunks, out_path))
+        proc = ctx.Process(target=_memory_child, args=(str(data_dir), chunk, n_chunks, out_path, args.threads))
         proc.start()
         proc.join()
         with open(out_path, "rb") as f:
@@ -425,7 +461,8 @@ def main_memory(args, data_dir: Path) -> dict:
         row["chunk"] = chunk
         rows.append(row)
         print(f"[memory] chunk {chunk:5d}: base {row['base_mb']:.0f} MB, peak {row['peak_mb']:.0f} MB, "
-              f"+{row['peak_mb'] - row['base_mb']:.0f} MB, {1000 * row['seconds'] / row['voxels']:.2f} s/1000 voxels",
+              f"+{row['peak_mb'] - row['base_mb']:.0f} MB, {1000 * row['cpu_seconds'] / row['voxels']:.2f} CPU s "
+              f"({1000 * row['seconds'] / row['voxels']:.2f} wall s) per 1000 voxels",
               flush=True)
     c = np.array([r["chunk"] for r in rows], float)
     d = np.array([r["peak_mb"] - r["base_mb"] for r in rows])
@@ -438,26 +475,30 @@ def main_memory(args, data_dir: Path) -> dict:
 def main_engine(args, data_dir: Path) -> dict:
     """The engine alone in one process on ``--project`` voxels (or all): prepare once, then
     ridge_cv chunk after chunk as the fit tasks do; projected linearly to ``--voxels``."""
+    _set_threads(args.threads)
     X = np.load(data_dir / "X.npy")
     Y = np.load(data_dir / "Y.npy", mmap_mode="r")
     with open(data_dir / "splits.pkl", "rb") as f:
         splits = pickle.load(f)
     alphas = np.load(data_dir / "alphas.npy")
     v_run = args.project or args.voxels
-    t0 = time.perf_counter()
+    clock = Clock()
     dec = ridge.prepare(X, splits)
-    t_prep = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    prep = clock.lap()
     for s in range(0, v_run, args.chunk):
         ridge.ridge_cv(dec, np.asarray(Y[:, s:min(s + args.chunk, v_run)]), alphas, voxel_batch=args.chunk)
-    t_fit = time.perf_counter() - t0
-    projected = t_prep + t_fit * args.voxels / v_run
+    fit = clock.lap()
+    scale = args.voxels / v_run
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"[engine] prepare {t_prep:.1f} s; ridge_cv {t_fit:.1f} s on {v_run} voxels "
-          f"({1000 * t_fit / v_run:.3f} s/1000); one (subject, task) at {args.voxels} voxels: "
-          f"{projected:.0f} s ({'projected' if v_run < args.voxels else 'measured'}); peak RSS {rss:.0f} MB")
-    return {"prepare_seconds": t_prep, "fit_seconds": t_fit, "voxels_run": v_run, "voxels": args.voxels,
-            "total_seconds": projected, "peak_rss_mb": rss, "chunk": args.chunk}
+    kind = "projected" if v_run < args.voxels else "measured"
+    print(f"[engine] {args.threads} thread(s); prepare {prep[0]:.1f} s wall / {prep[1]:.1f} s CPU; ridge_cv "
+          f"{fit[0]:.1f} s wall / {fit[1]:.1f} s CPU on {v_run} voxels in chunks of {args.chunk}; one (subject, "
+          f"task) at {args.voxels} voxels ({kind}): {prep[0] + scale * fit[0]:.0f} s wall, "
+          f"{prep[1] + scale * fit[1]:.0f} s CPU; peak RSS {rss:.0f} MB")
+    return {"threads": args.threads, "prepare_seconds": prep[0], "prepare_cpu_seconds": prep[1],
+            "fit_seconds": fit[0], "fit_cpu_seconds": fit[1], "voxels_run": v_run, "voxels": args.voxels,
+            "total_seconds": prep[0] + scale * fit[0], "total_cpu_seconds": prep[1] + scale * fit[1],
+            "peak_rss_mb": rss, "chunk": args.chunk, "load": os.getloadavg()}
 
 
 def main() -> None:
@@ -471,6 +512,8 @@ def main() -> None:
     ap.add_argument("--alphas", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS/torch threads per method process (1: CPU times are robust to load)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--sklearn-voxels", type=int, default=2000)
     ap.add_argument("--paper-voxels", type=int, default=50)
