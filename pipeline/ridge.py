@@ -1,36 +1,76 @@
 """Voxelwise ridge regression with a per-voxel alpha chosen by cross-validation.
 
 Pure array code (no I/O, no Dask), after himalaya's solvers: every function documents its
-arrays' shapes, voxels (targets) are processed in batches to bound memory.
+arrays' shapes, voxels (targets) are processed in batches to bound memory, and one switch
+(:mod:`pipeline.backend`) runs the same code on numpy or on torch (CPU or CUDA).
 
 Notation: ``n`` samples (images), ``p`` features, ``v`` voxels, ``k`` retained eigen-directions
-of a fold's training features, ``a`` alphas.
+of a fold's training features, ``a`` alphas, ``r`` rank of the certified search's expansion.
 
 The protocol is the paper's: a seeded held-out test set; on the training part, each voxel's
 alpha is chosen on a log grid by K-fold cross-validation scoring mean squared error (the mean
 over folds of each fold's MSE, as scikit-learn's ``cross_val_score``); then a refit on the whole
 training part with each voxel's alpha predicts the test set. Every model has an intercept.
+Ties go to the smallest alpha.
 
-Why it is fast: for a training matrix with centred columns ``Xc = U S Vᵀ``, the ridge
-prediction of rows ``E`` (centred with the training means) is
-``E V diag(1 / (s² + alpha)) (Xc V)ᵀ y``. The decomposition depends on the features only, so it
-is computed once per (feature space, split) and shared by every voxel; the voxel-dependent part
-``Z = (Xc V)ᵀ Y`` costs one product per fold, and every alpha is one more product of ``E V``
-with ``Z`` scaled row-wise. The decomposition is done in float64 (float32 eigendecompositions
-of XᵀX are unreliable on ill-conditioned features); the large products run in ``dtype``
-(float32 by default). Intercepts are added back in float64 (see ``predict_test``).
+Shared decompositions. For a training matrix with centred columns ``Xc = U S Vᵀ`` (eigenvalues
+``s = S²``), the ridge prediction of evaluation rows ``E = (X_eval - mean) V`` is
+``P(alpha) = E diag(1 / (s + alpha)) Z`` with ``Z = (Xc V)ᵀ y``. The decomposition depends on the
+features only: it is computed once per (feature space, split), in float64 (float32
+eigendecompositions of XᵀX are unreliable on ill-conditioned features), and shared by every
+voxel. The large products run in ``dtype`` (float32 by default).
+
+Validation error without forming residuals. With centred validation targets ``R``,
+``||R - P||² = ||R||² - 2 c(alpha) + ||P||²`` where ``c(alpha) = Σ_k (EᵀR)_k Z_k / (s_k + alpha)``
+costs one small product for all alphas at once (float64). Only ``q(alpha) = ||P(alpha)||²``
+needs a large product per alpha. Besides halving the work of a residual, this is far more
+accurate in float32: round-off scales with ``c`` and ``q`` instead of with ``||R||²``, which
+matters on the flat CV curves of noise voxels (measured: float32 picks the float64 alpha for
+100% of voxels this way, 80% with float32 residuals).
+
+Certified search (``search="certified"``, the default). The filter factors
+``F[alpha, k] = s_k / (s_k + alpha)`` form an (a, k) matrix of low numerical rank. With its
+truncated SVD ``F ≈ A B`` (rank r), ``P(alpha) ≈ Σ_j A[alpha, j] Q_j`` where the r products
+``Q_j = E diag(B_j / s) Z`` replace a products, and every alpha's ``q`` follows from the r x r
+Gram matrix of the ``Q_j``. The truncation error is bounded rigorously:
+``||P - P̂|| <= τ ||(F - A B)[alpha] ∘ Z / √s||`` with ``τ = ||E diag(s^-1/2)||₂`` (computed
+once per fold), which gives every alpha's CV error an interval. An alpha whose lower bound
+exceeds the smallest upper bound cannot be the minimum; the few remaining candidates of a voxel
+(the minimum and its near-ties) are evaluated exactly, as the exhaustive search would. The
+result equals the exhaustive search's except where two alphas' CV errors differ by less than
+the round-off margin ``_MARGIN[dtype] * (2 Σ|c terms| + q) / n`` (a tie at working precision,
+which the exhaustive search also decides by round-off).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import threadpoolctl
+
+from pipeline.backend import Backend, get_backend
 
 # Eigen-directions whose eigenvalue is below this fraction of the largest are round-off:
 # they carry no signal and would only amplify noise at tiny alphas.
 _EIG_RTOL_FACTOR = 10.0
+
+# Relative round-off margin of a computed CV error (times 2|c| + q): float32 errors measured
+# against float64 stay below 1.1e-6 of the error itself; 2e-5 leaves a factor >= 10.
+_MARGIN = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
+
+# Certified search: rank of the filter-factor expansion (singular values of the row-normalised
+# filter factors above this fraction of the largest are kept; measured cost optimum, see
+# docs/performance.md), and the search falls back to evaluating every alpha when the rank
+# would exceed this fraction of the grid.
+_LOWRANK_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+_LOWRANK_MAX_FRACTION = 0.5
+
+SEARCHES = ("certified", "exhaustive")
 
 
 def paper_alphas(n_features: int, n_alphas: int = 100) -> np.ndarray:
@@ -107,6 +147,8 @@ class Basis:
     eigvals (k,) float64: squared singular values of the centred training features.
     proj_fit (k, n_fit): ``(Xc V)ᵀ``, maps training responses to the eigenbasis.
     proj_eval (n_eval, k): ``(X_eval - mean) V``, maps eigen-coefficients to predictions.
+    whitened_norm: ``||proj_eval diag(eigvals^-1/2)||₂`` (float64), the constant of the
+    certified search's error bound.
     """
 
     fit_rows: np.ndarray
@@ -114,6 +156,7 @@ class Basis:
     eigvals: np.ndarray
     proj_fit: np.ndarray
     proj_eval: np.ndarray
+    whitened_norm: float
 
     @property
     def nbytes(self) -> int:
@@ -144,23 +187,30 @@ def decompose(
         s, U = s[keep], U[:, keep]
         V = (Xf.T @ U) / np.sqrt(s)  # right singular vectors, (p, k)
         proj_fit = U.T * np.sqrt(s)[:, None]  # (Xc V)ᵀ = S Uᵀ
-    Xe = np.asarray(X[eval_rows], dtype=np.float64) - mean
+    del Xf
+    proj_eval = (np.asarray(X[eval_rows], dtype=np.float64) - mean) @ V
+    whitened = proj_eval / np.sqrt(s)
+    small = whitened @ whitened.T if whitened.shape[0] <= whitened.shape[1] else whitened.T @ whitened
+    top = scipy.linalg.eigvalsh(small, subset_by_index=[small.shape[0] - 1] * 2, check_finite=False)
     return Basis(
         fit_rows=np.asarray(fit_rows),
         eval_rows=np.asarray(eval_rows),
         eigvals=s,
         proj_fit=np.ascontiguousarray(proj_fit, dtype=dtype),
-        proj_eval=np.ascontiguousarray(Xe @ V, dtype=dtype),
+        proj_eval=np.ascontiguousarray(proj_eval, dtype=dtype),
+        whitened_norm=float(np.sqrt(max(top[0], 0.0))),
     )
 
 
 @dataclass(frozen=True)
 class Decomposition:
     """Everything voxel-independent of one (feature space, split): one Basis per CV fold
-    (evaluating the validation rows) and one for the whole training part (evaluating test)."""
+    (evaluating the validation rows) and one for the whole training part (evaluating test).
+    ``n_samples``: the number of rows of the features (and of the responses to come)."""
 
     folds: tuple[Basis, ...]
     final: Basis
+    n_samples: int
 
     @property
     def nbytes(self) -> int:
@@ -174,51 +224,134 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32) -> Decomposition:
         raise ValueError(f"features must be 2-D (n, p), got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("features contain NaN or infinite values")
+    if np.dtype(dtype) not in _MARGIN:
+        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     folds = tuple(decompose(X, fit, val, dtype) for fit, val in splits.folds)
-    return Decomposition(folds=folds, final=decompose(X, splits.train, splits.test, dtype))
+    final = decompose(X, splits.train, splits.test, dtype)
+    return Decomposition(folds=folds, final=final, n_samples=X.shape[0])
 
 
-# --------------------------------------------------------------------------- alpha search
+# --------------------------------------------------------------------------- per-fold terms
 
 
-def _centred_targets(Y: np.ndarray, basis: Basis) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training means (v,) float64, eigen-coefficients Z (k, v), centred eval targets (n_eval, v)."""
-    Yf = np.asarray(Y[basis.fit_rows], dtype=np.float64)
-    mean = Yf.mean(axis=0)
-    Z = basis.proj_fit @ Yf.astype(basis.proj_fit.dtype)  # Xcᵀ(Y - mean) = XcᵀY: Xc is centred
-    R = (np.asarray(Y[basis.eval_rows], dtype=np.float64) - mean).astype(basis.proj_eval.dtype)
-    return mean, Z, R
+@dataclass(frozen=True)
+class _DeviceBasis:
+    """A Basis as backend arrays; eigvals both on the device and in numpy (float64)."""
+
+    fit_rows: object
+    eval_rows: object
+    s: object  # (k,) float64
+    s_np: np.ndarray
+    proj_fit: object  # (k, n_fit) dtype
+    proj_eval: object  # (n_eval, k) dtype
+    n_eval: int
+    tau: float
+    dtype: np.dtype  # numpy dtype of the products
 
 
-def fold_errors(basis: Basis, Y: np.ndarray, alphas: np.ndarray, alpha_batch: int = 10) -> np.ndarray:
-    """Validation MSE of every alpha for every voxel on one fold.
+def _on_device(bk: Backend, basis: Basis) -> _DeviceBasis:
+    return _DeviceBasis(
+        fit_rows=bk.index(basis.fit_rows),
+        eval_rows=bk.index(basis.eval_rows),
+        s=bk.asarray(basis.eigvals, bk.float64),
+        s_np=np.asarray(basis.eigvals, dtype=np.float64),
+        proj_fit=bk.asarray(basis.proj_fit),
+        proj_eval=bk.asarray(basis.proj_eval),
+        n_eval=int(basis.eval_rows.size),
+        # the bound uses the float32-rounded matrices: pad the float64 norm against that
+        tau=float(basis.whitened_norm) * (1.0 + 1e-5),
+        dtype=np.dtype(basis.proj_eval.dtype),
+    )
 
-    Y (n, v) responses (all rows; the basis picks its own); alphas (a,) -> (a, v) float64.
+
+@dataclass
+class _FoldTerms:
+    """The voxel-dependent, alpha-independent part of one fold for a batch of v voxels.
+
+    Z (k, v) dtype: eigen-coefficients of the centred fit targets; CZ (k, v) dtype:
+    ``(EᵀR) ∘ Z``; rr (v,) float64: ``||R||²``; cross (a, v) float64: ``c(alpha)``.
     """
-    _, Z, R = _centred_targets(Y, basis)
-    k, v = Z.shape
-    n_eval = R.shape[0]
-    out = np.empty((alphas.size, v), dtype=np.float64)
-    dtype = basis.proj_eval.dtype
-    for start in range(0, alphas.size, alpha_batch):
-        batch = alphas[start : start + alpha_batch]
-        w = (1.0 / (basis.eigvals[:, None] + batch[None, :])).astype(dtype)  # (k, b)
-        Zw = (Z[:, None, :] * w[:, :, None]).reshape(k, batch.size * v)  # (k, b*v)
-        P = basis.proj_eval @ Zw  # (n_eval, b*v) predictions of the centred targets
-        P = P.reshape(n_eval, batch.size, v)
-        np.subtract(R[:, None, :], P, out=P)
-        out[start : start + batch.size] = np.einsum("ijk,ijk->jk", P, P) / n_eval
+
+    Z: object
+    CZ: object
+    rr: object
+    cross: object
+
+
+def _fold_terms(bk: Backend, db: _DeviceBasis, Y, alphas) -> _FoldTerms:
+    """Y (n, v) float64 on the device, alphas (a,) float64 on the device."""
+    dtype = db.proj_fit.dtype
+    Yf = Y[db.fit_rows]
+    mean = bk.mean(Yf, 0)
+    # Centre in float64 before rounding: proj_fit's columns sum to zero only up to float32
+    # round-off, which a large response mean (raw BOLD ~ 1e3) would amplify.
+    Z = db.proj_fit @ bk.astype(Yf - mean, dtype)
+    R = Y[db.eval_rows] - mean
+    rr = bk.sum(R * R, 0)
+    C = db.proj_eval.T @ bk.astype(R, dtype)
+    CZ = C * Z
+    W = 1.0 / (db.s[None, :] + alphas[:, None])  # (a, k) float64
+    return _FoldTerms(Z=Z, CZ=CZ, rr=rr, cross=W @ bk.astype(CZ, bk.float64))
+
+
+def _sum_sq(bk: Backend, P3):
+    """(b, m, v) -> (b, v) float64: sums of squares over axis 1, in float32 blocks of 64 rows
+    added in float64 (bounds the summation error by 64 ulps)."""
+    b, m, v = P3.shape
+    if bk.name != "numpy":
+        return bk.astype(bk.sum(P3 * P3, 1), bk.float64)
+    full = m - m % 64
+    out = np.zeros((b, v))
+    if full:
+        blocks = P3[:, :full].reshape(b, full // 64, 64, v)
+        out += np.einsum("bkij,bkij->bkj", blocks, blocks).sum(axis=1, dtype=np.float64)
+    if full < m:
+        out += np.einsum("bij,bij->bj", P3[:, full:], P3[:, full:])
     return out
 
 
+def _exact_q(bk: Backend, db: _DeviceBasis, Z, alphas, alpha_batch: int):
+    """q(alpha) = ||E diag(1/(s + alpha)) Z||² for every alpha: (a, v) float64.
+
+    Alphas are stacked ``alpha_batch`` at a time into one (batch * n_eval, k) @ (k, v) product:
+    scaling E (n_eval x k) per alpha is cheaper than scaling Z (k x v) for wide voxel batches.
+    """
+    dtype = db.proj_eval.dtype
+    n, k = db.proj_eval.shape
+    out = []
+    for start in range(0, alphas.shape[0], alpha_batch):
+        a_b = alphas[start : start + alpha_batch]
+        w = bk.astype(1.0 / (db.s[None, :] + a_b[:, None]), dtype)  # (b, k)
+        Eb = (db.proj_eval[None, :, :] * w[:, None, :]).reshape(a_b.shape[0] * n, k)
+        P = (Eb @ Z).reshape(a_b.shape[0], n, Z.shape[1])
+        out.append(_sum_sq(bk, P))
+    return bk.concatenate(out, 0)
+
+
+# --------------------------------------------------------------------------- exhaustive search
+
+
 def cv_errors(
-    decomposition: Decomposition, Y: np.ndarray, alphas: np.ndarray, alpha_batch: int = 10
+    decomposition: Decomposition,
+    Y: np.ndarray,
+    alphas: np.ndarray,
+    alpha_batch: int = 10,
+    backend: str = "numpy",
+    device: str | None = None,
 ) -> np.ndarray:
-    """Mean over folds of each fold's validation MSE. Y (n, v), alphas (a,) -> (a, v)."""
-    total = np.zeros((alphas.size, Y.shape[1]), dtype=np.float64)
+    """Mean over folds of each fold's validation MSE, every alpha evaluated.
+
+    Y (n, v), alphas (a,) -> (a, v) float64.
+    """
+    bk = get_backend(backend, device)
+    Yd = bk.asarray(np.asarray(Y), bk.float64)
+    al = bk.asarray(np.asarray(alphas, dtype=np.float64))
+    total = 0.0
     for basis in decomposition.folds:
-        total += fold_errors(basis, Y, alphas, alpha_batch)
-    return total / len(decomposition.folds)
+        db = _on_device(bk, basis)
+        t = _fold_terms(bk, db, Yd, al)
+        total = total + (t.rr[None, :] - 2.0 * t.cross + _exact_q(bk, db, t.Z, al, alpha_batch)) / db.n_eval
+    return bk.to_numpy(total / len(decomposition.folds))
 
 
 def best_alphas(errors: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,26 +363,172 @@ def best_alphas(errors: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.
     return alphas[index], index
 
 
-def predict_test(basis: Basis, Y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+# --------------------------------------------------------------------------- certified search
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    """Rank-r expansion of one fold's filter factors F (a, k) ≈ A B.
+
+    A (a, r) float64, B_over_s (r, k) float64 (B / s), residual_sq (a, k) float32: the
+    squared truncation error (F - A B)².
+    """
+
+    A: np.ndarray
+    B_over_s: np.ndarray
+    residual_sq: np.ndarray
+
+
+def _filter_svd(eigvals: np.ndarray, alphas: np.ndarray):
+    """SVD of the row-normalised filter factors F / max_k F: (U (a, m), S (m,), Vt (m, k), scale (a, 1))."""
+    return _filter_svd_cached(eigvals.tobytes(), alphas.tobytes())
+
+
+@functools.lru_cache(maxsize=32)
+def _filter_svd_cached(eigvals_bytes: bytes, alphas_bytes: bytes):
+    # Cached: a worker calls ridge_cv once per voxel chunk with the same folds and grid.
+    eigvals = np.frombuffer(eigvals_bytes, dtype=np.float64)
+    alphas = np.frombuffer(alphas_bytes, dtype=np.float64)
+    F = eigvals[None, :] / (eigvals[None, :] + alphas[:, None])
+    scale = F.max(axis=1, keepdims=True)  # every alpha's row counts, however strong the shrinkage
+    # One thread: multithreaded BLAS on this small, skinny matrix was 100x slower on a loaded
+    # 2-core machine (threads spinning for cores other processes hold).
+    with threadpoolctl.threadpool_limits(1):
+        U, S, Vt = np.linalg.svd(F / scale, full_matrices=False)
+    return U, S, Vt, scale
+
+
+def _expansion_rank(eigvals: np.ndarray, alphas: np.ndarray, rtol: float) -> int:
+    S = _filter_svd(eigvals, alphas)[1]
+    return int(np.count_nonzero(S > rtol * S[0]))
+
+
+def _expansion(eigvals: np.ndarray, alphas: np.ndarray, rank: int) -> _Expansion:
+    U, S, Vt, scale = _filter_svd(eigvals, alphas)
+    A = U[:, :rank] * S[:rank] * scale
+    B = Vt[:rank]
+    F = eigvals[None, :] / (eigvals[None, :] + alphas[:, None])
+    return _Expansion(A=A, B_over_s=B / eigvals[None, :], residual_sq=((F - A @ B) ** 2).astype(np.float32))
+
+
+def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: _Expansion, alpha_batch: int):
+    """One fold's CV-error estimate and certified interval for every alpha: three (a, v) float64.
+
+    The estimate uses q̂ = ||Σ_j A_j Q_j||² (r products instead of a); the interval adds the
+    truncation bound and the round-off margin.
+    """
+    dtype = db.proj_eval.dtype
+    n, k = db.proj_eval.shape
+    v = t.Z.shape[1]
+    r = ex.A.shape[1]
+    B = bk.asarray(ex.B_over_s, dtype)
+    # Q_j = E diag(B_j / s) Z, stacked (r * n, v) like the exhaustive products, then laid out
+    # (v, r, n) so that each voxel's r x r Gram matrix is one batched product.
+    Q = bk.zeros((r * n, v), dtype)
+    for start in range(0, r, alpha_batch):
+        stop = min(start + alpha_batch, r)
+        Eb = (db.proj_eval[None, :, :] * B[start:stop, None, :]).reshape((stop - start) * n, k)
+        Q[start * n : stop * n] = Eb @ t.Z
+    Q = bk.contiguous(Q.T).reshape(v, r, n)
+    M = bk.astype((Q @ bk.swap_last(Q)).reshape(v, r * r), bk.float64)  # (v, r²)
+    del Q
+    A = bk.asarray(ex.A)
+    AA = (A[:, :, None] * A[:, None, :]).reshape(A.shape[0], r * r)
+    q_hat = bk.clip_min(AA @ M.T, 0.0)  # (a, v)
+    # truncation bound: ||P - P̂|| <= tau * ||(F - AB)[alpha] ∘ Z / sqrt(s)||
+    y2 = t.Z * t.Z / bk.astype(db.s, dtype)[:, None]
+    dev = db.tau * bk.sqrt(bk.clip_min(bk.astype(bk.asarray(ex.residual_sq, dtype) @ y2, bk.float64), 0.0))
+    dev = dev * (1.0 + 1e-5)  # the float32 product that summed it
+    W32 = bk.astype(1.0 / (db.s[None, :] + alphas[:, None]), dtype)
+    cabs = bk.astype(W32 @ (t.CZ * t.CZ) ** 0.5, bk.float64)  # Σ_k |C_k Z_k| / (s_k + alpha)
+    root = bk.sqrt(q_hat)
+    high = (root + dev) ** 2
+    low = bk.clip_min(root - dev, 0.0) ** 2
+    margin = _MARGIN[db.dtype] * (2.0 * cabs + high)
+    base = t.rr[None, :] - 2.0 * t.cross
+    return (base + q_hat) / n, (base + low - margin) / n, (base + high + margin) / n
+
+
+def _pairs_q(bk: Backend, db: _DeviceBasis, Z, alphas, alpha_idx, voxels):
+    """Exact q for (alpha, voxel) pairs: alpha_idx, voxels (m,) device index arrays -> (m,) float64.
+
+    All pairs go into one (n_eval, k) @ (k, m) product, each column Z[:, voxel] scaled by its
+    alpha's weights: efficient however the pairs spread over alphas.
+    """
+    dtype = db.proj_eval.dtype
+    W = bk.astype(1.0 / (db.s[None, :] + alphas[alpha_idx][:, None]), dtype)  # (m, k)
+    P = db.proj_eval @ (Z[:, voxels] * W.T)
+    return _sum_sq(bk, P[None])[0]
+
+
+# --------------------------------------------------------------------------- refit and driver
+
+
+def predict_test(basis: Basis, Y: np.ndarray, alpha: np.ndarray, backend: str = "numpy", device: str | None = None) -> np.ndarray:
     """Refit on ``basis.fit_rows`` with one alpha per voxel and predict ``basis.eval_rows``.
 
-    Y (n, v), alpha (v,) -> (n_eval, v) float64. The intercept (the training mean) is added in
-    float64: in float32 it would quantise the tiny variations of heavily regularised voxels.
+    Y (n, v), alpha (v,) -> (n_eval, v) float64.
     """
-    mean, Z, _ = _centred_targets(Y, basis)
-    w = (1.0 / (basis.eigvals[:, None] + np.asarray(alpha, dtype=np.float64)[None, :]))
-    centred = basis.proj_eval @ (Z * w.astype(Z.dtype))
-    return centred.astype(np.float64) + mean
+    bk = get_backend(backend, device)
+    db = _on_device(bk, basis)
+    return bk.to_numpy(_predict(bk, db, bk.asarray(np.asarray(Y), bk.float64), bk.asarray(np.asarray(alpha, dtype=np.float64))))
+
+
+def _predict(bk: Backend, db: _DeviceBasis, Y, alpha):
+    # The intercept (the training mean) is added in float64: in float32 it would quantise the
+    # tiny variations of heavily regularised voxels.
+    dtype = db.proj_fit.dtype
+    Yf = Y[db.fit_rows]
+    mean = bk.mean(Yf, 0)
+    Z = db.proj_fit @ bk.astype(Yf - mean, dtype)
+    w = bk.astype(1.0 / (db.s[:, None] + alpha[None, :]), dtype)
+    return bk.astype(db.proj_eval @ (Z * w), bk.float64) + mean
 
 
 @dataclass(frozen=True)
 class RidgeCVResult:
-    """alpha (v,), alpha_index (v,), cv_error (a, v), test_prediction (n_test, v) float64."""
+    """alpha (v,), alpha_index (v,), cv_error (a, v) float64, test_prediction (n_test, v) float64.
+
+    ``cv_error`` is exact for every alpha with ``search="exhaustive"``; with ``"certified"`` it
+    is exact where the search evaluated an alpha exactly (every voxel's near-ties) and elsewhere
+    the rank-r estimate, whose deviation is bounded as in the module docstring.
+    """
 
     alpha: np.ndarray
     alpha_index: np.ndarray
     cv_error: np.ndarray
     test_prediction: np.ndarray
+
+
+class _Meter:
+    """Per-phase wall time, CPU time and floating-point operation counts, for benchmarks.
+
+    ``stats`` is the caller's dict (or None: nothing is measured). Entries: phase name ->
+    {"seconds", "cpu_seconds", "flops"}; scalars "rank" and "exact_pairs" (certified search).
+    CPU time is the process's (all its threads): on a shared machine, with one BLAS thread, it
+    is the work done whatever the load.
+    """
+
+    def __init__(self, bk: Backend, stats: dict | None):
+        self.bk, self.stats = bk, stats
+
+    @contextlib.contextmanager
+    def phase(self, name: str, flops: float):
+        if self.stats is None:
+            yield
+            return
+        self.bk.synchronize()
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.bk.synchronize()
+        entry = self.stats.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
+        entry["seconds"] += time.perf_counter() - start
+        entry["cpu_seconds"] += time.process_time() - cpu
+        entry["flops"] += float(flops)
+
+    def count(self, name: str, value: float):
+        if self.stats is not None:
+            self.stats[name] = self.stats.get(name, 0) + value
 
 
 def ridge_cv(
@@ -259,26 +538,123 @@ def ridge_cv(
     *,
     voxel_batch: int = 1000,
     alpha_batch: int = 10,
+    search: str = "certified",
+    backend: str = "numpy",
+    device: str | None = None,
+    rank: int | None = None,
+    stats: dict | None = None,
 ) -> RidgeCVResult:
     """Choose each voxel's alpha by CV and predict the test set.
 
-    Y (n, v) responses for all n rows (NaN-free); alphas (a,) increasing. Voxels are processed
-    ``voxel_batch`` at a time so memory stays ~ n_eval * alpha_batch * voxel_batch floats.
+    Y (n, v) responses for all n rows (finite); alphas (a,) positive. Voxels are processed
+    ``voxel_batch`` at a time; memory grows linearly with it (see docs/performance.md).
+    ``search``: "certified" (default; same alphas as "exhaustive", see the module docstring) or
+    "exhaustive" (every alpha evaluated). ``backend``/``device``: see :mod:`pipeline.backend`.
+    ``rank``: the certified search's expansion rank (default: from the grid and spectrum; the
+    search evaluates every alpha when the rank would exceed half the grid).
+    ``stats``: a dict to fill with per-phase seconds and flop counts (see ``_Meter``).
     """
-    Y = np.asarray(Y)
+    Y = np.asarray(Y) if not hasattr(Y, "shape") else Y
     alphas = np.asarray(alphas, dtype=np.float64)
     if Y.ndim != 2:
         raise ValueError(f"responses must be 2-D (n, v), got shape {Y.shape}")
-    if alphas.ndim != 1 or alphas.size == 0 or np.any(alphas <= 0):
+    if Y.shape[0] != decomposition.n_samples:
+        raise ValueError(
+            f"responses have {Y.shape[0]} rows but the features had {decomposition.n_samples}"
+        )
+    if alphas.ndim != 1 or alphas.size == 0 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
         raise ValueError("alphas must be a non-empty 1-D array of positive values")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if voxel_batch < 1 or alpha_batch < 1:
+        raise ValueError(f"voxel_batch and alpha_batch must be >= 1, got {voxel_batch}, {alpha_batch}")
+    bk = get_backend(backend, device)
+    meter = _Meter(bk, stats)
+    folds = [_on_device(bk, b) for b in decomposition.folds]
+    final = _on_device(bk, decomposition.final)
+    al = bk.asarray(alphas)
+
+    expansions = None
+    if search == "certified":
+        if rank is None:
+            rtol = _LOWRANK_RTOL[folds[0].dtype]
+            rank = max(_expansion_rank(b.s_np, alphas, rtol) for b in folds)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank <= _LOWRANK_MAX_FRACTION * alphas.size:
+            expansions = [_expansion(b.s_np, alphas, rank) for b in folds]
+            meter.count("rank", rank)
+
     v = Y.shape[1]
     errors = np.empty((alphas.size, v))
-    chosen = np.empty(v)
     index = np.empty(v, dtype=np.int64)
-    pred = np.empty((decomposition.final.eval_rows.size, v))
-    for s in range(0, v, voxel_batch):
-        sl = slice(s, min(s + voxel_batch, v))
-        errors[:, sl] = cv_errors(decomposition, Y[:, sl], alphas, alpha_batch)
-        chosen[sl], index[sl] = best_alphas(errors[:, sl], alphas)
-        pred[:, sl] = predict_test(decomposition.final, Y[:, sl], chosen[sl])
-    return RidgeCVResult(alpha=chosen, alpha_index=index, cv_error=errors, test_prediction=pred)
+    pred = np.empty((final.n_eval, v))
+    for s0 in range(0, v, voxel_batch):
+        sl = slice(s0, min(s0 + voxel_batch, v))
+        Yb = np.asarray(Y[:, sl], dtype=np.float64)
+        bad = ~np.isfinite(Yb).all(axis=0)
+        if bad.any():
+            cols = (np.flatnonzero(bad) + s0)[:10].tolist()
+            raise ValueError(f"responses of voxel columns {cols} contain NaN or infinite values")
+        Yd = bk.asarray(Yb)
+        vb = Yb.shape[1]
+        terms = []
+        for db in folds:
+            k, n_fit = db.proj_fit.shape
+            with meter.phase("fold_terms", 2 * vb * k * (n_fit + db.n_eval + alphas.size)):
+                terms.append(_fold_terms(bk, db, Yd, al))
+        if expansions is None:
+            err = 0.0
+            for db, t in zip(folds, terms):
+                with meter.phase("sweep", 2 * vb * alphas.size * db.n_eval * db.proj_eval.shape[1]):
+                    q = _exact_q(bk, db, t.Z, al, alpha_batch)
+                    err = err + (t.rr[None, :] - 2.0 * t.cross + q) / db.n_eval
+            err = bk.to_numpy(err) / len(folds)
+            idx = np.argmin(err, axis=0)
+        else:
+            err, idx = _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter)
+        del terms
+        errors[:, sl] = err
+        index[sl] = idx
+        k, n_fit = final.proj_fit.shape
+        with meter.phase("refit", 2 * vb * k * (n_fit + final.n_eval)):
+            pred[:, sl] = bk.to_numpy(_predict(bk, final, Yd, bk.asarray(alphas[idx])))
+    return RidgeCVResult(alpha=alphas[index], alpha_index=index, cv_error=errors, test_prediction=pred)
+
+
+def _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter):
+    """-> (cv error (a, v) numpy, chosen index (v,)) for one voxel batch."""
+    est = low = high = 0.0
+    for db, t, ex in zip(folds, terms, expansions):
+        n, k = db.proj_eval.shape
+        v, r, a = t.Z.shape[1], ex.A.shape[1], alphas.size
+        with meter.phase("lowrank", 2 * v * (r * n * k + r * r * n + a * r * r + 2 * a * k)):
+            e, lo, hi = _certified_bounds(bk, db, t, al, ex, alpha_batch)
+            est, low, high = est + e, low + lo, high + hi
+        t.CZ = None  # not needed any more: free it before the next fold's temporaries
+    est, low, high = (bk.to_numpy(x) / len(folds) for x in (est, low, high))
+    candidate = low <= high.min(axis=0)[None, :]
+    n_cand = candidate.sum(axis=0)
+    idx = np.argmax(candidate, axis=0)  # the only candidate where there is one
+    tied = np.flatnonzero(n_cand > 1)
+    if tied.size:
+        # Near-ties: evaluate exactly every (candidate alpha, voxel) pair, in blocks of pairs.
+        js, cols = np.nonzero(candidate[:, tied])
+        meter.count("exact_pairs", js.size)
+        exact = np.full((alphas.size, tied.size), np.inf)
+        step = max(1000, tied.size)
+        for p0 in range(0, js.size, step):
+            j_b, c_b = js[p0 : p0 + step], cols[p0 : p0 + step]
+            j_d, v_d = bk.index(j_b), bk.index(tied[c_b])
+            total = 0.0
+            for db, t in zip(folds, terms):
+                n, k = db.proj_eval.shape
+                with meter.phase("ties", 2 * j_b.size * n * k):
+                    q = _pairs_q(bk, db, t.Z, al, j_d, v_d)
+                    total = total + (t.rr[v_d] - 2.0 * t.cross[j_d, v_d] + q) / db.n_eval
+            exact[j_b, c_b] = bk.to_numpy(total) / len(folds)
+        idx[tied] = np.argmin(exact, axis=0)
+        block = est[:, tied]
+        block[js, cols] = exact[js, cols]
+        est[:, tied] = block
+    return est, idx
