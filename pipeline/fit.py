@@ -90,7 +90,8 @@ def build_decomposition(store_path: str, subject: str, task: str, cfg: Config) -
 
 def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
              decomposition: ridge.Decomposition, alphas: np.ndarray,
-             n_permutations: int = 0, permutation_seed: int = 0) -> dict:
+             n_permutations: int = 0, permutation_seed: int = 0,
+             engine: dict | None = None) -> dict:
     """Fit one voxel chunk, write its results region, then mark it done."""
     if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) in {unit.name}")
@@ -101,7 +102,7 @@ def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
         return {"unit": unit.name, "nan_r": None}
     store = StudyStore(store_path)
     Y = store.read_response_chunk(unit.subject, slice(unit.start, unit.stop))
-    result = ridge.ridge_cv(decomposition, Y, alphas)
+    result = ridge.ridge_cv(decomposition, Y, alphas, **(engine or {}))
     y_test = Y[decomposition.final.eval_rows]
     scores = stats.test_scores(y_test, result.test_prediction)
     values = {"r": scores["r"].astype(np.float32), "r2": scores["r2"].astype(np.float32),
@@ -216,11 +217,13 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
         dec = client.submit(build_decomposition, str(store.path), subject, task, cfg,
                             key=f"decompose-{subject}-{task}-{time.time_ns()}", retries=cfg.fit.retries)
         alphas = alpha_grid(cfg, store.feature_count(task))
+        engine = {"search": cfg.fit.search, "backend": cfg.fit.backend, "device": cfg.fit.device}
         decompositions[key] = dec
         remaining[key] = len(units)
         for u in units:
             f = client.submit(fit_unit, str(store.path), str(progress.directory), progress.store_id, u, dec, alphas,
-                              cfg.fit.n_permutations, cfg.fit.permutation_seed, key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
+                              cfg.fit.n_permutations, cfg.fit.permutation_seed,
+                              engine, key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=cfg.fit.retries,
                               pure=False)
             futures[f] = (u, key)
             run_state.add(f.key, u.subject, u.task, u.chunk)

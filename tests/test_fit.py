@@ -205,3 +205,18 @@ def test_permutation_pvalues_and_noise_ceiling_are_stored(small_study):
     assert abs(np.nanmedian(est[driven] - true_ceiling[driven])) < 0.06
     assert np.nanmedian(np.abs(est[driven] - true_ceiling[driven])) < 0.12
     assert np.corrcoef(np.nan_to_num(est), true_ceiling)[0, 1] > 0.7
+
+
+def test_certified_search_equals_exhaustive_on_the_simulated_study(small_study):
+    """The default alpha search returns the exhaustive grid search's alphas on the simulated
+    study (paper grid of 100 alphas, every voxel of a subject, tasks of three clusters)."""
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    Y = store.responses("CSI1")["responses"].values
+    alphas = ridge.paper_alphas(cfg.simulate.n_features, 100)
+    for task in ("edge2d", "rgb2depth", "class_places"):
+        dec = fit.build_decomposition(str(store.path), "CSI1", task, cfg)
+        a = ridge.ridge_cv(dec, Y, alphas, search="certified")
+        b = ridge.ridge_cv(dec, Y, alphas, search="exhaustive")
+        assert (a.alpha == b.alpha).mean() >= 0.999, task
+        np.testing.assert_allclose(a.test_prediction, b.test_prediction, rtol=1e-4, atol=1e-5)
