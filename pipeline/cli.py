@@ -58,10 +58,11 @@ def _simulate(cfg: Config) -> None:
 
 
 def _featurize(cfg: Config, overwrite: bool) -> None:
-    from pipeline.featurize import featurize
+    from pipeline.featurize import featurize, preflight
 
+    plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
     with open_client(cfg.cluster, log=log) as client:
-        report = featurize(cfg, client, overwrite=overwrite, log=log)
+        report = featurize(cfg, client, overwrite=overwrite, plan=plan, log=log)
     devices = ", ".join(sorted(report.devices)) or "-"
     log(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
         f"{report.skipped} already done, device {devices}, {report.seconds:.1f} s")

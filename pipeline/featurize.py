@@ -264,9 +264,19 @@ def _n_features(space: FeatureSpace) -> tuple[int, dict[str, Any]]:
     return extractor.n_features, _jsonable(extractor.describe())
 
 
-def preflight(cfg: Config, client: Client | None = None) -> tuple[list[str], dict[str, str], list[FeatureSpace],
-                                                                   list[dict[str, Any]]]:
-    """Everything checked before any work -> (images, {image: file}, spaces, provenances).
+@dataclass
+class Plan:
+    """What the pre-flight found: the study's images, their files, the spaces to compute."""
+
+    images: list[str]
+    paths: dict[str, str]
+    spaces: list[FeatureSpace]
+    provenances: list[dict[str, Any]]
+
+
+def preflight(cfg: Config) -> Plan:
+    """Everything that can be checked before any work, without a cluster: the images (all
+    present and usable), every feature space (checkpoints present and verified, factories).
 
     Raises one FeaturizeError listing every problem found."""
     feat: FeaturesSection = cfg.features  # type: ignore[assignment]
@@ -287,14 +297,19 @@ def preflight(cfg: Config, client: Client | None = None) -> tuple[list[str], dic
     bad = check_images([paths[n] for n in names], names, feat.min_image_side)
     if bad:
         problems.append(str(BadImagesError(bad)))
-    if client is not None:
-        devices = client.run(_device_problem, feat.device)
-        errors = sorted({v for v in devices.values() if v.startswith("error: ")})
-        if errors:
-            problems.append(f"features.device {feat.device!r} on the workers: " + "; ".join(e[7:] for e in errors))
     if problems:
         raise FeaturizeError(f"{cfg.path}: cannot featurize; nothing was done:\n" + "\n".join(problems))
-    return images, paths, spaces, provenances
+    return Plan(images, paths, spaces, provenances)
+
+
+def check_workers(cfg: Config, client: Client) -> None:
+    """The configured device exists on every worker (before any work)."""
+    device = cfg.features.device  # type: ignore[union-attr]
+    found = client.run(_device_problem, device)
+    errors = sorted({v[len("error: "):] for v in found.values() if v.startswith("error: ")})
+    if errors:
+        raise FeaturizeError(f"{cfg.path}: cannot featurize; nothing was done:\n"
+                             f"features.device {device!r} on the workers: " + "; ".join(errors))
 
 
 def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: list[FeatureSpace],
@@ -324,7 +339,7 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
             # Unmark before replacing, so that a kill in between never leaves stale markers.
             progress.unmark(COMPLETE, name)
             progress.clear(STAGE, name)
-            for subject in store.subjects():  # their fits used the old features
+            for subject in _fitted_subjects(cfg, store, progress):  # their fits used the old features
                 progress.clear("fit", subject, name)
             n_features, described = _n_features(sp.space)
             attrs = {**sp.provenance, **described, "featurize": sp.fingerprint}
@@ -332,18 +347,28 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
     return out
 
 
-def featurize(cfg: Config, client: Client, *, overwrite: bool = False,
+def _fitted_subjects(cfg: Config, store: StudyStore, progress: Progress) -> list[str]:
+    fit_dir = progress.directory / "fit"
+    found = [p.name for p in fit_dir.iterdir() if p.is_dir()] if fit_dir.is_dir() else []
+    return list(dict.fromkeys([*cfg.study.subjects, *store.subjects(), *found]))
+
+
+def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Plan | None = None,
               log: Callable[[str], None] = print) -> FeaturizeReport:
     """Compute every configured feature space for every image of the study that is not done.
 
     Raises FeaturizeError before any work if anything is missing or wrong (listing it all),
-    and after the run if some batches failed or held bad images (the rest is kept)."""
+    and after the run if some batches failed or held bad images (the rest is kept).
+    ``plan``: the result of ``preflight(cfg)`` if the caller already ran it (before starting
+    the cluster, say)."""
     t0 = time.perf_counter()
     feat: FeaturesSection = cfg.features  # type: ignore[assignment]
     if not study_feature_spaces(cfg):
         log("featurize: the features section names no feature space; nothing to do")
         return FeaturizeReport()
-    images, paths, spaces, provenances = preflight(cfg, client)
+    plan = plan or preflight(cfg)
+    check_workers(cfg, client)
+    images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
     report = FeaturizeReport(spaces=[s.name for s in spaces], images=len(images))
     store = StudyStore(cfg.store_path)
     store.create()
@@ -416,6 +441,6 @@ def features_complete(cfg: Config, task: str) -> bool:
     return Progress(cfg.workdir / "progress", store.store_id).is_done(COMPLETE, task)
 
 
-__all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "cached_extractor", "featurize",
-           "featurize_batch", "features_complete", "fingerprint", "load_space", "make_batches", "preflight",
+__all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "Plan", "cached_extractor", "check_workers",
+           "featurize", "featurize_batch", "features_complete", "fingerprint", "load_space", "make_batches", "preflight",
            "prepare_store", "space_provenance", "study_feature_spaces", "torch_threads_per_worker"]
