@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import yaml
 from distributed import Client, LocalCluster
 from PIL import Image
@@ -368,6 +369,11 @@ def test_extra_feature_spaces_are_study_tasks(tmp_path, weights):
     raw["features"]["extra"] = [dict(TINY, factory="torch.nn:NoSuchModule")]
     with pytest.raises(ConfigError, match=r"study.yaml: features.extra\[0\].factory.*NoSuchModule"):
         load_config(write_config(path, raw))
+    raw["features"] = {"weights_dir": "w", "tasks": ["edge2d"], "extra": [dict(TINY, state_dict="sd/tiny.pt")]}
+    cfg = load_config(write_config(path, raw))  # relative paths: to the config file
+    mapping = cfg.features.spaces_mapping(cfg.resolve)
+    assert mapping["weights_dir"] == str(path.parent / "w")
+    assert mapping["extra"][0]["state_dict"] == str(path.parent / "sd" / "tiny.pt")
     raw["features"] = {"tasks": ["edge2d"], "batch_size": 0}
     with pytest.raises(ConfigError, match="features.batch_size must be >= 1"):
         load_config(write_config(path, raw))
@@ -405,3 +411,25 @@ def test_featurize_demo_config_runs_end_to_end(tmp_path):
     assert np.isfinite(results["r"].values).mean() > 0.99
     progress = Progress(cfg.workdir / "progress", store.store_id)
     assert all(progress.is_done(COMPLETE, name) for name in cfg.tasks)
+
+
+def test_analysis_accepts_an_extra_feature_space_beside_taskonomy_tasks():
+    """Downstream of fit, an extra space is one more task: labelled by its name, in no
+    Taskonomy cluster, left out of the Taskonomy comparison, which the others still get."""
+    from pipeline.analysis import analyse
+
+    tasks = ["edge2d", "keypoint2d", "rgb2depth", "class_1000", "random_conv"]
+    rng = np.random.default_rng(0)
+    results = {}
+    for subject in ("CSI1", "CSI2"):
+        r = rng.uniform(0.0, 0.4, (len(tasks), 300))
+        results[subject] = xr.Dataset(
+            {"r": (("task", "voxel"), r), "pvalue": (("task", "voxel"), 10 ** (-20 * r))},
+            coords={"task": tasks, "voxel": np.arange(300), "roi": ("voxel", np.repeat(["LHPPA", "LHLOC", ""], 100))})
+    out = analyse(results, n_permutations=20, n_bootstrap=10)
+    assert list(out["task"].values) == tasks
+    assert out["taskonomy_cluster"].sel(task="random_conv").item() == ""
+    assert np.isnan(out["taskonomy_similarity"].sel(task="random_conv").values).all()
+    assert np.isfinite(out["taskonomy_similarity"].sel(task="edge2d", task2="rgb2depth").item())
+    assert np.isfinite(out["spearman_taskonomy_mean"].item())
+    assert np.isfinite(out["similarity_mean"].sel(task="random_conv").values).all()
