@@ -58,8 +58,11 @@ def _simulate(cfg: Config) -> None:
 
 
 def _featurize(cfg: Config, overwrite: bool) -> None:
-    from pipeline.featurize import featurize, preflight
+    from pipeline.featurize import all_done, featurize, preflight
 
+    if not overwrite and all_done(cfg):
+        log("features already computed for every feature space and image, skipped")
+        return
     plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
     with open_client(cfg.cluster, log=log) as client:
         report = featurize(cfg, client, overwrite=overwrite, plan=plan, log=log)

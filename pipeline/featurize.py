@@ -392,6 +392,12 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     if not study_feature_spaces(cfg):
         log("featurize: the features section names no feature space; nothing to do")
         return FeaturizeReport()
+    if not overwrite and all_done(cfg):
+        log("featurize: every feature space is already computed for every image; nothing to do")
+        n_images = len(study_images(cfg))
+        names = cfg.features.space_names
+        return FeaturizeReport(spaces=names, images=n_images,
+                               skipped=len(names) * len(make_batches(n_images, feat.batch_size)))
     plan = plan or preflight(cfg)
     check_workers(cfg, client)
     images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
@@ -459,6 +465,26 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     return report
 
 
+def all_done(cfg: Config) -> bool:
+    """Whether every configured space was featurized in full, as the config now asks (same
+    checkpoint names, images and batch size). Cheap: reads names and markers, hashes nothing,
+    so a rerun of a finished study starts no cluster and verifies no checkpoint."""
+    store = StudyStore(cfg.store_path)
+    if cfg.features is None or not store.exists():
+        return False
+    progress = Progress(cfg.workdir / "progress", store.store_id)
+    images = study_images(cfg)
+    for space in study_feature_spaces(cfg):
+        try:
+            expected = _jsonable(fingerprint(space_provenance(space), images, cfg.features.batch_size))
+        except WeightsError:
+            return False
+        record = progress.read(COMPLETE, space.name)
+        if record is None or record.get("fingerprint") != expected or not store.has(f"features/{space.name}"):
+            return False
+    return True
+
+
 def features_complete(cfg: Config, task: str) -> bool:
     """Whether ``features/<task>`` was featurized in full (every batch written)."""
     store = StudyStore(cfg.store_path)
@@ -467,6 +493,7 @@ def features_complete(cfg: Config, task: str) -> bool:
     return Progress(cfg.workdir / "progress", store.store_id).is_done(COMPLETE, task)
 
 
-__all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "Plan", "cached_extractor", "check_workers",
+__all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "Plan", "all_done", "cached_extractor",
+           "check_workers",
            "featurize", "featurize_batch", "features_complete", "fingerprint", "load_space", "make_batches", "preflight",
            "prepare_store", "space_provenance", "study_feature_spaces", "torch_threads_per_worker"]

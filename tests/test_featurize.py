@@ -388,7 +388,7 @@ def test_extra_feature_spaces_are_study_tasks(tmp_path, weights):
 # ---------------------------------------------------------------- the demo config, end to end
 
 
-def test_featurize_demo_config_runs_end_to_end(tmp_path):
+def test_featurize_demo_config_runs_end_to_end(tmp_path, capsys):
     """configs/featurize_demo.yaml: simulate (images and random encoders in the official
     format) -> featurize with the real encoders -> ingest -> fit, results for every task."""
     raw = yaml.safe_load((ROOT / "configs" / "featurize_demo.yaml").read_text())
@@ -411,6 +411,9 @@ def test_featurize_demo_config_runs_end_to_end(tmp_path):
     assert np.isfinite(results["r"].values).mean() > 0.99
     progress = Progress(cfg.workdir / "progress", store.store_id)
     assert all(progress.is_done(COMPLETE, name) for name in cfg.tasks)
+    capsys.readouterr()
+    assert cli.main(["featurize", "--config", str(path)]) == 0  # finished: no cluster, no hashing
+    assert "features already computed for every feature space and image, skipped" in capsys.readouterr().out
 
 
 def test_analysis_accepts_an_extra_feature_space_beside_taskonomy_tasks():
