@@ -1,7 +1,8 @@
 """The ``neurotask`` command.
 
-    neurotask run      [--config FILE]   simulate (if configured) -> ingest -> fit -> analyse -> report
+    neurotask run      [--config FILE]   simulate, featurize (if configured) -> ingest -> fit -> analyse -> report
     neurotask simulate  --config FILE    write a synthetic study in BOLD5000's formats
+    neurotask featurize --config FILE    the study's images -> features of every feature space, on Dask
     neurotask ingest    --config FILE    betas + masks + stimulus list -> responses in the store
     neurotask fit       --config FILE    ridge CV of every (subject, task, voxel chunk) on Dask
     neurotask analyse   --config FILE    task similarity, trees, Taskonomy comparison -> analysis/
@@ -35,6 +36,20 @@ def _simulate(cfg: Config) -> None:
     from pipeline.simulate import simulate_study
 
     simulate_study(cfg, log=log)
+
+
+def _featurize(cfg: Config, overwrite: bool) -> None:
+    from pipeline.featurize import all_done, featurize, preflight
+
+    if not overwrite and all_done(cfg):
+        log("features already computed for every feature space and image, skipped")
+        return
+    plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
+    with open_client(cfg.cluster, log=log) as client:
+        report = featurize(cfg, client, overwrite=overwrite, plan=plan, log=log)
+    devices = ", ".join(sorted(report.devices)) or "-"
+    log(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
+        f"{report.skipped} already done, device {devices}, {report.seconds:.1f} s")
 
 
 def _ingest(cfg: Config, overwrite: bool) -> None:
@@ -89,8 +104,9 @@ def _status(cfg: Config) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurotask", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("run", "simulate (if configured), ingest, fit and summarise"),
+    for name, help_ in [("run", "simulate and featurize (if configured), ingest, fit and summarise"),
                         ("simulate", "write a synthetic study in BOLD5000's formats"),
+                        ("featurize", "the study's images -> features of every feature space, on Dask"),
                         ("ingest", "betas + masks + stimulus list -> responses in the store"),
                         ("fit", "ridge CV of every (subject, task, voxel chunk) on Dask"),
                         ("analyse", "task similarity, trees and the comparison with Taskonomy"),
@@ -104,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
         p.add_argument("--config", type=Path, default=DEMO_CONFIG if name == "run" else None,
                        required=name != "run", help="study config (YAML)")
-        if name in ("run", "ingest", "fit", "analyse", "import-published"):
+        if name in ("run", "featurize", "ingest", "fit", "analyse", "import-published"):
             p.add_argument("--overwrite", action="store_true",
                            help="discard what this stage stored before and redo it")
     return parser
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "simulate":
             _simulate(cfg)
+        elif args.command == "featurize":
+            _featurize(cfg, args.overwrite)
         elif args.command == "ingest":
             _ingest(cfg, args.overwrite)
         elif args.command == "fit":
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             if cfg.simulate is not None:
                 _simulate(cfg)
+            if cfg.features is not None and cfg.features.space_names:
+                _featurize(cfg, args.overwrite)
             _ingest(cfg, args.overwrite)
             _fit(cfg, args.overwrite)
             if len(cfg.tasks) < 2:

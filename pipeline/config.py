@@ -42,6 +42,11 @@ class SimulateSection:
     volume_shape: list[int] = field(default_factory=lambda: [22, 24, 14])
     noise_voxel_fraction: float = 0.4  # of non-ROI brain voxels: pure noise
     signal_variance: list[float] = field(default_factory=lambda: [0.05, 0.6])  # noise var = 1
+    # For the real featurizer on a synthetic study (pipeline.images, pipeline.weights): synthetic
+    # image files named like the study's images under features.images_dir, and randomly
+    # initialised encoders in the official checkpoint format for features.tasks in weights_dir.
+    write_images: bool = False
+    write_weights: bool = False
 
 
 @dataclass
@@ -120,6 +125,55 @@ class ReportSection:
 
 
 @dataclass
+class FeaturesSection:
+    """``neurotask featurize``: the feature spaces computed from the study's images.
+
+    tasks, weights_dir, output, preprocessing, noise_seed and extra are read by
+    ``pipeline.feature_spaces.feature_spaces_from_config``; ``extra`` entries are
+    ``{name, kind, ...options}`` and their names are tasks like the Taskonomy ones downstream.
+    Relative paths (weights_dir, an extra space's state_dict/weights) are relative to the config
+    file; images_dir, like data paths, is under data.root or else the workdir."""
+
+    weights_dir: str | None = None  # the encoder checkpoints <task>_encoder-<sha256>.pth
+    tasks: list[str] | Literal["all"] = "all"  # Taskonomy tasks to featurize
+    output: Literal["taskbank", "normalized"] = "taskbank"
+    preprocessing: Literal["task_config", "run_img_task"] = "task_config"
+    noise_seed: int = 0  # denoise's input noise, drawn per image from (seed, image name)
+    extra: list[dict] = field(default_factory=list)  # more feature spaces (torch_module, ...)
+    images_dir: str = "Scene_Stimuli/Presented_Stimuli"  # holds {COCO,ImageNet,Scene}/<image>
+    device: str = "auto"  # auto: CUDA where a worker has it, else CPU
+    channels_last: bool = False
+    batch_size: int = 16  # images per Dask task (and per store chunk)
+    min_image_side: int = 32
+    torch_threads: int | Literal["auto"] = "auto"  # auto: cores / Dask threads on the host
+    retries: int = 2  # per batch, before the run fails naming it
+
+    @property
+    def extra_names(self) -> list[str]:
+        return [str(e.get("name")) for e in self.extra if isinstance(e, dict)]
+
+    @property
+    def space_names(self) -> list[str]:
+        """Names of every feature space featurize computes: the Taskonomy tasks, then extra."""
+        return (task_names() if self.tasks == "all" else list(self.tasks)) + self.extra_names
+
+    def spaces_mapping(self, resolve: Any) -> dict[str, Any]:
+        """The section as ``feature_spaces_from_config`` reads it, with paths resolved."""
+        extra = []
+        for e in self.extra:
+            e = dict(e)
+            for key in ("state_dict", "weights"):
+                if isinstance(e.get(key), str):
+                    e[key] = str(resolve(e[key]))
+            extra.append(e)
+        out: dict[str, Any] = {"tasks": self.tasks, "output": self.output, "preprocessing": self.preprocessing,
+                               "noise_seed": self.noise_seed, "extra": extra}
+        if self.weights_dir is not None:
+            out["weights_dir"] = str(resolve(self.weights_dir))
+        return out
+
+
+@dataclass
 class Config:
     path: Path
     study: StudySection
@@ -128,6 +182,7 @@ class Config:
     simulate: SimulateSection | None = None
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
     report: ReportSection = field(default_factory=ReportSection)
+    features: FeaturesSection | None = None
     cluster: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
     @property
@@ -148,7 +203,10 @@ class Config:
 
     @property
     def tasks(self) -> list[str]:
-        return task_names() if self.study.tasks == "all" else list(self.study.tasks)
+        """study.tasks; 'all' is the 21 Taskonomy tasks and the features.extra spaces."""
+        if self.study.tasks != "all":
+            return list(self.study.tasks)
+        return task_names() + (self.features.extra_names if self.features else [])
 
     def data_path(self, template: str, subject: str, *, key: str = "", **extra: Any) -> Path:
         """Fill a data path template for one subject; relative paths are under ``data.root``
@@ -168,7 +226,8 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 _SECTIONS = {"study": StudySection, "simulate": SimulateSection, "data": DataSection, "fit": FitSection,
-             "analysis": AnalysisSection, "report": ReportSection}
+             "analysis": AnalysisSection, "report": ReportSection,
+             "features": FeaturesSection}
 
 
 def _type_name(tp: Any) -> str:
@@ -233,9 +292,13 @@ def _section(cls: type, raw: Any, name: str, file: Path) -> Any:
 
 def _check_values(cfg: Config) -> None:
     f = cfg.path
-    bad = [t for t in cfg.tasks if t not in task_names()]
+    if cfg.features is not None:
+        _check_features(cfg)
+    known = task_names() + (cfg.features.extra_names if cfg.features else [])
+    bad = [t for t in cfg.tasks if t not in known]
     if bad:
-        raise ConfigError(f"{f}: study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(task_names())}")
+        raise ConfigError(f"{f}: study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(known)} "
+                          "(a feature space of features.extra is a task too)")
     if not cfg.study.subjects:
         raise ConfigError(f"{f}: study.subjects is empty")
     if len(set(cfg.study.subjects)) != len(cfg.study.subjects):
@@ -290,10 +353,37 @@ def _check_values(cfg: Config) -> None:
             (0 <= s.noise_voxel_fraction <= 1, "simulate.noise_voxel_fraction must be in [0, 1]"),
             (len(s.signal_variance) == 2 and 0 < s.signal_variance[0] <= s.signal_variance[1],
              "simulate.signal_variance must be [low, high] with 0 < low <= high"),
+            (not s.write_weights or (cfg.features is not None and cfg.features.weights_dir is not None),
+             "simulate.write_weights needs features.weights_dir (where the random encoders go)"),
         ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{f}: {message}")
+
+
+def _check_features(cfg: Config) -> None:
+    """The features section's values, and its feature spaces built (nothing loaded) so that
+    a misconfigured space is reported at load time, naming the file and the key."""
+    f, feat = cfg.path, cfg.features
+    checks = [
+        (feat.batch_size >= 1, "features.batch_size must be >= 1"),
+        (feat.min_image_side >= 1, "features.min_image_side must be >= 1"),
+        (feat.retries >= 0, "features.retries must be >= 0"),
+        (feat.torch_threads == "auto" or feat.torch_threads >= 1, "features.torch_threads must be >= 1 or 'auto'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{f}: {message}")
+    for i, e in enumerate(feat.extra):
+        if e.get("name") in task_names():
+            raise ConfigError(f"{f}: features.extra[{i}].name {e.get('name')!r} is a Taskonomy task name; "
+                              "list Taskonomy tasks in features.tasks, or give this feature space another name")
+    from pipeline.feature_spaces import FeatureSpaceError, feature_spaces_from_config  # imports torch
+
+    try:
+        feature_spaces_from_config(feat.spaces_mapping(cfg.resolve))
+    except FeatureSpaceError as e:
+        raise ConfigError(f"{f}: {e}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -323,6 +413,7 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
         data=_section(DataSection, raw.get("data"), "data", path),
         fit=_section(FitSection, raw.get("fit"), "fit", path),
         simulate=_section(SimulateSection, raw["simulate"], "simulate", path) if "simulate" in raw else None,
+        features=_section(FeaturesSection, raw["features"], "features", path) if "features" in raw else None,
         cluster=dict(cluster),
         analysis=_section(AnalysisSection, raw.get("analysis"), "analysis", path),
         report=_section(ReportSection, raw.get("report"), "report", path),

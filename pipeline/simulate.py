@@ -6,7 +6,11 @@ Everything downstream (ingest, fit, analysis) runs on it exactly as on real data
   repeated image but one prefixed ``rep_``), GLMsingle-style betas (one 4D NIfTI per session,
   float32, NaN outside the brain, a per-session offset and gain per voxel), a brain mask and
   ROI masks ``sub-CSI{n}_mask-{LH,RH}{EarlyVis,LOC,OPA,PPA,RSC}.nii.gz``;
-- a feature bank for the 21 Taskonomy tasks in the study store, as the featurizer stores it.
+- a feature bank for the 21 Taskonomy tasks in the study store, as the featurizer stores it,
+  except for the feature spaces that the config's ``features`` section computes;
+- on request (``write_images``, ``write_weights``), synthetic image files named like the
+  study's images and randomly initialised encoders in the official checkpoint format, so
+  that ``neurotask featurize`` runs on the study for real.
 
 Generative model. Each image has latent factors: one block per Taskonomy cluster (3D, 2D,
 low-dimensional geometric, semantic, and denoise's "outlier"), a weak block shared by all tasks
@@ -32,7 +36,8 @@ import numpy as np
 from pipeline.bold5000 import REP_PREFIX
 from pipeline.config import Config, SimulateSection
 from pipeline.errors import NeurotaskError
-from pipeline.tasks import CLUSTERS, taskonomy_tasks
+from pipeline.images import images_dir, write_synthetic_images
+from pipeline.tasks import CLUSTERS, task_names, taskonomy_tasks
 from storage import Progress, StudyStore
 
 ROI_DRIVER = {"EarlyVis": "2D", "LOC": "semantic", "OPA": "3D", "PPA": "3D", "RSC": "3D"}
@@ -177,9 +182,24 @@ def simulate_study(cfg: Config, log=print) -> dict:
     images = image_names(sim.n_images, rng)
     latents = latent_factors(sim.n_images, sim, rng)
     features = task_features(latents, sim.n_features, rng)
-    new_tasks = [t for t in cfg.tasks if not store.has(f"features/{t}")]
+    # Tasks that `neurotask featurize` computes from the images get no simulated features.
+    featurized = set(cfg.features.space_names) if cfg.features else set()
+    new_tasks = [t for t in cfg.tasks if t in features and t not in featurized and not store.has(f"features/{t}")]
     for task in new_tasks:
         store.write_features(task, features[task], images, attrs={"source": "simulated", "seed": sim.seed})
+    if sim.write_images and not progress.is_done("simulate", "images"):
+        root = images_dir(cfg)
+        write_synthetic_images(root, images, seed=sim.seed)
+        progress.mark_done("simulate", "images")
+        log(f"wrote {len(images)} synthetic images under {root}")
+    if sim.write_weights and not progress.is_done("simulate", "weights"):
+        from pipeline.weights import write_random_checkpoints  # imports torch
+
+        weights = cfg.resolve(cfg.features.weights_dir)
+        tasks = [t for t in cfg.features.space_names if t in task_names()]
+        write_random_checkpoints(weights, tasks, seed=sim.seed)
+        progress.mark_done("simulate", "weights")
+        log(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     summary = {"images": sim.n_images, "features": sim.n_features, "new_tasks": new_tasks, "subjects": {}}

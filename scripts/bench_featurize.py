@@ -1,22 +1,32 @@
 #!/usr/bin/env python
-"""Images per second of the batch featurizer vs a plain torch loop doing the same work.
+"""Images per second of the featurizer vs a plain torch loop doing the same work.
 
-Both start from the same JPEG bytes, decode each image once, centre-crop and resize it to
+Both start from the same JPEG images, decode each image once, centre-crop and resize it to
 256, make each task's input and run the 21 Taskonomy encoders (random weights, identical in
-both) on each batch:
+both) on each batch. Two comparisons, each in one run on the same images:
 
-- ours: ``preprocess.decode_images`` + ``feature_spaces.extract_batch`` (default memory
-  format, and with ``channels_last``);
-- plain: PIL decode, a hand-written crop/resize/input loop calling the same encoder modules
-  under no_grad (the modules equal the port's ``visualpriors.TaskonomyEncoder``, see
-  tests/test_encoders.py).
+1. batch level (``--mode batch``):
+   - ours: ``preprocess.decode_images`` + ``feature_spaces.extract_batch`` (default memory
+     format, and with ``channels_last``);
+   - plain: PIL decode, a hand-written crop/resize/input loop calling the same encoder modules
+     under no_grad (the modules equal the port's ``visualpriors.TaskonomyEncoder``, see
+     tests/test_encoders.py).
+   The runs are interleaved per batch and repeated; medians are reported.
+2. the whole pipeline (``--mode dask``): ``pipeline.featurize.featurize`` on a one-worker
+   local Dask cluster (one task at a time, the same torch threads as the plain loop), from
+   image files located by name to features in the Zarr store with progress markers, vs the
+   plain loop over the same files with the encoders loaded from the same checkpoints (in the
+   official format, written at random into a temporary directory). The worker loads its
+   encoders in a warm-up run first (reported apart: a once-per-worker cost); each timed run
+   featurizes into a fresh store. Wall time and CPU time (driver + worker processes) are
+   compared; the stored features are checked against the plain loop's.
 
-The runs are interleaved and repeated; the median time of each is reported, with the
-overhead of ours against plain (target <= 10%) and the largest feature difference between
-them. Performance is a ratio measured in one run on one machine, never an absolute claim.
+Reported: images/s of each, the overhead of ours against plain (target <= 10%) and the
+largest feature difference. Performance is a ratio measured in one run on one machine, never
+an absolute claim.
 
-    PYTHONPATH=$PWD python scripts/bench_featurize.py              # 4 images x 21 encoders
-    PYTHONPATH=$PWD python scripts/bench_featurize.py --images 16 --batch-size 8 --repeats 3
+    PYTHONPATH=$PWD python scripts/bench_featurize.py              # 4 + 8 images x 21 encoders
+    PYTHONPATH=$PWD python scripts/bench_featurize.py --mode dask --images 16 --batch-size 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ import argparse
 import copy
 import io
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
 
 from pipeline.encoders import TaskonomyEncoder, random_encoder  # noqa: E402
 from pipeline.feature_spaces import TaskonomyExtractor, TaskonomyFeatureSpace, extract_batch  # noqa: E402
@@ -116,9 +130,11 @@ def run_ours(batches, extractors) -> dict[str, np.ndarray]:
     return {t: np.concatenate(v) for t, v in out.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("--mode", choices=("batch", "dask", "both"), default="both")
+    p.add_argument("--images", type=int, default=None,
+                   help="number of images (default: 4 for batch, 8 for dask)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks", default="all", help="'all' (the 21) or a comma-separated list")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; medians reported")
@@ -126,16 +142,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="375x500", help="source image HxW (BOLD5000 COCO images are ~375x500)")
     p.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = task_names() if args.tasks == "all" else args.tasks.split(",")
     height, width = (int(v) for v in args.size.split("x"))
+    report = {}
+    if args.mode in ("batch", "both"):
+        report["batch"] = bench_batch(args, tasks, height, width, args.images or 4)
+    if args.mode in ("dask", "both"):
+        report["dask"] = bench_dask(args, tasks, height, width, args.images or 8)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
 
-    jpegs = synthetic_jpegs(args.images, height, width, seed=0)
-    names = [f"img{i:05d}.jpg" for i in range(args.images)]
+
+def bench_batch(args: argparse.Namespace, tasks: list[str], height: int, width: int, n_images: int) -> dict:
+    jpegs = synthetic_jpegs(n_images, height, width, seed=0)
+    names = [f"img{i:05d}.jpg" for i in range(n_images)]
     batches = [(jpegs[i:i + args.batch_size], names[i:i + args.batch_size])
-               for i in range(0, args.images, args.batch_size)]
+               for i in range(0, n_images, args.batch_size)]
 
     encoders = {t: random_encoder(t, seed=i) for i, t in enumerate(tasks)}
     cpu = torch.device("cpu")
@@ -196,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     med_cpu = {k: statistics.median(v) for k, v in cpu_s.items()}
     stub = {k: statistics.median(v) for k, v in stub_wall.items()}
     diff = max(float(np.abs(feats["ours"][t] - feats["plain"][t]).max()) for t in tasks)
-    n_img = args.images
+    n_img = n_images
     report = {
         "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "images": n_img, "batch_size": args.batch_size, "encoders": len(tasks), "repeats": args.repeats,
@@ -227,8 +257,105 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  channels_last vs plain: x{report['speedup_channels_last_vs_plain_wall']:.2f} wall, "
               f"x{report['speedup_channels_last_vs_plain_cpu']:.2f} cpu")
     print(f"  largest feature difference ours vs plain: {diff:.2e}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+# ---------------------------------------------------------------- the whole pipeline on Dask
+
+
+def _process_cpu() -> float:
+    return time.process_time()
+
+
+def bench_dask(args: argparse.Namespace, tasks: list[str], height: int, width: int, n_images: int) -> dict:
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import load_config
+    from pipeline.featurize import featurize
+    from pipeline.images import subfolder_for, write_synthetic_images
+    from pipeline.simulate import image_names
+    from pipeline.weights import find_checkpoint, load_taskonomy_encoder, write_random_checkpoints
+    from storage import StudyStore
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench_featurize_") as tmp:
+        tmp = Path(tmp)
+        names = image_names(max(n_images, 100), np.random.default_rng(0))[:n_images]
+        write_synthetic_images(tmp / "images", names, seed=0, sides=(min(height, width), max(height, width)))
+        t0 = time.perf_counter()
+        write_random_checkpoints(tmp / "weights", tasks, seed=0)
+        print(f"(wrote {len(tasks)} random checkpoints in {time.perf_counter() - t0:.1f} s)")
+
+        def study(name: str, images: list[str]):
+            (tmp / f"{name}.txt").write_text("\n".join(images) + "\n")
+            raw = {"study": {"name": name, "workdir": str(tmp / name), "subjects": ["CSI1"], "tasks": tasks},
+                   "data": {"stim_list": str(tmp / f"{name}.txt")},
+                   "features": {"weights_dir": str(tmp / "weights"), "tasks": tasks, "images_dir": str(tmp / "images"),
+                                "batch_size": args.batch_size, "torch_threads": threads, "device": "cpu"}}
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+            return load_config(tmp / f"{name}.yaml")
+
+        # The plain loop: the same checkpoints, the same files, the same batches.
+        encoders = {t: load_taskonomy_encoder(t, find_checkpoint(tmp / "weights", t)).eval() for t in tasks}
+        paths = {n: tmp / "images" / subfolder_for(n) / n for n in names}
+        batches = [([paths[n].read_bytes() for n in names[i:i + args.batch_size]], names[i:i + args.batch_size])
+                   for i in range(0, n_images, args.batch_size)]
+
+        def plain_from_files() -> dict[str, np.ndarray]:
+            # reading the files is part of the work: the pipeline reads them too
+            return run_plain([([paths[n].read_bytes() for n in keys], keys) for _, keys in batches], encoders)
+
+        run_plain(batches[:1], encoders)  # warm-up (allocator, oneDNN primitives)
+        quiet = {"log": lambda m: None}
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+            t0 = time.perf_counter()
+            featurize(study("warmup", names[:1]), client, **quiet)  # the worker loads the 21 encoders
+            load_s = time.perf_counter() - t0
+
+            wall: dict[str, list[float]] = {"dask": [], "plain": []}
+            cpu: dict[str, list[float]] = {"dask": [], "plain": []}
+            feats: dict[str, dict[str, np.ndarray]] = {}
+            for r in range(args.repeats):
+                for name in (("plain", "dask") if r % 2 == 0 else ("dask", "plain")):
+                    if name == "plain":
+                        w0, c0 = time.perf_counter(), time.process_time()
+                        got = plain_from_files()
+                        wall[name].append(time.perf_counter() - w0)
+                        cpu[name].append(time.process_time() - c0)
+                        feats.setdefault("plain", got)
+                    else:
+                        cfg = study(f"run{r}", names)
+                        worker0 = sum(client.run(_process_cpu).values())
+                        w0, c0 = time.perf_counter(), time.process_time()
+                        featurize(cfg, client, **quiet)
+                        wall[name].append(time.perf_counter() - w0)
+                        cpu[name].append(time.process_time() - c0 + sum(client.run(_process_cpu).values()) - worker0)
+                        if "dask" not in feats:
+                            store = StudyStore(cfg.store_path)
+                            feats["dask"] = {t: store.read_features(t).values for t in tasks}
+
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    diff = max(float(np.abs(feats["dask"][t] - feats["plain"][t]).max()) for t in tasks)
+    report = {
+        "device": "cpu", "torch": torch.__version__, "torch_threads": threads, "cores": os.cpu_count(),
+        "images": n_images, "batch_size": args.batch_size, "encoders": len(tasks), "repeats": args.repeats,
+        "dask_workers": 1, "worker_encoder_load_s": load_s,
+        "wall_s": med, "cpu_s": med_cpu, "wall_s_each_repeat": wall, "cpu_s_each_repeat": cpu,
+        "images_per_s": {k: n_images / v for k, v in med.items()},
+        "overhead_dask_vs_plain_wall": med["dask"] / med["plain"] - 1,
+        "overhead_dask_vs_plain_cpu": med_cpu["dask"] / med_cpu["plain"] - 1,
+        "max_abs_feature_diff_dask_vs_plain": diff,
+    }
+    print(f"whole pipeline: {n_images} images ({height}x{width} JPEG files) x {len(tasks)} encoders, batch "
+          f"{args.batch_size}, one Dask worker, {threads} torch threads each side, {args.repeats} repeat(s)")
+    for k, v in med.items():
+        print(f"  {k:20s} wall {v:8.2f} s  cpu {med_cpu[k]:8.2f} s   {n_images / v:7.3f} images/s")
+    print(f"  overhead dask pipeline vs plain loop: wall {100 * report['overhead_dask_vs_plain_wall']:+.1f}%, "
+          f"cpu {100 * report['overhead_dask_vs_plain_cpu']:+.1f}% (target <= +10%)")
+    print(f"  once per worker: loading the {len(tasks)} encoders took {load_s:.1f} s (warm-up run, not timed above)")
+    print(f"  largest feature difference dask vs plain: {diff:.2e}")
     return report
 
 
