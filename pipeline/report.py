@@ -48,6 +48,7 @@ from pipeline import similarity as sim
 from pipeline.analysis import CONTRASTS, significance_mask, str_labels, voxel_contrasts
 from pipeline.config import Config
 from pipeline.errors import NeurotaskError
+from pipeline.summary import roi_table
 from pipeline.tasks import CLUSTERS
 from storage import StudyStore, save_nifti, to_volume
 
@@ -546,7 +547,8 @@ def build_report(
 
     statistics = comparison_statistics(analysis)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
-    page = render_html(analysis, statistics, images, notes, nifti_rows, provenance or {}, task)
+    page = render_html(analysis, statistics, images, notes, nifti_rows, provenance or {}, task,
+                       roi_criteria_table(results))
     index = outdir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
@@ -628,8 +630,38 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def roi_criteria_table(results: dict[str, xr.Dataset]) -> str:
+    """ROI x task, averaged over subjects: % significant voxels by parametric and permutation
+    q, and the median noise-normalised r (r / noise ceiling), as one HTML table."""
+    tables = [roi_table(r) for r in results.values() if r.sizes.get("voxel", 0) and (r["roi"] != "").any()]
+    if not tables:
+        return ""
+    mean = xr.concat(tables, dim="subject", join="inner").mean("subject", skipna=True)
+    rois = [str(x) for x in mean["roi"].values]
+    rows = []
+    for t in mean["task"].values:
+        row = [html.escape(str(t))]
+        for roi in rois:
+            c = mean.sel(task=t, roi=roi)
+            cell = f"{100 * float(c['fraction_significant']):.0f}%"
+            if "fraction_significant_perm" in c:
+                cell += f" / {100 * float(c['fraction_significant_perm']):.0f}%"
+            if "median_noise_normalized_r" in c:
+                cell += f"; {float(c['median_noise_normalized_r']):.2f}"
+            row.append(cell)
+        rows.append(row)
+    has_perm = "fraction_significant_perm" in mean
+    has_nc = "median_noise_normalized_r" in mean
+    return ("<h2>ROIs: significance criteria and noise ceiling</h2><p>Per ROI and task, averaged over subjects: "
+            "% of the ROI's voxels significant (BH-FDR) by the parametric p"
+            + (" / by the permutation p" if has_perm else "")
+            + ("; median noise-normalised r (test r divided by the voxel's NCSNR noise ceiling from the repeated "
+               "images)" if has_nc else "") + ".</p>" + _table(["task"] + rois, rows))
+
+
 def render_html(analysis: xr.Dataset, statistics: dict, images: list[Image], notes: list[str],
-                nifti_rows: list[tuple[str, list[str]]], provenance: dict, task: str) -> str:
+                nifti_rows: list[tuple[str, list[str]]], provenance: dict, task: str,
+                roi_criteria: str = "") -> str:
     """One self-contained page: images embedded as data URIs; links to the files beside it."""
     a = analysis
     e = html.escape
@@ -690,6 +722,8 @@ def render_html(analysis: xr.Dataset, statistics: dict, images: list[Image], not
         parts += ["<h2>3D vs 2D features (Figure 3)</h2>",
                   "<p>Voxels significant for either task of the pair in which the 3D task predicts better.</p>",
                   _table(["subject, pair"] + [str(g) for g in a["roi_group"].values] + ["whole brain"], crow)]
+    if roi_criteria:
+        parts.append(roi_criteria)
     # figures
     parts.append("<h2>Figures</h2>")
     for note in notes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import xarray as xr
 import pytest
 from PIL import Image
 
@@ -95,6 +96,15 @@ def test_report_page_holds_the_statistics_and_provenance(analysis_study):
     assert mean["ari_taskonomy"] == pytest.approx(float(a["ari_taskonomy_mean"]))
     assert f"{mean['spearman_taskonomy']:.3f}" in text and f"{mean['mantel_p']:.3f}" in text
     assert stats["n_significant"]["CSI2"]["edge3d"] == int(a["n_significant"].sel(subject="CSI2", task="edge3d"))
+    # per ROI and task: both significance criteria and the median noise-normalised r
+    from pipeline.summary import roi_table
+    from storage import StudyStore
+    tables = [roi_table(StudyStore(cfg.store_path).results(s)) for s in cfg.study.subjects]
+    cell = xr.concat(tables, dim="subject", join="inner").mean("subject").sel(task="edge2d", roi="LHEarlyVis")
+    assert "by the permutation p" in text and "noise ceiling" in text
+    assert (f"<td>{100 * float(cell['fraction_significant']):.0f}% / "
+            f"{100 * float(cell['fraction_significant_perm']):.0f}%; "
+            f"{float(cell['median_noise_normalized_r']):.2f}</td>") in text
     # provenance: config text, versions, dates
     assert "n_clusters: 5" in text and "Package versions" in text
     assert f"<td>numpy</td><td>{np.__version__}</td>" in text
