@@ -19,12 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def reference_path() -> Path:
-    """../shared/reference beside the checkout, else /work/shared/reference."""
-    for candidate in (ROOT.parent / "shared" / "reference", Path("/work/shared/reference")):
-        if candidate.is_dir():
-            return candidate
-    pytest.fail("../shared/reference is missing beside the checkout")
+from conftest import reference_path  # noqa: E402,F401  (re-exported for the analysis tests)
 
 
 def analysis_config_dict(workdir: Path) -> dict:

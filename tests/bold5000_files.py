@@ -22,10 +22,7 @@ from pipeline.config import Config
 from pipeline.ingest import data_file
 
 
-def reference_dir() -> Path:
-    """../shared/reference beside the checkout, else /work/shared/reference."""
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    return here if here.is_dir() else Path("/work/shared/reference")
+from conftest import reference_path as reference_dir  # noqa: E402,F401
 
 
 REFERENCE = reference_dir()

@@ -50,12 +50,17 @@ def small_study(tmp_path_factory) -> Path:
     return path
 
 
+def reference_path() -> Path:
+    """The real reference data: ../shared/reference beside the checkout (CI lays it there)."""
+    path = ROOT.parent / "shared" / "reference"
+    if not path.is_dir():
+        raise RuntimeError(f"{path} is missing: the tests need ../shared/reference beside the checkout")
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    for candidate in (ROOT.parent / "shared" / "reference", Path("/work/shared/reference")):
-        if candidate.is_dir():
-            return candidate
-    pytest.fail("../shared/reference is missing beside the checkout")
+    return reference_path()
 
 
 @pytest.fixture(autouse=True, scope="session")

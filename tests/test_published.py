@@ -31,9 +31,7 @@ from pipeline.published import (
 from pipeline.tasks import task_names
 
 
-def _reference() -> Path:
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    return here if here.exists() else Path("/work/shared/reference")
+from conftest import reference_path as _reference  # noqa: E402
 
 
 PUBLISHED = _reference() / "published"
