@@ -174,6 +174,10 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
     params = fit_fingerprint(cfg.fit, cfg.data)
     report = FitReport()
 
+    missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
+    if missing:  # checked before anything is written
+        raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
+                       "run `neurotask featurize` (or `simulate` for a synthetic study) first")
     pending: deque[tuple[str, str, list[Unit]]] = deque()
     complete_pairs: list[tuple[str, str, int]] = []
     for subject in cfg.study.subjects:
@@ -188,10 +192,6 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
             n_images = store.responses(subject).sizes["image"]
             if subject_noise_ceiling(store, subject, splits_for(cfg, n_images).test):
                 progress.mark_done("ceiling", subject)
-        missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
-        if missing:
-            raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
-                           "run `neurotask featurize` (or `simulate` for a synthetic study) first")
         for (subj, task), (todo, n_done) in plan_units(cfg, store, progress, subject, cfg.tasks, order).items():
             report.skipped += n_done
             if todo:
@@ -201,7 +201,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
     total = sum(len(u) for _, _, u in pending)
     if report.skipped:
         log(f"resuming: {report.skipped} unit(s) already done, {total} to do")
-    n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = max_pairs_in_flight or max(2, n_workers)
     bar = ProgressBar(total, "fit")
     run_state = FitRunState(progress.directory, progress.store_id, client)  # for `neurotask status`
