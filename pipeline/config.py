@@ -142,7 +142,7 @@ class FeaturesSection:
     extra: list[dict] = field(default_factory=list)  # more feature spaces (torch_module, ...)
     images_dir: str = "Scene_Stimuli/Presented_Stimuli"  # holds {COCO,ImageNet,Scene}/<image>
     device: str = "auto"  # auto: CUDA where a worker has it, else CPU
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto: on CPU (measured faster)
     batch_size: int = 16  # images per Dask task (and per store chunk)
     min_image_side: int = 32
     torch_threads: int | Literal["auto"] = "auto"  # auto: cores / Dask threads on the host

@@ -27,7 +27,8 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.feature_spaces import extract_batch
 from pipeline.featurize import (COMPLETE, FAULT_ENV, STAGE, FeaturizeError, featurize, load_space,
-                                make_batches, study_feature_spaces, torch_threads_per_worker)
+                                make_batches, study_feature_spaces, torch_threads_per_worker,
+                                use_channels_last)
 from pipeline.images import find_images, locate_images, study_images, subfolder_for, write_synthetic_images
 from pipeline.preprocess import decode_images
 from pipeline.simulate import image_names
@@ -79,7 +80,8 @@ def image_study(tmp: Path, weights: Path, n_images: int = 10, *, tasks: list[str
 def direct_features(cfg, batch_size: int) -> dict[str, np.ndarray]:
     """The same features by extract_batch alone, in this process, batch by batch."""
     spaces = study_feature_spaces(cfg)
-    extractors = [load_space(s, torch.device("cpu"), False) for s in spaces]
+    cpu = torch.device("cpu")
+    extractors = [load_space(s, cpu, use_channels_last(cfg.features.channels_last, cpu)) for s in spaces]
     images = study_images(cfg)
     paths = locate_images(cfg.features.images_dir, images)
     out: dict[str, list[np.ndarray]] = {s.name: [] for s in spaces}
