@@ -149,7 +149,7 @@ def decode_image(source: ImageSource, name: str | None = None, min_side: int = D
             raise
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(name, f"unreadable ({type(e).__name__}: {e})") from None
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8, order="C")  # a writable copy: torch warns on read-only arrays
 
 
 def decode_images(sources: Sequence[ImageSource], names: Sequence[str],
