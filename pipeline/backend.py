@@ -150,7 +150,8 @@ Backend = NumpyBackend | TorchBackend
 
 
 def get_backend(name: str = "numpy", device: str | None = None) -> Backend:
-    """The backend called ``name`` ("numpy" or "torch") on ``device`` (torch only; default "cpu").
+    """The backend called ``name`` ("numpy" or "torch") on ``device`` (torch only; default:
+    "cuda" where torch sees a GPU, else "cpu").
 
     Raises ValueError for an unknown name, a device given to numpy, or CUDA requested where
     torch has none.
@@ -160,5 +161,9 @@ def get_backend(name: str = "numpy", device: str | None = None) -> Backend:
             raise ValueError(f"ridge backend 'numpy' runs on the CPU only, got device={device!r}")
         return NumpyBackend()
     if name == "torch":
-        return TorchBackend(device or "cpu")
+        if device is None:  # CUDA where torch has it, else the CPU
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchBackend(device)
     raise ValueError(f"ridge backend must be one of {BACKENDS}, got {name!r}")

@@ -94,7 +94,7 @@ class FitSection:
     retries: int = 2  # per chunk, before the run fails naming it
     search: Literal["certified", "exhaustive"] = "certified"  # certified: the exhaustive grid's alphas, faster
     backend: Literal["numpy", "torch"] = "numpy"
-    device: str | None = None  # torch backend: "cpu", "cuda", "cuda:1"; None = cuda if available
+    device: str | None = None  # torch backend: "cpu", "cuda", "cuda:1"; None = cuda if torch has it, else cpu
     n_permutations: int = 5000  # permutation test of test r (the authors' protocol); 0 = off
     permutation_seed: int = 0
 

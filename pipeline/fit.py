@@ -85,7 +85,7 @@ def build_decomposition(store_path: str, subject: str, task: str, cfg: Config) -
     splits = splits_for(cfg, len(images))
     if cfg.fit.zscore_features:
         X = design.standardize(X, splits.train)
-    return ridge.prepare(X, splits, dtype=np.dtype(cfg.fit.dtype))
+    return ridge.prepare(X, splits, dtype=np.dtype(cfg.fit.dtype), backend=cfg.fit.backend, device=cfg.fit.device)
 
 
 def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,

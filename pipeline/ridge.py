@@ -217,8 +217,50 @@ class Decomposition:
         return sum(b.nbytes for b in self.folds) + self.final.nbytes
 
 
-def prepare(X: np.ndarray, splits: Splits, dtype=np.float32) -> Decomposition:
-    """Decompose every fold and the full training part. X (n, p) -> Decomposition."""
+def _decompose_torch(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype) -> Basis:
+    """:func:`decompose` on a torch device (the same float64 arithmetic; cuSOLVER's syevd on
+    CUDA). Xd (n, p) float64 on the device. Eigenvector signs may differ from LAPACK's; every
+    result of the engine is invariant to them."""
+    torch = bk._torch
+    Xf = Xd[bk.index(fit_rows)]
+    mean = Xf.mean(0)
+    Xf = Xf - mean
+    n_fit, p = Xf.shape
+    eps = np.finfo(np.float64).eps
+    if n_fit >= p:
+        s, V = torch.linalg.eigh(Xf.T @ Xf)
+        keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
+        s, V = s[keep], V[:, keep]
+        proj_fit = (Xf @ V).T
+    else:
+        s, U = torch.linalg.eigh(Xf @ Xf.T)
+        keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
+        s, U = s[keep], U[:, keep]
+        V = (Xf.T @ U) / torch.sqrt(s)
+        proj_fit = U.T * torch.sqrt(s)[:, None]
+    del Xf
+    proj_eval = (Xd[bk.index(eval_rows)] - mean) @ V
+    whitened = proj_eval / torch.sqrt(s)
+    small = whitened @ whitened.T if whitened.shape[0] <= whitened.shape[1] else whitened.T @ whitened
+    top = float(torch.linalg.eigvalsh(small)[-1])
+    return Basis(
+        fit_rows=np.asarray(fit_rows),
+        eval_rows=np.asarray(eval_rows),
+        eigvals=bk.to_numpy(s),
+        proj_fit=np.ascontiguousarray(bk.to_numpy(proj_fit), dtype=dtype),
+        proj_eval=np.ascontiguousarray(bk.to_numpy(proj_eval), dtype=dtype),
+        whitened_norm=float(np.sqrt(max(top, 0.0))),
+    )
+
+
+def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "numpy",
+            device: str | None = None) -> Decomposition:
+    """Decompose every fold and the full training part. X (n, p) -> Decomposition.
+
+    ``backend``/``device`` as for :func:`ridge_cv`: with torch on CUDA the float64 Gram
+    matrices and eigendecompositions run on the GPU (on a GPU node they would otherwise be
+    most of a (subject, task)'s time). The result is numpy arrays either way.
+    """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"features must be 2-D (n, p), got shape {X.shape}")
@@ -226,8 +268,14 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32) -> Decomposition:
         raise ValueError("features contain NaN or infinite values")
     if np.dtype(dtype) not in _MARGIN:
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-    folds = tuple(decompose(X, fit, val, dtype) for fit, val in splits.folds)
-    final = decompose(X, splits.train, splits.test, dtype)
+    bk = get_backend(backend, device)
+    if bk.name == "numpy":
+        folds = tuple(decompose(X, fit, val, dtype) for fit, val in splits.folds)
+        final = decompose(X, splits.train, splits.test, dtype)
+    else:
+        Xd = bk.asarray(X, bk.float64)
+        folds = tuple(_decompose_torch(bk, Xd, fit, val, dtype) for fit, val in splits.folds)
+        final = _decompose_torch(bk, Xd, splits.train, splits.test, dtype)
     return Decomposition(folds=folds, final=final, n_samples=X.shape[0])
 
 

@@ -2,9 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import Ridge
 
 from pipeline import ridge
+
+# CUDA variants run where a GPU is (scripts/gpu_check runs them on the lent GPU machine).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
 def _data(n=180, p=25, v=12, seed=0, ill_conditioned=False):
@@ -211,19 +215,41 @@ def test_float32_selects_the_float64_alphas_on_flat_noise_curves():
     np.testing.assert_allclose(e32, e64, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("search", ["certified", "exhaustive"])
-def test_torch_backend_matches_numpy(search):
+def test_torch_backend_matches_numpy(search, device):
     X, Y = _realistic(v=150, seed=6)
     alphas = ridge.paper_alphas(X.shape[1], 60)
     splits = ridge.make_splits(X.shape[0], n_folds=4, seed=0)
     dec = ridge.prepare(X, splits)
     a = ridge.ridge_cv(dec, Y, alphas, search=search, backend="numpy")
-    b = ridge.ridge_cv(dec, Y, alphas, search=search, backend="torch", device="cpu")
+    b = ridge.ridge_cv(dec, Y, alphas, search=search, backend="torch", device=device, voxel_batch=64)
     assert np.mean(a.alpha_index == b.alpha_index) >= 0.99  # different BLAS: near-ties may differ
     same = a.alpha_index == b.alpha_index
     np.testing.assert_allclose(b.test_prediction[:, same], a.test_prediction[:, same], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(b.cv_error, a.cv_error, rtol=1e-4)
     assert b.test_prediction.dtype == np.float64 and isinstance(b.alpha, np.ndarray)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("n_fit_below_p", [False, True])
+def test_torch_decomposition_matches_scipy(device, n_fit_below_p):
+    # Gram (n_fit >= p) and kernel (n_fit < p) paths; eigenvector signs may differ, the
+    # engine's results may not.
+    X, Y = _realistic(n=200, p=240, v=120, seed=8) if n_fit_below_p else _realistic(v=120, seed=8)
+    alphas = ridge.paper_alphas(X.shape[1], 40)
+    splits = ridge.make_splits(X.shape[0], n_folds=4, seed=0)
+    a = ridge.prepare(X, splits)
+    b = ridge.prepare(X, splits, backend="torch", device=device)
+    for ba, bb in zip(a.folds + (a.final,), b.folds + (b.final,)):
+        np.testing.assert_allclose(bb.eigvals, ba.eigvals, rtol=1e-9, atol=1e-9 * ba.eigvals.max())
+        assert bb.whitened_norm == pytest.approx(ba.whitened_norm, rel=1e-9)
+        assert bb.proj_fit.dtype == np.float32 and bb.proj_fit.shape == ba.proj_fit.shape
+    ra = ridge.ridge_cv(a, Y, alphas)
+    rb = ridge.ridge_cv(b, Y, alphas)
+    assert np.mean(ra.alpha_index == rb.alpha_index) >= 0.99  # float32 projections: near-ties may differ
+    same = ra.alpha_index == rb.alpha_index
+    np.testing.assert_allclose(rb.test_prediction[:, same], ra.test_prediction[:, same], rtol=1e-5, atol=1e-4)
 
 
 def test_rank_choice_and_fallback():
