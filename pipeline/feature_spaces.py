@@ -69,6 +69,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def exact_float32(device: torch.device) -> None:
+    """On CUDA, run convolutions and matrix products in true float32: cuDNN's default TF32
+    (Ampere and later) rounds inputs to 10-bit mantissas, which changes features by ~1e-3
+    relative, so that features would depend on the card they were computed on."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 # ---------------------------------------------------------------- extractors and spaces
 
 
@@ -166,6 +175,7 @@ class TaskonomyExtractor(Extractor):
         self.seed = space.noise_seed
         self.checkpoint = checkpoint
         self.channels_last = channels_last
+        exact_float32(device)
         self.encoder = encoder.to(device)
         if channels_last:
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
@@ -275,6 +285,7 @@ class TorchModuleExtractor(Extractor):
         self.device = device
         self.mean, self.std, self.pool = space.mean, space.std, space.pool
         self.channels_last = channels_last
+        exact_float32(device)
         module = module.eval().requires_grad_(False).to(device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -572,7 +583,7 @@ def extract_batch(images: Sequence[np.ndarray], keys: Sequence[str],
 
 
 __all__ = [
-    "Extractor", "FEATURES_KEYS", "FeatureSpace", "FeatureSpaceError", "TaskonomyExtractor",
+    "Extractor", "FEATURES_KEYS", "exact_float32", "FeatureSpace", "FeatureSpaceError", "TaskonomyExtractor",
     "TaskonomyFeatureSpace", "TorchModuleExtractor", "TorchModuleFeatureSpace", "TorchvisionFeatureSpace",
     "build_feature_space", "check_feature_spaces", "extract_batch", "feature_space_kinds",
     "feature_spaces_from_config", "import_factory", "load_extractors", "register_feature_space_kind",

@@ -122,9 +122,25 @@ class StudyStore:
         self._write(ds, f"features/{task}", mode="w", compute=False)
 
     def write_feature_rows(self, task: str, rows: slice, values: np.ndarray) -> None:
-        """values (len(rows), n_features) into ``features/<task>``; rows must align with chunks."""
-        ds = xr.Dataset({"features": (("image", "feature"), np.asarray(values, dtype=np.float32))})
-        self._write(ds, f"features/{task}", region={"image": rows, "feature": slice(None)})
+        """values (len(rows), n_features) into ``features/<task>``; rows must align with chunks.
+
+        Written through zarr directly into the array ``init_features`` created: xarray's region
+        write re-reads the group's metadata on every call (~15 ms, against ~4 ms), which on a GPU
+        was a third of featurizing time (21 writes per batch).
+        """
+        values = np.asarray(values, dtype=np.float32)
+        try:
+            arr = zarr.open_array(str(self.path), path=f"features/{task}/features", mode="r+", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise StoreError(f"{self.path}: features/{task} was not initialised (init_features)") from None
+        start, stop, step = rows.indices(arr.shape[0])
+        chunk = arr.chunks[0]
+        if step != 1 or start % chunk or (stop % chunk and stop != arr.shape[0]):
+            raise StoreError(f"features/{task}: rows {start}:{stop} do not align with chunks of {chunk} images")
+        if values.shape != (stop - start, arr.shape[1]):
+            raise StoreError(f"features/{task}: values of shape {values.shape} for rows {start}:{stop} "
+                             f"of {arr.shape[1]} features")
+        arr[start:stop] = values
 
     def feature_attrs(self, task: str) -> dict:
         return dict(self._open(f"features/{task}").attrs) if self.has(f"features/{task}") else {}

@@ -71,7 +71,10 @@ def image_study(tmp: Path, weights: Path, n_images: int = 10, *, tasks: list[str
                   "tasks": list(tasks) + [e["name"] for e in extra]},
         "data": {"stim_list": str(tmp / "stim.txt")},
         "features": {"weights_dir": str(weights), "tasks": list(tasks), "extra": list(extra),
-                     "images_dir": str(tmp / "images"), "batch_size": batch_size, **features},
+                     "images_dir": str(tmp / "images"), "batch_size": batch_size,
+                     # CPU with one torch thread, as this test process (conftest): the same sums
+                     # in the workers on any machine; cuda is opt-in
+                     "device": "cpu", "torch_threads": 1, **features},
         "cluster": {"kind": "local", "n_workers": 1, "dashboard_address": "127.0.0.1:0"},
     }
     return write_config(tmp / "study.yaml", cfg)
@@ -228,7 +231,7 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
     """SIGKILL `neurotask featurize` (driver and its local worker) once a batch is done; the
     rerun computes only unmarked (space, batch) pairs, and the features equal an
     uninterrupted run's."""
-    path = image_study(tmp_path, weights, torch_threads=1)  # as the module's workers: identical sums
+    path = image_study(tmp_path, weights)
     cfg = load_config(path)
     markers = cfg.workdir / "progress" / STAGE
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "featurize", "--config", str(path)],
@@ -325,6 +328,19 @@ def test_unavailable_device_fails_before_any_work(tmp_path, weights, client):
     with pytest.raises(FeaturizeError, match=r"features.device 'cuda' on the workers: .*CUDA is not available"):
         featurize(cfg, client, **QUIET)
     _nothing_done(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_features_equal_the_cpu_features(featurized, tmp_path, weights, client):
+    # Runs where a GPU is (scripts/gpu_check): true float32 on the card, so the features agree
+    # with the CPU's to float32 round-off, not TF32's ~1e-3.
+    cfg = load_config(image_study(tmp_path, weights, device="cuda"))
+    report = featurize(cfg, client, **QUIET)
+    assert report.devices == {"cuda"}
+    got, want = stored(cfg), stored(load_config(featurized))
+    for name in cfg.features.space_names:
+        scale = float(np.abs(want[name]).max())
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 def test_other_stored_features_are_refused_and_overwrite_replaces_them(tmp_path, weights, client):
