@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from pipeline.encoders import TaskonomyEncoder, random_encoder  # noqa: E402
-from pipeline.feature_spaces import TaskonomyExtractor, TaskonomyFeatureSpace, extract_batch  # noqa: E402
+from pipeline.feature_spaces import (TaskonomyExtractor, TaskonomyFeatureSpace, exact_float32,  # noqa: E402
+                                     extract_batch)
 from pipeline.preprocess import decode_images, noise_seed  # noqa: E402
 from pipeline.tasks import task_names  # noqa: E402
 
@@ -70,6 +71,10 @@ def synthetic_jpegs(n: int, height: int, width: int, seed: int) -> list[bytes]:
         img.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
+
+
+def device_label(dev: torch.device) -> str:
+    return f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
 
 
 # ---------------------------------------------------------------- the plain loop
@@ -93,7 +98,7 @@ def plain_input(task: str, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
     if task == "denoise":
         noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(noise_seed(0, k)))
                              for k in keys])
-        return (x + 0.1 * noise).clamp(0, 1) * 2 - 1
+        return (x + 0.1 * noise.to(x.device)).clamp(0, 1) * 2 - 1
     x = x * 2 - 1
     if task == "inpainting_whole":
         x = x.clone()
@@ -112,14 +117,14 @@ class Stub(torch.nn.Module):
         return F.adaptive_avg_pool2d(x[:, :1], (16, 16)).expand(-1, 8, -1, -1)
 
 
-def run_plain(batches, encoders) -> dict[str, np.ndarray]:
+def run_plain(batches, encoders, device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {t: [] for t in encoders}
     with torch.no_grad():
         for data, keys in batches:
-            x = torch.stack([plain_decode(d) for d in data])
+            x = torch.stack([plain_decode(d) for d in data]).to(device)
             for task, enc in encoders.items():
                 maps = enc(plain_input(task, x, keys))
-                out[task].append(maps.permute(0, 2, 3, 1).reshape(len(keys), -1).numpy())
+                out[task].append(maps.permute(0, 2, 3, 1).reshape(len(keys), -1).cpu().numpy())
     return {t: np.concatenate(v) for t, v in out.items()}
 
 
@@ -143,6 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--size", default="375x500", help="source image HxW (BOLD5000 COCO images are ~375x500)")
     p.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
+    p.add_argument("--device", default="cpu", help="torch device of both sides: cpu, cuda, cuda:1")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -169,16 +175,18 @@ def bench_batch(args: argparse.Namespace, tasks: list[str], height: int, width: 
     batches = [(jpegs[i:i + args.batch_size], names[i:i + args.batch_size])
                for i in range(0, n_images, args.batch_size)]
 
-    encoders = {t: random_encoder(t, seed=i) for i, t in enumerate(tasks)}
-    cpu = torch.device("cpu")
+    dev = torch.device(args.device)
+    exact_float32(dev)  # both sides: true float32 on CUDA, as the pipeline runs
+    encoders = {t: random_encoder(t, seed=i).to(dev) for i, t in enumerate(tasks)}
 
     def extractors(models: dict[str, TaskonomyEncoder], channels_last: bool) -> list[TaskonomyExtractor]:
         # in-memory random weights: the benchmark times featurizing, not reading 2 GB of checkpoints
-        return [TaskonomyExtractor(TaskonomyFeatureSpace(task=t, weights_dir=Path("<memory>")), m, cpu,
+        return [TaskonomyExtractor(TaskonomyFeatureSpace(task=t, weights_dir=Path("<memory>")), m, dev,
                                    channels_last, "<random>") for t, m in models.items()]
 
     # ours and plain share the modules (contiguous); channels_last needs its own copies (~95 MB each)
-    runs = {"ours": (run_ours, extractors(encoders, False)), "plain": (run_plain, encoders)}
+    plain = lambda b, m: run_plain(b, m, dev)  # noqa: E731
+    runs = {"ours": (run_ours, extractors(encoders, False)), "plain": (plain, encoders)}
     if not args.no_channels_last:
         copies = {t: copy.deepcopy(e) for t, e in encoders.items()}
         runs["ours_channels_last"] = (run_ours, extractors(copies, True))
@@ -215,7 +223,7 @@ def bench_batch(args: argparse.Namespace, tasks: list[str], height: int, width: 
     # The same two loops with a stub instead of the encoders: the fixed cost per image that
     # the pipeline adds around the models (decode, crop/resize, task inputs, layout).
     stubs = {t: Stub(e.in_channels) for t, e in encoders.items()}
-    stub_runs = {"ours": (run_ours, extractors(stubs, False)), "plain": (run_plain, stubs)}
+    stub_runs = {"ours": (run_ours, extractors(stubs, False)), "plain": (plain, stubs)}
     stub_wall: dict[str, list[float]] = {k: [] for k in stub_runs}
     for r in range(max(3, args.repeats)):
         for name in (["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]):
@@ -230,7 +238,7 @@ def bench_batch(args: argparse.Namespace, tasks: list[str], height: int, width: 
     diff = max(float(np.abs(feats["ours"][t] - feats["plain"][t]).max()) for t in tasks)
     n_img = n_images
     report = {
-        "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": device_label(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "images": n_img, "batch_size": args.batch_size, "encoders": len(tasks), "repeats": args.repeats,
         "source_size": [height, width],
         "wall_s": med, "cpu_s": med_cpu, "wall_s_each_repeat": wall, "cpu_s_each_repeat": cpu_s,
@@ -247,7 +255,7 @@ def bench_batch(args: argparse.Namespace, tasks: list[str], height: int, width: 
         report["max_abs_feature_diff_channels_last"] = max(
             float(np.abs(feats["ours_channels_last"][t] - feats["plain"][t]).max()) for t in tasks)
     print(f"{n_img} images ({height}x{width} JPEG) x {len(tasks)} encoders, batch {args.batch_size}, "
-          f"{report['threads']} torch threads, {args.repeats} repeat(s), torch {torch.__version__} on CPU")
+          f"{report['threads']} torch threads, {args.repeats} repeat(s), torch {torch.__version__} on {report['device']}")
     for k, v in med.items():
         print(f"  {k:20s} wall {v:8.2f} s  cpu {med_cpu[k]:8.2f} s   {n_img / v:7.3f} images/s   "
               f"{n_img * len(tasks) / v:6.2f} encoder passes/s")
@@ -293,22 +301,24 @@ def bench_dask(args: argparse.Namespace, tasks: list[str], height: int, width: i
             raw = {"study": {"name": name, "workdir": str(tmp / name), "subjects": ["CSI1"], "tasks": tasks},
                    "data": {"stim_list": str(tmp / f"{name}.txt")},
                    "features": {"weights_dir": str(tmp / "weights"), "tasks": tasks, "images_dir": str(tmp / "images"),
-                                "batch_size": args.batch_size, "torch_threads": threads, "device": "cpu",
+                                "batch_size": args.batch_size, "torch_threads": threads, "device": args.device,
                                 "channels_last": False}}  # as the plain loop: the orchestration's cost alone
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(raw))
             return load_config(tmp / f"{name}.yaml")
 
         # The plain loop: the same checkpoints, the same files, the same batches.
-        encoders = {t: load_taskonomy_encoder(t, find_checkpoint(tmp / "weights", t)).eval() for t in tasks}
+        dev = torch.device(args.device)
+        exact_float32(dev)
+        encoders = {t: load_taskonomy_encoder(t, find_checkpoint(tmp / "weights", t)).eval().to(dev) for t in tasks}
         paths = {n: tmp / "images" / subfolder_for(n) / n for n in names}
         batches = [([paths[n].read_bytes() for n in names[i:i + args.batch_size]], names[i:i + args.batch_size])
                    for i in range(0, n_images, args.batch_size)]
 
         def plain_from_files() -> dict[str, np.ndarray]:
             # reading the files is part of the work: the pipeline reads them too
-            return run_plain([([paths[n].read_bytes() for n in keys], keys) for _, keys in batches], encoders)
+            return run_plain([([paths[n].read_bytes() for n in keys], keys) for _, keys in batches], encoders, dev)
 
-        run_plain(batches[:1], encoders)  # warm-up (allocator, oneDNN primitives)
+        run_plain(batches[:1], encoders, dev)  # warm-up (allocator, oneDNN primitives)
         quiet = {"log": lambda m: None}
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
@@ -348,7 +358,7 @@ def bench_dask(args: argparse.Namespace, tasks: list[str], height: int, width: i
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     diff = max(float(np.abs(feats["dask"][t] - feats["plain"][t]).max()) for t in tasks)
     report = {
-        "device": "cpu", "torch": torch.__version__, "torch_threads": threads, "cores": os.cpu_count(),
+        "device": device_label(dev), "torch": torch.__version__, "torch_threads": threads, "cores": os.cpu_count(),
         "images": n_images, "batch_size": args.batch_size, "encoders": len(tasks), "repeats": args.repeats,
         "dask_workers": 1, "worker_encoder_load_s": load_s,
         "wall_s": med, "cpu_s": med_cpu, "wall_s_each_repeat": wall, "cpu_s_each_repeat": cpu,
@@ -359,7 +369,8 @@ def bench_dask(args: argparse.Namespace, tasks: list[str], height: int, width: i
         "max_abs_feature_diff_dask_vs_plain": diff,
     }
     print(f"whole pipeline: {n_images} images ({height}x{width} JPEG files) x {len(tasks)} encoders, batch "
-          f"{args.batch_size}, one Dask worker, {threads} torch threads each side, {args.repeats} repeat(s)")
+          f"{args.batch_size}, one Dask worker, {threads} torch threads each side, {args.repeats} repeat(s), "
+          f"on {report['device']}")
     for k, v in med.items():
         print(f"  {k:20s} wall {v:8.2f} s  cpu {med_cpu[k]:8.2f} s   {n_images / v:7.3f} images/s")
     print(f"  overhead dask pipeline vs plain loop: wall {100 * report['overhead_dask_vs_plain_wall']:+.1f}%, "

@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -384,20 +385,28 @@ def main_compare(args, data_dir: Path) -> dict:
     """Every method on the same data; the timed ones ``--repeats`` times, interleaved (one round
     of every method, then the next round), so that a change in the machine's load affects all
     methods alike."""
-    sizes = {"sklearn": args.sklearn_voxels, "paper": args.paper_voxels, "truth": args.truth_voxels}
+    sizes = {"sklearn": args.sklearn_voxels, "paper": args.paper_voxels, "truth": args.truth_voxels,
+             "himalaya-f64": args.himalaya_f64_voxels}
     load_before = os.getloadavg()
     _set_threads(args.threads)
     peak_before = gemm_peak()
     runs: dict[str, list] = {m: [] for m in args.methods}
-    for i in range(args.repeats):
-        for method in args.methods:
-            if i > 0 and method not in REPEATED:
-                continue
-            v = min(sizes.get(method, args.voxels), args.voxels)
-            runs[method].append(run_isolated(method, str(data_dir), v, args.threads))
-            r = runs[method][-1]
-            print(f"[bench] round {i + 1}: {method} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU "
-                  f"on {v} voxels (load {os.getloadavg()[0]:.1f})", flush=True)
+    todo = [(i, m, min(sizes.get(m, args.voxels), args.voxels))
+            for i in range(args.repeats) for m in args.methods if i == 0 or m in REPEATED]
+
+    def one(job: tuple[int, str, int]) -> tuple[tuple[int, str, int], dict]:
+        i, method, v = job
+        r = run_isolated(method, str(data_dir), v, args.threads)
+        print(f"[bench] round {i + 1}: {method} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU "
+              f"on {v} voxels (load {os.getloadavg()[0]:.1f})", flush=True)
+        return job, r
+
+    # --jobs > 1 runs that many method processes side by side (one BLAS thread each by
+    # default): wall time halves on 2 cores while each process's CPU seconds stay its own work.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        done = list(pool.map(one, todo))
+    for (i, method, v), r in sorted(done, key=lambda d: d[0][0]):
+        runs[method].append(r)
     results = {m: summarize(r, min(sizes.get(m, args.voxels), args.voxels)) for m, r in runs.items()}
     peak_after = gemm_peak()
     peak = {k: max(peak_before[k], peak_after[k]) for k in peak_before}
@@ -482,23 +491,42 @@ def main_engine(args, data_dir: Path) -> dict:
         splits = pickle.load(f)
     alphas = np.load(data_dir / "alphas.npy")
     v_run = args.project or args.voxels
+    engine = {"backend": args.backend, "device": args.device, "search": args.search}
+    if args.device and args.device.startswith("cuda"):
+        # warm-up outside the timing: CUDA context, cuBLAS handles, kernel loading
+        ridge.ridge_cv(ridge.prepare(X[:, :64], splits, backend=args.backend, device=args.device),
+                       np.asarray(Y[:, :8]), alphas, **engine)
     clock = Clock()
-    dec = ridge.prepare(X, splits)
+    dec = ridge.prepare(X, splits, backend=args.backend, device=args.device)
     prep = clock.lap()
     for s in range(0, v_run, args.chunk):
-        ridge.ridge_cv(dec, np.asarray(Y[:, s:min(s + args.chunk, v_run)]), alphas, voxel_batch=args.chunk)
+        ridge.ridge_cv(dec, np.asarray(Y[:, s:min(s + args.chunk, v_run)]), alphas, voxel_batch=args.chunk, **engine)
     fit = clock.lap()
     scale = args.voxels / v_run
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kind = "projected" if v_run < args.voxels else "measured"
-    print(f"[engine] {args.threads} thread(s); prepare {prep[0]:.1f} s wall / {prep[1]:.1f} s CPU; ridge_cv "
+    where = f"{args.backend} on {args.device or 'cpu'}" + (f" ({_device_name(args.device)})" if args.device else "")
+    print(f"[engine] {where}, {args.search} search, {args.threads} CPU thread(s); prepare {prep[0]:.1f} s wall / {prep[1]:.1f} s CPU; ridge_cv "
           f"{fit[0]:.1f} s wall / {fit[1]:.1f} s CPU on {v_run} voxels in chunks of {args.chunk}; one (subject, "
           f"task) at {args.voxels} voxels ({kind}): {prep[0] + scale * fit[0]:.0f} s wall, "
           f"{prep[1] + scale * fit[1]:.0f} s CPU; peak RSS {rss:.0f} MB")
-    return {"threads": args.threads, "prepare_seconds": prep[0], "prepare_cpu_seconds": prep[1],
+    return {"backend": args.backend, "device": args.device or "cpu", "device_name": _device_name(args.device),
+            "search": args.search, "threads": args.threads, "prepare_seconds": prep[0], "prepare_cpu_seconds": prep[1],
             "fit_seconds": fit[0], "fit_cpu_seconds": fit[1], "voxels_run": v_run, "voxels": args.voxels,
             "total_seconds": prep[0] + scale * fit[0], "total_cpu_seconds": prep[1] + scale * fit[1],
             "peak_rss_mb": rss, "chunk": args.chunk, "load": os.getloadavg()}
+
+
+def _device_name(device: str | None) -> str:
+    """The card's name for a CUDA device, else the CPU's model name."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "cpu"
 
 
 def main() -> None:
@@ -518,8 +546,15 @@ def main() -> None:
     ap.add_argument("--sklearn-voxels", type=int, default=2000)
     ap.add_argument("--paper-voxels", type=int, default=50)
     ap.add_argument("--truth-voxels", type=int, default=2000)
+    ap.add_argument("--himalaya-f64-voxels", type=int, default=2000,
+                    help="himalaya in float64 (the agreement reference; ~2x its float32 time)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
     ap.add_argument("--chunk", type=int, default=1000, help="--engine: voxels per ridge_cv call")
+    ap.add_argument("--backend", choices=("numpy", "torch"), default="numpy", help="--engine: ridge backend")
+    ap.add_argument("--device", default=None, help="--engine: torch device (cpu, cuda, cuda:1)")
+    ap.add_argument("--search", choices=ridge.SEARCHES, default="certified", help="--engine: alpha search")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="method processes at once (each with --threads BLAS threads; CPU seconds stay comparable)")
     ap.add_argument("--project", type=int, default=0, help="--engine: run this many voxels, project to --voxels")
     ap.add_argument("--data-dir", help="keep the generated data here (default: a temporary directory)")
     ap.add_argument("--out", help="write every number as JSON here")
@@ -527,7 +562,7 @@ def main() -> None:
     if args.quick:
         args.n, args.p, args.repeats = 1200, 256, 1
         args.voxels = 1000 if args.voxels == ap.get_default("voxels") else args.voxels
-        args.sklearn_voxels, args.paper_voxels, args.truth_voxels = 500, 20, 1000
+        args.sklearn_voxels, args.paper_voxels, args.truth_voxels, args.himalaya_f64_voxels = 500, 20, 1000, 1000
         args.chunks = [125, 250, 500]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir or tmp)
