@@ -175,6 +175,23 @@ def _run_line(run: FitRun) -> str:
     return f"fit run: {run.state} ({where}, ended {_clock(run.updated)})"
 
 
+def _featurize_lines(store: StudyStore, progress: Progress) -> list[str]:
+    """Feature spaces that `neurotask featurize` started but has not finished: batches done."""
+    from pipeline.featurize import COMPLETE, STAGE  # featurize imports torch: only when needed
+
+    lines = []
+    for task in store.feature_tasks():
+        attrs = store.feature_attrs(task)
+        if "featurize" not in attrs or progress.is_done(COMPLETE, task):
+            continue  # simulated or written features, or a finished featurize
+        n_images, batch = store.read_features(task).sizes["image"], int(attrs["batch_size"])
+        n_batches = -(-n_images // batch)
+        done = len(progress.done_units(STAGE, task))
+        lines.append(f"  featurize {task}: {done}/{n_batches} batches done (incomplete: fit refuses it; "
+                     "rerun `neurotask featurize` to finish)")
+    return lines
+
+
 def status_lines(cfg: Config) -> list[str]:
     """Per subject: ingested or not; per (subject, task): chunks done, running, queued, missing."""
     store = StudyStore(cfg.store_path)
@@ -183,6 +200,7 @@ def status_lines(cfg: Config) -> list[str]:
     progress = Progress(cfg.workdir / "progress", store.store_id)
     lines = [f"store: {cfg.store_path}",
              f"features: {', '.join(store.feature_tasks()) or 'none'}"]
+    lines += _featurize_lines(store, progress)
     run = read_fit_run(progress.directory, progress.store_id)
     if run is not None:
         lines.append(_run_line(run))

@@ -222,6 +222,7 @@ def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, cli
     assert (report.batches, report.computed, report.skipped) == (1, 2, 4)
     after = marker_times(cfg)
     assert {k: after[k] for k in before} == before
+    assert "featurize " not in "\n".join(status_lines(cfg))  # finished: no incomplete lines
     ref = stored(load_config(featurized))  # the same images, featurized without interruption
     for name, values in stored(cfg).items():
         np.testing.assert_array_equal(values, ref[name], err_msg=name)
@@ -249,10 +250,18 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
     before = marker_times(cfg)
     done_pairs = len(before)
     assert 2 <= done_pairs < 6  # 3 batches x 2 spaces
+    from pipeline.status import status_lines
+
+    shown = "\n".join(status_lines(cfg))
+    for name in cfg.features.space_names:
+        n_done = sum(1 for (space, _) in before if space == name)
+        if n_done < 3:
+            assert f"featurize {name}: {n_done}/3 batches done (incomplete" in shown, shown
     report = featurize(cfg, client, **QUIET)
     assert report.skipped == done_pairs and report.computed == 6 - done_pairs
     after = marker_times(cfg)
     assert {k: after[k] for k in before} == before
+    assert "featurize " not in "\n".join(status_lines(cfg))  # finished: no incomplete lines
     ref = stored(load_config(featurized))
     for name, values in stored(cfg).items():
         np.testing.assert_array_equal(values, ref[name], err_msg=name)
