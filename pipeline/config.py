@@ -76,7 +76,10 @@ class DataSection:
     repeats: Literal["exclude", "average"] = "exclude"
     zscore_sessions: bool = True
     voxel_order: Literal["ijk", "authors_zyx"] = "ijk"
-    chunk_size: int = 500  # voxels per store chunk = one fit task
+    # voxels per store chunk = one fit task. At BOLD5000's shape a worker peaks at ~0.5 GB +
+    # 0.26 GB per 1000 voxels (1.1 GB at 2000), and 1000-voxel chunks cost 5% more per voxel,
+    # 500-voxel ones 26% (docs/performance.md, memory table).
+    chunk_size: int = 2000
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pipeline.featurize import (COMPLETE, FAULT_ENV, STAGE, FeaturizeError, feat
 from pipeline.images import find_images, locate_images, study_images, subfolder_for, write_synthetic_images
 from pipeline.preprocess import decode_images
 from pipeline.simulate import image_names
+from pipeline.status import status_lines
 from pipeline.weights import write_random_checkpoints
 from storage import Progress, StudyStore
 
@@ -250,8 +251,6 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
     before = marker_times(cfg)
     done_pairs = len(before)
     assert 2 <= done_pairs < 6  # 3 batches x 2 spaces
-    from pipeline.status import status_lines
-
     shown = "\n".join(status_lines(cfg))
     for name in cfg.features.space_names:
         n_done = sum(1 for (space, _) in before if space == name)

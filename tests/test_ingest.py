@@ -442,7 +442,9 @@ def test_peak_memory_is_about_one_session_not_the_dataset(tmp_path):
     warm = make_cfg(tmp_path / "warm")
     write_glmsingle_subject(warm, "CSI1")
     ingest(warm, log=quiet)  # imports and first-use caches outside the measurement
-    cfg = make_cfg(tmp_path / "big", brain_mask=None)
+    # Chunks of 500 voxels are to this 6 MB session what bold5000.yaml's 2000 are to a real one
+    # (~0.6 GB): small beside it.
+    cfg = make_cfg(tmp_path / "big", brain_mask=None, chunk_size=500)
     s = write_glmsingle_subject(cfg, "CSI1", n_images=276, n_repeated=12, showings=2, n_sessions=6, grid=(32, 32, 32))
     session_bytes = s.sessions[0].nbytes
     dataset_bytes = sum(v.nbytes for v in s.sessions)
