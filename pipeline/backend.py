@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 
 BACKENDS = ("numpy", "torch")
 
@@ -45,6 +46,14 @@ class NumpyBackend:
 
     def sqrt(self, x):
         return np.sqrt(x)
+
+    def eigh(self, a):
+        """Eigenvalues (ascending) and eigenvectors of a symmetric matrix; ``a`` is overwritten.
+        LAPACK's divide-and-conquer driver: several times faster than scipy's default here."""
+        return scipy.linalg.eigh(a, driver="evd", overwrite_a=True, check_finite=False)
+
+    def eigvalsh(self, a):
+        return scipy.linalg.eigvalsh(a, check_finite=False)
 
     def clip_min(self, x, low: float):
         return np.maximum(x, low)
@@ -122,6 +131,12 @@ class TorchBackend:
 
     def sqrt(self, x):
         return self._torch.sqrt(x)
+
+    def eigh(self, a):
+        return self._torch.linalg.eigh(a)  # cuSOLVER's syevd on CUDA
+
+    def eigvalsh(self, a):
+        return self._torch.linalg.eigvalsh(a)
 
     def clip_min(self, x, low: float):
         return self._torch.clamp(x, min=low)

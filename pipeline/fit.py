@@ -76,16 +76,26 @@ def splits_for(cfg: Config, n_images: int) -> ridge.Splits:
 # --------------------------------------------------------------------------- worker side
 
 
+def engine_options(cfg: Config) -> dict:
+    """The ridge engine's keyword arguments from ``fit:`` (search, backend, device)."""
+    return {"search": cfg.fit.search, "backend": cfg.fit.backend, "device": cfg.fit.device}
+
+
+def decompose_design(X: np.ndarray, cfg: Config) -> ridge.Decomposition:
+    """X (n_images, p) in the subject's image order -> its per-fold decompositions, after the
+    configured z-scoring (with the training part's statistics)."""
+    splits = splits_for(cfg, X.shape[0])
+    if cfg.fit.zscore_features:
+        X = design.standardize(X, splits.train)
+    return ridge.prepare(X, splits, dtype=np.dtype(cfg.fit.dtype), backend=cfg.fit.backend, device=cfg.fit.device)
+
+
 def build_decomposition(store_path: str, subject: str, task: str, cfg: Config) -> ridge.Decomposition:
     """Design matrix of (subject, task) in the subject's image order, decomposed per fold."""
     store = StudyStore(store_path)
     feats = store.read_features(task)
     images = store.responses(subject)["image"].values
-    X = feats.values[design.align_rows(feats["image"].values, images, task)]
-    splits = splits_for(cfg, len(images))
-    if cfg.fit.zscore_features:
-        X = design.standardize(X, splits.train)
-    return ridge.prepare(X, splits, dtype=np.dtype(cfg.fit.dtype), backend=cfg.fit.backend, device=cfg.fit.device)
+    return decompose_design(feats.values[design.align_rows(feats["image"].values, images, task)], cfg)
 
 
 def fit_unit(store_path: str, progress_dir: str, store_id: str, unit: Unit,
@@ -222,7 +232,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
         dec = client.submit(build_decomposition, str(store.path), subject, task, cfg,
                             key=f"decompose-{subject}-{task}-{time.time_ns()}", retries=cfg.fit.retries)
         alphas = alpha_grid(cfg, store.feature_count(task))
-        engine = {"search": cfg.fit.search, "backend": cfg.fit.backend, "device": cfg.fit.device}
+        engine = engine_options(cfg)
         decompositions[key] = dec
         remaining[key] = len(units)
         for u in units:

@@ -50,7 +50,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import threadpoolctl
 
 from pipeline.backend import Backend, get_backend
@@ -163,42 +162,41 @@ class Basis:
         return self.proj_fit.nbytes + self.proj_eval.nbytes + self.eigvals.nbytes
 
 
-def decompose(
-    X: np.ndarray, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype=np.float32
-) -> Basis:
-    """Eigen-decompose the centred features of ``fit_rows`` in float64.
+def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype) -> Basis:
+    """Eigen-decompose the centred features of ``fit_rows`` in float64 on the backend's device.
 
-    X (n, p). Uses the p x p Gram matrix when n_fit >= p, else the n_fit x n_fit kernel.
+    Xd (n, p) float64 backend array. Uses the p x p Gram matrix when n_fit >= p, else the
+    n_fit x n_fit kernel. Eigenvector signs differ between LAPACK and cuSOLVER; every result
+    of the engine is invariant to them. The Basis holds numpy arrays.
     """
-    Xf = np.asarray(X[fit_rows], dtype=np.float64)
-    mean = Xf.mean(axis=0)
-    Xf -= mean
+    Xf = Xd[bk.index(fit_rows)]
+    mean = bk.mean(Xf, 0)
+    Xf = Xf - mean
     n_fit, p = Xf.shape
+    eps = np.finfo(np.float64).eps
     if n_fit >= p:
-        gram = Xf.T @ Xf
-        s, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True, check_finite=False)
-        keep = s > s[-1] * _EIG_RTOL_FACTOR * p * np.finfo(np.float64).eps
+        s, V = bk.eigh(Xf.T @ Xf)
+        keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
         s, V = s[keep], V[:, keep]
         proj_fit = (Xf @ V).T
     else:
-        kernel = Xf @ Xf.T
-        s, U = scipy.linalg.eigh(kernel, driver="evd", overwrite_a=True, check_finite=False)
-        keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * np.finfo(np.float64).eps
+        s, U = bk.eigh(Xf @ Xf.T)
+        keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
         s, U = s[keep], U[:, keep]
-        V = (Xf.T @ U) / np.sqrt(s)  # right singular vectors, (p, k)
-        proj_fit = U.T * np.sqrt(s)[:, None]  # (Xc V)ᵀ = S Uᵀ
+        V = (Xf.T @ U) / bk.sqrt(s)  # right singular vectors, (p, k)
+        proj_fit = U.T * bk.sqrt(s)[:, None]  # (Xc V)ᵀ = S Uᵀ
     del Xf
-    proj_eval = (np.asarray(X[eval_rows], dtype=np.float64) - mean) @ V
-    whitened = proj_eval / np.sqrt(s)
+    proj_eval = (Xd[bk.index(eval_rows)] - mean) @ V
+    whitened = proj_eval / bk.sqrt(s)
     small = whitened @ whitened.T if whitened.shape[0] <= whitened.shape[1] else whitened.T @ whitened
-    top = scipy.linalg.eigvalsh(small, subset_by_index=[small.shape[0] - 1] * 2, check_finite=False)
+    top = float(bk.eigvalsh(small)[-1])
     return Basis(
         fit_rows=np.asarray(fit_rows),
         eval_rows=np.asarray(eval_rows),
-        eigvals=s,
-        proj_fit=np.ascontiguousarray(proj_fit, dtype=dtype),
-        proj_eval=np.ascontiguousarray(proj_eval, dtype=dtype),
-        whitened_norm=float(np.sqrt(max(top[0], 0.0))),
+        eigvals=bk.to_numpy(s),
+        proj_fit=np.ascontiguousarray(bk.to_numpy(proj_fit), dtype=dtype),
+        proj_eval=np.ascontiguousarray(bk.to_numpy(proj_eval), dtype=dtype),
+        whitened_norm=float(np.sqrt(max(top, 0.0))),
     )
 
 
@@ -217,42 +215,6 @@ class Decomposition:
         return sum(b.nbytes for b in self.folds) + self.final.nbytes
 
 
-def _decompose_torch(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype) -> Basis:
-    """:func:`decompose` on a torch device (the same float64 arithmetic; cuSOLVER's syevd on
-    CUDA). Xd (n, p) float64 on the device. Eigenvector signs may differ from LAPACK's; every
-    result of the engine is invariant to them."""
-    torch = bk._torch
-    Xf = Xd[bk.index(fit_rows)]
-    mean = Xf.mean(0)
-    Xf = Xf - mean
-    n_fit, p = Xf.shape
-    eps = np.finfo(np.float64).eps
-    if n_fit >= p:
-        s, V = torch.linalg.eigh(Xf.T @ Xf)
-        keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
-        s, V = s[keep], V[:, keep]
-        proj_fit = (Xf @ V).T
-    else:
-        s, U = torch.linalg.eigh(Xf @ Xf.T)
-        keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
-        s, U = s[keep], U[:, keep]
-        V = (Xf.T @ U) / torch.sqrt(s)
-        proj_fit = U.T * torch.sqrt(s)[:, None]
-    del Xf
-    proj_eval = (Xd[bk.index(eval_rows)] - mean) @ V
-    whitened = proj_eval / torch.sqrt(s)
-    small = whitened @ whitened.T if whitened.shape[0] <= whitened.shape[1] else whitened.T @ whitened
-    top = float(torch.linalg.eigvalsh(small)[-1])
-    return Basis(
-        fit_rows=np.asarray(fit_rows),
-        eval_rows=np.asarray(eval_rows),
-        eigvals=bk.to_numpy(s),
-        proj_fit=np.ascontiguousarray(bk.to_numpy(proj_fit), dtype=dtype),
-        proj_eval=np.ascontiguousarray(bk.to_numpy(proj_eval), dtype=dtype),
-        whitened_norm=float(np.sqrt(max(top, 0.0))),
-    )
-
-
 def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "numpy",
             device: str | None = None) -> Decomposition:
     """Decompose every fold and the full training part. X (n, p) -> Decomposition.
@@ -269,13 +231,9 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "num
     if np.dtype(dtype) not in _MARGIN:
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     bk = get_backend(backend, device)
-    if bk.name == "numpy":
-        folds = tuple(decompose(X, fit, val, dtype) for fit, val in splits.folds)
-        final = decompose(X, splits.train, splits.test, dtype)
-    else:
-        Xd = bk.asarray(X, bk.float64)
-        folds = tuple(_decompose_torch(bk, Xd, fit, val, dtype) for fit, val in splits.folds)
-        final = _decompose_torch(bk, Xd, splits.train, splits.test, dtype)
+    Xd = bk.asarray(X, bk.float64)
+    folds = tuple(_decompose(bk, Xd, fit, val, dtype) for fit, val in splits.folds)
+    final = _decompose(bk, Xd, splits.train, splits.test, dtype)
     return Decomposition(folds=folds, final=final, n_samples=X.shape[0])
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_ridge import _device_name, make_problem  # noqa: E402
-from pipeline import design, ridge, stats  # noqa: E402
+from pipeline import ridge, stats  # noqa: E402
 
 TASK, SUBJECT = "rgb2depth", "CSI1"
 
@@ -76,25 +76,27 @@ def build_study(workdir: Path, args) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 def run_engine(cfg, X: np.ndarray, Y: np.ndarray) -> dict:
-    """The fit's arithmetic alone, in this process (BLAS threads set by the caller)."""
-    from pipeline.fit import alpha_grid, splits_for
+    """The fit's arithmetic alone, in this process (BLAS threads set by the caller): the same
+    decomposition and engine options as ``neurotask fit``, no store, no Dask. Also returns the
+    first chunk's alphas and test r, to check the stored results against."""
+    from pipeline.fit import alpha_grid, decompose_design, engine_options
 
     t0, c0 = time.perf_counter(), time.process_time()
-    splits = splits_for(cfg, X.shape[0])
-    Xz = design.standardize(X, splits.train) if cfg.fit.zscore_features else X
-    dec = ridge.prepare(Xz, splits, dtype=np.dtype(cfg.fit.dtype), backend=cfg.fit.backend, device=cfg.fit.device)
+    dec = decompose_design(X, cfg)
     alphas = alpha_grid(cfg, X.shape[1])
     prep = time.perf_counter() - t0
-    engine = {"search": cfg.fit.search, "backend": cfg.fit.backend, "device": cfg.fit.device}
-    chunk = cfg.data.chunk_size
+    chunk, first = cfg.data.chunk_size, None
     for a in range(0, Y.shape[1], chunk):
         Yc = Y[:, a:a + chunk]
-        res = ridge.ridge_cv(dec, Yc, alphas, **engine)
+        res = ridge.ridge_cv(dec, Yc, alphas, **engine_options(cfg))
         y_test = Yc[dec.final.eval_rows]
-        stats.test_scores(y_test, res.test_prediction)
+        r = stats.test_scores(y_test, res.test_prediction)["r"]
         if cfg.fit.n_permutations:
             stats.permutation_test(y_test, res.test_prediction, cfg.fit.n_permutations, cfg.fit.permutation_seed)
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "prepare_seconds": prep}
+        if first is None:
+            first = {"alpha": res.alpha, "r": r}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "prepare_seconds": prep,
+            "first_chunk": first}
 
 
 def _worker_usage() -> dict:
@@ -125,23 +127,16 @@ def run_fit(cfg, client) -> dict:
             "worker_peak_rss_mb": sorted(a["peak_rss_mb"] for a in after.values()), "units": report.computed}
 
 
-def check_results(cfg, X: np.ndarray, Y: np.ndarray) -> dict:
+def check_results(cfg, first_chunk: dict) -> dict:
     """The stored alphas and test r of the first chunk against the engine's."""
-    from pipeline.fit import alpha_grid, splits_for
     from storage import StudyStore
 
-    chunk = cfg.data.chunk_size
-    splits = splits_for(cfg, X.shape[0])
-    Xz = design.standardize(X, splits.train) if cfg.fit.zscore_features else X
-    dec = ridge.prepare(Xz, splits, dtype=np.dtype(cfg.fit.dtype), backend=cfg.fit.backend, device=cfg.fit.device)
-    engine = {"search": cfg.fit.search, "backend": cfg.fit.backend, "device": cfg.fit.device}
-    res = ridge.ridge_cv(dec, Y[:, :chunk], alpha_grid(cfg, X.shape[1]), **engine)
-    r = stats.test_scores(Y[dec.final.eval_rows, :chunk], res.test_prediction)["r"]
     store = StudyStore(cfg.store_path)
-    stored_alpha = store.read_result(SUBJECT, "alpha", 0)[:chunk]
-    stored_r = store.read_result(SUBJECT, "r", 0)[:chunk]
-    return {"same_alpha": float(np.mean(stored_alpha == res.alpha)),
-            "max_abs_dr": float(np.nanmax(np.abs(stored_r - r)))}
+    n = first_chunk["alpha"].size
+    stored_alpha = store.read_result(SUBJECT, "alpha", 0)[:n]
+    stored_r = store.read_result(SUBJECT, "r", 0)[:n]
+    return {"same_alpha": float(np.mean(stored_alpha == first_chunk["alpha"])),
+            "max_abs_dr": float(np.nanmax(np.abs(stored_r - first_chunk["r"])))}
 
 
 def main() -> None:
@@ -194,7 +189,9 @@ def main() -> None:
                     runs[name].append(r)
                     print(f"[fit-bench] round {i + 1}: {name} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU "
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)
-        agreement = check_results(cfg, X, Y)
+        agreement = check_results(cfg, runs["engine"][0].pop("first_chunk"))
+        for r in runs["engine"][1:]:
+            r.pop("first_chunk")
 
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}

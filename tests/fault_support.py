@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psutil
@@ -143,11 +143,11 @@ def start_neurotask(args: list[str], log: Path, env: dict | None = None) -> subp
         out.close()
 
 
-def wait_for_markers(workdir: Path, k: int, proc: subprocess.Popen, log: Path,
-                     timeout: float = 120.0) -> int:
-    """Poll until at least k fit markers exist; fail if the driver exits first."""
+def wait_for_count(count: Callable[[], int], k: int, proc: subprocess.Popen, log: Path,
+                   timeout: float = 120.0) -> int:
+    """Poll until ``count()`` reaches k; fail if the driver exits first or time runs out."""
     deadline = time.monotonic() + timeout
-    while (n := marker_count(workdir)) < k:
+    while (n := count()) < k:
         if proc.poll() is not None:
             raise AssertionError(f"the driver exited ({proc.returncode}) after {n} markers:\n"
                                  + log.read_text()[-3000:])
@@ -155,6 +155,22 @@ def wait_for_markers(workdir: Path, k: int, proc: subprocess.Popen, log: Path,
             raise AssertionError(f"only {n} of {k} markers after {timeout} s:\n" + log.read_text()[-3000:])
         time.sleep(0.02)
     return n
+
+
+def wait_for_markers(workdir: Path, k: int, proc: subprocess.Popen, log: Path,
+                     timeout: float = 120.0) -> int:
+    """Poll until at least k fit markers exist; fail if the driver exits first."""
+    return wait_for_count(lambda: marker_count(workdir), k, proc, log, timeout)
+
+
+def kill_after_markers(args: list[str], marker_dir: Path, k: int, log: Path, timeout: float = 240.0) -> int:
+    """Run `neurotask ARGS`, SIGKILL its process group once ``marker_dir`` holds k markers
+    (any depth); returns how many there were when the kill was sent."""
+    proc = start_neurotask(args, log)
+    try:
+        return wait_for_count(lambda: sum(1 for _ in marker_dir.rglob("*.json")), k, proc, log, timeout)
+    finally:
+        kill_group(proc)
 
 
 def kill_group(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from distributed import Client, LocalCluster
 from PIL import Image
 
 from conftest import ROOT, write_config
+from fault_support import kill_after_markers
 from pipeline import cli
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
@@ -235,19 +232,8 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
     uninterrupted run's."""
     path = image_study(tmp_path, weights)
     cfg = load_config(path)
-    markers = cfg.workdir / "progress" / STAGE
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "featurize", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 240
-        while len(list(markers.rglob("*.json"))) < 2:
-            assert proc.poll() is None, "featurize ended before it could be killed"
-            assert time.time() < deadline, "no progress"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_markers(["featurize", "--config", str(path)], cfg.workdir / "progress" / STAGE, 2,
+                       tmp_path / "featurize.log")
     before = marker_times(cfg)
     done_pairs = len(before)
     assert 2 <= done_pairs < 6  # 3 batches x 2 spaces

@@ -1,17 +1,13 @@
 """End to end: simulate -> ingest -> fit on Dask, the planted structure recovered, resume after
 a kill, and the fit's refusals of inconsistent input."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from conftest import SMALL_TASKS, small_config_dict, write_config
+from fault_support import kill_after_markers
 from pipeline import cli, fit, ridge, stats
 from pipeline.config import load_config
 from pipeline.errors import FitError
@@ -148,17 +144,7 @@ def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
     n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
     total = 2 * len(SMALL_TASKS) * n_chunks
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "fit", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(list((cfg.workdir / "progress" / "fit").rglob("*.json"))) < 4:
-            assert proc.poll() is None, "fit ended before it could be killed"
-            assert time.time() < deadline, "no progress"
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_markers(["fit", "--config", str(path)], cfg.workdir / "progress" / "fit", 4, tmp_path / "fit.log")
     done_before = {(s, t, u): (cfg.workdir / "progress/fit" / s / t / f"{u}.json").stat().st_mtime_ns
                    for s in cfg.study.subjects for t in SMALL_TASKS for u in progress.done_units("fit", s, t)}
     assert 4 <= len(done_before) < total
