@@ -74,6 +74,11 @@ class NumpyBackend:
     def contiguous(self, x):
         return np.ascontiguousarray(x)
 
+    def matmul_into(self, a, b, out) -> None:
+        """out[...] = a @ b, written in place. ``out`` may be a strided 2-D view (unit stride
+        along its rows): BLAS writes it directly, with no temporary and no copy."""
+        np.matmul(a, b, out=out)
+
     def synchronize(self) -> None:
         """Wait for queued work (for timing); numpy runs synchronously."""
 
@@ -155,6 +160,10 @@ class TorchBackend:
 
     def contiguous(self, x):
         return x.contiguous()
+
+    def matmul_into(self, a, b, out) -> None:
+        # torch's out= would reallocate a strided view: one product, then one copy.
+        out.copy_(a @ b)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
