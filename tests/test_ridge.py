@@ -199,16 +199,50 @@ def test_certified_bounds_enclose_the_exact_errors():
     dec = ridge.prepare(X, splits)
     ref = ridge.prepare(X, splits, dtype=np.float64)
     bk = ridge.get_backend("numpy")
+    Y64 = Y.astype(np.float64)
+    exact = [_fold_cv_errors(bk, ref, Y64, alphas, f) for f in range(len(splits.folds))]
+    bases = [ridge._on_device(bk, b) for b in dec.folds + (dec.final,)]
+    inputs = ridge._fit_inputs(bk, dec, dec.centred, bases, Y64)
     # Crude and good expansions, one group or planned groups: the bound must hold for all.
     for plan in ("rank 4", "rank 12", 3e-2, 4e-4):
-        for b, b64 in zip(dec.folds, ref.folds):
-            db = ridge._on_device(bk, b)
-            t = ridge._fold_terms(bk, db, Y.astype(np.float64), alphas)
+        for db, inp, e in zip(bases, inputs, exact):
+            t = ridge._fold_terms(bk, db, Y64, alphas, inp)
             ex = ridge._expansion(db.s_np, alphas, _plan(db.s_np, alphas, plan))
             est, low, high = ridge._certified_bounds(bk, db, t, alphas, ex, 10)
-            exact = ridge.cv_errors(ridge.Decomposition((b64,), b64, X.shape[0]), Y, alphas)
-            assert np.all(low <= exact) and np.all(exact <= high)
+            assert np.all(low <= e) and np.all(e <= high)
             assert np.all(low <= est) and np.all(est <= high)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_product_and_direct_forms_agree(dtype):
+    # Two routes to the same eigen-coefficients: the folds' shared cross-products (chosen when
+    # features are fewer than fit rows) and the direct projection of each fold's responses.
+    X, Y = _realistic(v=200, seed=9)
+    alphas = ridge.paper_alphas(X.shape[1])
+    splits = ridge.make_splits(X.shape[0], n_folds=7, seed=1)
+    cross = ridge.prepare(X, splits, dtype=dtype)
+    direct = ridge.prepare(X, splits, dtype=dtype, cross_products=False)
+    assert cross.centred is not None and cross.folds[0].rotation is not None and cross.folds[0].proj_fit is None
+    assert direct.centred is None and direct.folds[0].proj_fit is not None and direct.folds[0].rotation is None
+    a, b = ridge.ridge_cv(cross, Y, alphas), ridge.ridge_cv(direct, Y, alphas)
+    tol = 1e-5 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(a.cv_error, b.cv_error, rtol=tol)
+    assert np.mean(a.alpha_index == b.alpha_index) >= 0.99  # float32 near-ties may differ
+    same = a.alpha_index == b.alpha_index
+    np.testing.assert_allclose(a.test_prediction[:, same], b.test_prediction[:, same], rtol=tol, atol=tol * 100)
+    # The cross-product form needs folds that partition the training part.
+    single = ridge.make_splits(X.shape[0], cv="single_split", seed=1)
+    assert ridge.prepare(X, single).centred is None
+    with pytest.raises(ValueError, match="partition"):
+        ridge.prepare(X, single, cross_products=True)
+
+
+def _fold_cv_errors(bk, dec, Y, alphas, f):
+    """Exact validation MSE of fold f for every alpha: (a, v)."""
+    bases = [ridge._on_device(bk, b) for b in dec.folds + (dec.final,)]
+    inp = ridge._fit_inputs(bk, dec, dec.centred, bases, Y)[f]
+    t = ridge._fold_terms(bk, bases[f], Y, alphas, inp)
+    return (t.rr[None, :] - 2.0 * t.cross + ridge._exact_q(bk, bases[f], t.Z, alphas, 10)) / bases[f].n_eval
 
 
 def test_float32_selects_the_float64_alphas_on_flat_noise_curves():
@@ -252,7 +286,11 @@ def test_torch_decomposition_matches_scipy(device, n_fit_below_p):
     for ba, bb in zip(a.folds + (a.final,), b.folds + (b.final,)):
         np.testing.assert_allclose(bb.eigvals, ba.eigvals, rtol=1e-9, atol=1e-9 * ba.eigvals.max())
         assert bb.whitened_norm == pytest.approx(ba.whitened_norm, rel=1e-9)
-        assert bb.proj_fit.dtype == np.float32 and bb.proj_fit.shape == ba.proj_fit.shape
+        for name in ("proj_fit", "rotation", "proj_eval"):  # the same form, float32 either way
+            x, y = getattr(ba, name), getattr(bb, name)
+            assert (x is None) == (y is None)
+            assert x is None or (y.dtype == np.float32 and y.shape == x.shape)
+        assert ba.fit_shift is None or np.allclose(bb.fit_shift, ba.fit_shift, rtol=1e-9, atol=1e-12)
     ra = ridge.ridge_cv(a, Y, alphas)
     rb = ridge.ridge_cv(b, Y, alphas)
     assert np.mean(ra.alpha_index == rb.alpha_index) >= 0.99  # float32 projections: near-ties may differ
