@@ -20,6 +20,11 @@ features only: it is computed once per (feature space, split), in float64 (float
 eigendecompositions of XᵀX are unreliable on ill-conditioned features), and shared by every
 voxel. The large products run in ``dtype`` (float32 by default).
 
+Cross-products. ``Z = Vᵀ (Xcᵀ y)``: with K folds whose validation sets partition the training
+part, the folds' validation cross-products ``X_valᵀ y`` (n_val p each) add up to the training
+ones, every fold's ``Xc_fitᵀ y`` is the total minus its own, and ``Z`` costs p² per fold instead of
+p n_fit (see :func:`_fold_order`; the direct form ``(Xc V)ᵀ y`` is kept where it is cheaper).
+
 Validation error without forming residuals. With centred validation targets ``R``,
 ``||R - P||² = ||R||² - 2 c(alpha) + ||P||²`` where ``c(alpha) = Σ_k (EᵀR)_k Z_k / (s_k + alpha)``
 costs one small product for all alphas at once (float64). Only ``q(alpha) = ||P(alpha)||²``
@@ -48,14 +53,13 @@ which the exhaustive search also decides by round-off).
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import threadpoolctl
 
 from pipeline.backend import Backend, get_backend
+from pipeline.expansion import Expansion, expand, plan_groups
 
 # Eigen-directions whose eigenvalue is below this fraction of the largest are round-off:
 # they carry no signal and would only amplify noise at tiny alphas.
@@ -67,13 +71,9 @@ _MARGIN = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
 
 # Certified search: the filter-factor expansion is planned for a row residual of at most this
 # fraction of each alpha's largest filter factor (measured cost optimum, see
-# docs/performance.md); groups of eigen-directions are at least _GROUP_MIN wide and the total
-# rank at most _GROUP_MAX_RANK. The search evaluates every alpha instead when the expansion's
-# products would exceed _LOWRANK_MAX_FRACTION of the exhaustive sweep's.
+# docs/performance.md; :mod:`pipeline.expansion`). The search evaluates every alpha instead when
+# the expansion's products would exceed _LOWRANK_MAX_FRACTION of the exhaustive sweep's.
 _EXPANSION_TOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
-_GROUP_MIN = 32
-_GROUP_MAX_RANK = 128
-_GRAM_WEIGHT = 2.0  # a Gram matrix entry costs ~2 expansion columns: its batched products run slower
 _LOWRANK_MAX_FRACTION = 0.5
 
 SEARCHES = ("certified", "exhaustive")
@@ -511,142 +511,7 @@ def best_alphas(errors: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- certified search
 
 
-@dataclass(frozen=True)
-class _Expansion:
-    """Block low-rank expansion of one fold's filter factors F (a, k).
-
-    The eigen-directions (ascending eigenvalues) are cut into contiguous groups, and each
-    group's columns get their own expansion ``F[:, start:stop] ≈ A_g B_g``: directions of similar
-    eigenvalue have similar filter curves, so a group needs a far lower rank than the whole
-    spectrum (measured at BOLD5000 shape: 17% of the products of one rank-20 expansion at the
-    same accuracy).
-
-    groups: ((start, stop, offset), ...), the group's columns of F and its first column in A.
-    A (a, R) float64: the groups' A_g side by side (R = total rank). B_over_s: one (r_g, k_g)
-    float64 array per group (B_g / s_g). residual_sq (a, k) float32: the squared truncation
-    error (F - expansion)², computed from A and B themselves.
-    """
-
-    groups: tuple[tuple[int, int, int], ...]
-    A: np.ndarray
-    B_over_s: tuple[np.ndarray, ...]
-    residual_sq: np.ndarray
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[1])
-
-    @property
-    def products(self) -> int:
-        """Columns of E scaled and multiplied per voxel: Σ_g r_g k_g."""
-        return sum((stop - start) * b.shape[0] for (start, stop, _), b in zip(self.groups, self.B_over_s))
-
-
-def _normalised_filter(eigvals: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """F / max_k F (a, k) and the row scales (a, 1): every alpha's row counts, however strong
-    its shrinkage."""
-    F = eigvals[None, :] / (eigvals[None, :] + alphas[:, None])
-    scale = F.max(axis=1, keepdims=True)
-    return F / scale, scale
-
-
-def _group_edges(k: int) -> list[int]:
-    """Candidate group boundaries: every k/16 directions, finer (down to 32) towards the largest
-    eigenvalues, where the filter curves spread most."""
-    step = max(_GROUP_MIN, -(-k // 16))
-    edges = set(range(0, k, step)) | {k}
-    width = _GROUP_MIN
-    while width < k:
-        edges.add(k - width)
-        width *= 2
-    return sorted(e for e in edges if e == 0 or e == k or (e >= _GROUP_MIN // 2 and k - e >= _GROUP_MIN // 2))
-
-
-@functools.lru_cache(maxsize=32)
-def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol: float) -> tuple[tuple[int, int, int], ...]:
-    # Cached: a worker calls ridge_cv once per voxel chunk with the same folds and grid.
-    eigvals = np.frombuffer(eigvals_bytes, dtype=np.float64)
-    alphas = np.frombuffer(alphas_bytes, dtype=np.float64)
-    Fn, _ = _normalised_filter(eigvals, alphas)
-    a, k = Fn.shape
-    edges = _group_edges(k)
-    m = len(edges) - 1
-    # Gram matrices F_g F_gᵀ (a, a) of every candidate group from prefix sums.
-    prefix = np.zeros((m + 1, a, a))
-    for j in range(m):
-        blk = Fn[:, edges[j] : edges[j + 1]]
-        prefix[j + 1] = prefix[j] + blk @ blk.T
-    need = np.zeros((m + 1, m + 1), dtype=np.int64)
-    for i in range(m):
-        for j in range(i + 1, m + 1):
-            width = edges[j] - edges[i]
-            lam, U = np.linalg.eigh(prefix[j] - prefix[i])
-            lam, U = np.clip(lam[::-1], 0.0, None), U[:, ::-1]
-            # Row residual² of the rank-r projection: Σ_{m >= r} U[alpha, m]² lam_m.
-            tail = np.cumsum((U * U * lam)[:, ::-1], axis=1)[:, ::-1]  # tail[:, r], r < a
-            ok = np.flatnonzero((tail <= tol * tol * width / k).all(axis=0))
-            need[i, j] = min(int(ok[0]) if ok.size else a, width)
-    # Fewest products Σ r_g k_g for each total rank R, then the R that minimises
-    # products + _GRAM_WEIGHT R² (each voxel's R x R Gram matrix).
-    r_max = min(a * m, _GROUP_MAX_RANK)
-    cost = np.full((m + 1, r_max + 1), np.inf)
-    back = np.zeros((m + 1, r_max + 1, 2), dtype=np.int64)
-    cost[0, 0] = 0.0
-    for j in range(1, m + 1):
-        for i in range(j):
-            r = need[i, j]
-            if r > r_max:
-                continue
-            cand = cost[i, : r_max + 1 - r] + r * (edges[j] - edges[i])
-            better = cand < cost[j, r:]
-            cost[j, r:][better] = cand[better]
-            back[j, r:][better] = (i, r)
-    total = cost[m] + _GRAM_WEIGHT * np.arange(r_max + 1) ** 2
-    R = int(np.argmin(total))
-    if not np.isfinite(total[R]):
-        return ((0, k, min(a, k)),)
-    groups, j = [], m
-    while j > 0:
-        i, r = back[j, R]
-        groups.append((edges[i], edges[j], int(r)))
-        j, R = int(i), R - int(r)
-    return tuple(reversed(groups))
-
-
-def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: float) -> tuple[tuple[int, int, int], ...]:
-    """Groups and ranks ((start, stop, rank), ...) for a row residual
-    ``||(F - expansion)[alpha]|| <= tol * max_k F[alpha]`` at the least cost (see _plan_cached)."""
-    eigvals = np.ascontiguousarray(eigvals, dtype=np.float64)
-    alphas = np.ascontiguousarray(alphas, dtype=np.float64)
-    return _plan_cached(eigvals.tobytes(), alphas.tobytes(), float(tol))
-
-
-def _expansion(eigvals: np.ndarray, alphas: np.ndarray, plan: tuple[tuple[int, int, int], ...]) -> _Expansion:
-    """The block expansion of one fold's filter factors for ``plan`` ((start, stop, rank), ...):
-    each group's rank-r truncated SVD. Any plan gives a valid expansion: its residual, hence the
-    certified bound, is computed from the expansion itself."""
-    eigvals = np.asarray(eigvals, dtype=np.float64)
-    alphas = np.asarray(alphas, dtype=np.float64)
-    Fn, scale = _normalised_filter(eigvals, alphas)
-    approx = np.zeros_like(Fn)
-    A_parts, B_parts, groups, offset = [], [], [], 0
-    # One thread: multithreaded BLAS on these small, skinny matrices was 100x slower on a loaded
-    # 2-core machine (threads spinning for cores other processes hold).
-    with threadpoolctl.threadpool_limits(1):
-        for start, stop, r in plan:
-            U = np.linalg.svd(Fn[:, start:stop], full_matrices=False)[0][:, :r]  # (a, r)
-            B = U.T @ Fn[:, start:stop]  # (r, k_g): A_g B_g is the projection on U's span
-            approx[:, start:stop] = U @ B
-            A_parts.append(U * scale)
-            B_parts.append(B / eigvals[None, start:stop])
-            groups.append((start, stop, offset))
-            offset += r
-    residual = (Fn - approx) * scale
-    return _Expansion(groups=tuple(groups), A=np.concatenate(A_parts, axis=1), B_over_s=tuple(B_parts),
-                      residual_sq=(residual**2).astype(np.float32))
-
-
-def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: _Expansion, alpha_batch: int):
+def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: Expansion, alpha_batch: int):
     """One fold's CV-error estimate and certified interval for every alpha: three (a, v) float64.
 
     The estimate uses q̂ = ||Σ_j A_j Q_j||² (Σ_g r_g k_g columns of products instead of a k);
@@ -821,8 +686,8 @@ def ridge_cv(
         for b in folds:
             k = b.s_np.size
             if k not in plans:
-                plans[k] = ((0, k, min(rank, k, alphas.size)),) if rank is not None else _plan(b.s_np, alphas, tol)
-        planned = [_expansion(b.s_np, alphas, plans[b.s_np.size]) for b in folds]
+                plans[k] = ((0, k, min(rank, k, alphas.size)),) if rank is not None else plan_groups(b.s_np, alphas, tol)
+        planned = [expand(b.s_np, alphas, plans[b.s_np.size]) for b in folds]
         work = max(ex.products + ex.rank**2 for ex in planned)
         if work <= _LOWRANK_MAX_FRACTION * alphas.size * max(b.s_np.size for b in folds):
             expansions = planned

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from pipeline import ridge
+from pipeline import expansion, ridge
 
 # CUDA variants run where a GPU is (scripts/gpu_check runs them on the lent GPU machine).
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -189,7 +189,7 @@ def _plan(s, alphas, plan):
     """A planned expansion for a tolerance, or one group of rank r for "rank r"."""
     if isinstance(plan, str):
         return ((0, s.size, int(plan.split()[1])),)
-    return ridge._plan(s, alphas, plan)
+    return expansion.plan_groups(s, alphas, plan)
 
 
 def test_certified_bounds_enclose_the_exact_errors():
@@ -207,7 +207,7 @@ def test_certified_bounds_enclose_the_exact_errors():
     for plan in ("rank 4", "rank 12", 3e-2, 4e-4):
         for db, inp, e in zip(bases, inputs, exact):
             t = ridge._fold_terms(bk, db, Y64, alphas, inp)
-            ex = ridge._expansion(db.s_np, alphas, _plan(db.s_np, alphas, plan))
+            ex = expansion.expand(db.s_np, alphas, _plan(db.s_np, alphas, plan))
             est, low, high = ridge._certified_bounds(bk, db, t, alphas, ex, 10)
             assert np.all(low <= e) and np.all(e <= high)
             assert np.all(low <= est) and np.all(est <= high)
@@ -321,34 +321,6 @@ def test_rank_choice_and_fallback():
     np.testing.assert_array_equal(res.alpha_index, ridge.ridge_cv(dec, Y, few, search="exhaustive").alpha_index)
     with pytest.raises(ValueError, match="tolerance"):
         ridge.ridge_cv(dec, Y, few, tolerance=0.0)
-
-
-def test_expansion_plan_groups_the_spectrum():
-    # A BOLD5000-like spectrum (7.5 decades) and the paper's grid: the planned groups tile the
-    # eigen-directions, meet the tolerance row by row, and need far fewer products than one
-    # expansion of the same accuracy over the whole spectrum.
-    k = 1024
-    s = 3e4 * np.arange(1, k + 1, dtype=np.float64) ** -2.5
-    s = np.sort(s)
-    alphas = ridge.paper_alphas(k)
-    tol = 4e-4
-    ex = ridge._expansion(s, alphas, ridge._plan(s, alphas, tol))
-    starts = [g[0] for g in ex.groups]
-    stops = [g[1] for g in ex.groups]
-    assert starts[0] == 0 and stops[-1] == k and starts[1:] == stops[:-1]
-    assert [g[2] for g in ex.groups] == list(np.cumsum([0] + [b.shape[0] for b in ex.B_over_s])[:-1])
-    F = s[None, :] / (s[None, :] + alphas[:, None])
-    assert (np.sqrt(ex.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max() <= tol * 1.001
-    # the expansion reproduces F up to that residual
-    approx = np.zeros_like(F)
-    for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
-        approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
-    assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * tol * F.max(1, keepdims=True))
-    def row_error(e):
-        return (np.sqrt(e.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max()
-
-    single = next(r for r in range(1, 60) if row_error(ridge._expansion(s, alphas, _plan(s, alphas, f"rank {r}"))) <= tol)
-    assert ex.products + ex.rank**2 < 0.5 * single * k
 
 
 def test_decomposition_is_picklable_and_compact():

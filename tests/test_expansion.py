@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from pipeline import expansion, ridge
+
+
+def test_expansion_plan_groups_the_spectrum():
+    # A BOLD5000-like spectrum (7.5 decades) and the paper's grid: the planned groups tile the
+    # eigen-directions, meet the tolerance row by row, and need far fewer products than one
+    # expansion of the same accuracy over the whole spectrum.
+    k = 1024
+    s = 3e4 * np.arange(1, k + 1, dtype=np.float64) ** -2.5
+    s = np.sort(s)
+    alphas = ridge.paper_alphas(k)
+    tol = 4e-4
+    ex = expansion.expand(s, alphas, expansion.plan_groups(s, alphas, tol))
+    starts = [g[0] for g in ex.groups]
+    stops = [g[1] for g in ex.groups]
+    assert starts[0] == 0 and stops[-1] == k and starts[1:] == stops[:-1]
+    assert [g[2] for g in ex.groups] == list(np.cumsum([0] + [b.shape[0] for b in ex.B_over_s])[:-1])
+    F = s[None, :] / (s[None, :] + alphas[:, None])
+    assert (np.sqrt(ex.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max() <= tol * 1.001
+    # the expansion reproduces F up to that residual
+    approx = np.zeros_like(F)
+    for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
+        approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+    assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * tol * F.max(1, keepdims=True))
+    def row_error(e):
+        return (np.sqrt(e.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max()
+
+    single = next(r for r in range(1, 60) if row_error(expansion.expand(s, alphas, ((0, s.size, r),))) <= tol)
+    assert ex.products + ex.rank**2 < 0.5 * single * k
+
+
+def test_any_plan_is_a_valid_expansion():
+    # The bound uses the residual the expansion reports: it must be the expansion's own, for
+    # planned groups and for arbitrary ones (a rank-0 group, a full-rank group).
+    s = np.sort(10.0 ** np.linspace(-3, 4, 300))
+    alphas = ridge.paper_alphas(300, 40)
+    F = s[None, :] / (s[None, :] + alphas[:, None])
+    for plan in (((0, 100, 0), (100, 290, 5), (290, 300, 10)), ((0, 300, 3),), expansion.plan_groups(s, alphas, 1e-2)):
+        ex = expansion.expand(s, alphas, plan)
+        assert ex.rank == sum(r for _, _, r in plan) and len(ex.groups) == len(plan)
+        approx = np.zeros_like(F)
+        for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
+            approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+        assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * F.max(1, keepdims=True))
+    # a full-rank group is exact; a rank-0 group leaves its columns whole in the residual
+    ex = expansion.expand(s, alphas, ((0, 100, 0), (100, 300, 40)))
+    np.testing.assert_allclose(np.sqrt(ex.residual_sq[:, :100]), F[:, :100], rtol=1e-6)
+    assert np.sqrt(ex.residual_sq[:, 100:]).max() <= 1e-6 * F.max()
+
+
+def test_plan_is_cached_and_deterministic():
+    s = np.sort(10.0 ** np.linspace(-2, 5, 512))
+    alphas = ridge.paper_alphas(512)
+    a = expansion.plan_groups(s, alphas, 1e-3)
+    b = expansion.plan_groups(s.copy(), alphas.copy(), 1e-3)
+    assert a == b and a[0][0] == 0 and a[-1][1] == 512
+    assert expansion.plan_groups(s, alphas, 1e-1) != a  # a looser tolerance: lower ranks
+    assert sum(r for *_, r in expansion.plan_groups(s, alphas, 1e-1)) < sum(r for *_, r in a)
