@@ -230,6 +230,15 @@ def test_cross_product_and_direct_forms_agree(dtype):
     assert np.mean(a.alpha_index == b.alpha_index) >= 0.99  # float32 near-ties may differ
     same = a.alpha_index == b.alpha_index
     np.testing.assert_allclose(a.test_prediction[:, same], b.test_prediction[:, same], rtol=tol, atol=tol * 100)
+    # Features outnumbering fit rows (the kernel path) keep the direct form by default, and
+    # the forced cross-product form gives the same results there too.
+    Xw, Yw = _realistic(n=200, p=240, v=80, seed=10)
+    sw = ridge.make_splits(Xw.shape[0], n_folds=4, seed=1)
+    assert ridge.prepare(Xw, sw, dtype=dtype).centred is None
+    forced = ridge.ridge_cv(ridge.prepare(Xw, sw, dtype=dtype, cross_products=True), Yw, alphas)
+    plain = ridge.ridge_cv(ridge.prepare(Xw, sw, dtype=dtype), Yw, alphas)
+    np.testing.assert_allclose(forced.cv_error, plain.cv_error, rtol=tol * 10)
+    assert np.mean(forced.alpha_index == plain.alpha_index) >= 0.97
     # The cross-product form needs folds that partition the training part.
     single = ridge.make_splits(X.shape[0], cv="single_split", seed=1)
     assert ridge.prepare(X, single).centred is None
