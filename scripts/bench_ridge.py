@@ -136,9 +136,11 @@ class Clock:
 # --------------------------------------------------------------------------- methods
 
 
-def _decomposition_flops(n_fit: int, n_eval: int, p: int) -> float:
-    """Gram, eigh (evd: ~4/3 p³ reduction + 2 p³ back-transform), two projections."""
-    return 2 * n_fit * p * p + (4 / 3 + 2) * p**3 + 2 * (n_fit + n_eval) * p * p + 2 * n_eval**2 * p
+def _decomposition_flops(n_fit: int, n_eval: int, p: int, fit_projection: bool) -> float:
+    """Gram, eigh (evd: ~4/3 p³ reduction + 2 p³ back-transform), the evaluation rows'
+    projection, the fit rows' projection (direct form only), the bound's norm."""
+    projections = (n_fit + n_eval) if fit_projection else n_eval
+    return 2 * n_fit * p * p + (4 / 3 + 2) * p**3 + 2 * projections * p * p + 2 * n_eval**2 * p
 
 
 def run_neurotask(X, Y, splits, alphas, search="certified", backend="numpy", dtype=np.float32,
@@ -147,7 +149,8 @@ def run_neurotask(X, Y, splits, alphas, search="certified", backend="numpy", dty
     dec = ridge.prepare(X, splits, dtype=dtype)
     prep = clock.lap()
     p = X.shape[1]
-    prep_flops = sum(_decomposition_flops(b.fit_rows.size, b.eval_rows.size, p) for b in dec.folds + (dec.final,))
+    prep_flops = sum(_decomposition_flops(b.fit_rows.size, b.eval_rows.size, p, b.proj_fit is not None)
+                     for b in dec.folds + (dec.final,))
     stats: dict = {}
     res = ridge.ridge_cv(dec, Y, alphas, search=search, backend=backend, voxel_batch=voxel_batch, stats=stats)
     fit = clock.lap()
