@@ -44,6 +44,10 @@ class NumpyBackend:
     def zeros(self, shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
+    def empty(self, shape, dtype) -> np.ndarray:
+        """Uninitialised: for buffers every element of which is written before it is read."""
+        return np.empty(shape, dtype=dtype)
+
     def sqrt(self, x):
         return np.sqrt(x)
 
@@ -133,6 +137,9 @@ class TorchBackend:
 
     def zeros(self, shape, dtype):
         return self._torch.zeros(shape, dtype=self._dtype(dtype), device=self.device)
+
+    def empty(self, shape, dtype):
+        return self._torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
 
     def sqrt(self, x):
         return self._torch.sqrt(x)

@@ -186,6 +186,7 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
     LAPACK and cuSOLVER; every result of the engine is invariant to them. The Basis holds
     numpy arrays.
     """
+    cross = train_mean is not None
     Xf = Xd[bk.index(fit_rows)]
     mean = bk.mean(Xf, 0)
     Xf = Xf - mean
@@ -195,7 +196,7 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
         s, V = bk.eigh(Xf.T @ Xf)
         keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
         s, V = s[keep], V[:, keep]
-        proj_fit = None if train_mean is not None else (Xf @ V).T
+        proj_fit = None if cross else (Xf @ V).T  # the cross-product form never needs it
     else:
         s, U = bk.eigh(Xf @ Xf.T)
         keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
@@ -209,9 +210,8 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
     top = float(bk.eigvalsh(small)[-1])
 
     def out(x):
-        return None if x is None else np.ascontiguousarray(bk.to_numpy(x), dtype=dtype)
+        return np.ascontiguousarray(bk.to_numpy(x), dtype=dtype)
 
-    cross = train_mean is not None
     return Basis(
         fit_rows=np.asarray(fit_rows),
         eval_rows=np.asarray(eval_rows),
@@ -524,7 +524,7 @@ def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: 
     # Q_j = E_g diag(B_j / s_g) Z_g, written straight into the (v, r, n) layout in which each
     # voxel's r x r Gram matrix is one batched product (transposing a stacked (r * n, v) result
     # instead cost as much as the products themselves).
-    Q = bk.zeros((v, r * n), dtype)
+    Q = bk.empty((v, r * n), dtype)  # the groups' columns tile it: every element is written
     for (start, stop, offset), B in zip(ex.groups, ex.B_over_s):
         B = bk.asarray(B, dtype)
         for j0 in range(0, B.shape[0], alpha_batch):

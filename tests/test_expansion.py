@@ -51,11 +51,10 @@ def test_any_plan_is_a_valid_expansion():
     assert np.sqrt(ex.residual_sq[:, 100:]).max() <= 1e-6 * F.max()
 
 
-def test_plan_is_cached_and_deterministic():
+def test_plan_is_deterministic_and_follows_the_tolerance():
     s = np.sort(10.0 ** np.linspace(-2, 5, 512))
     alphas = ridge.paper_alphas(512)
     a = expansion.plan_groups(s, alphas, 1e-3)
     b = expansion.plan_groups(s.copy(), alphas.copy(), 1e-3)
     assert a == b and a[0][0] == 0 and a[-1][1] == 512
-    assert expansion.plan_groups(s, alphas, 1e-1) != a  # a looser tolerance: lower ranks
-    assert sum(r for *_, r in expansion.plan_groups(s, alphas, 1e-1)) < sum(r for *_, r in a)
+    assert sum(r for *_, r in expansion.plan_groups(s, alphas, 1e-1)) < sum(r for *_, r in a)  # looser: lower ranks
