@@ -24,6 +24,9 @@ GROUP_MIN = 32
 GROUP_MAX_RANK = 128
 # A Gram matrix entry costs ~2 expansion columns: its batched products run slower.
 GRAM_WEIGHT = 2.0
+# Tolerance profile: beyond the degrees of freedom where it is tight, the tolerance grows as
+# (df / tight_df)^LOOSEN_POWER (measured: 3 to 5 gave the least work at BOLD5000's shape).
+LOOSEN_POWER = 4.0
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,44 @@ class Expansion:
         return sum((stop - start) * b.shape[0] for (start, stop, _), b in zip(self.groups, self.B_over_s))
 
 
-def _normalised_filter(eigvals: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """F / max_k F (a, k) and the row scales (a, 1): every alpha's row counts, however strong
-    its shrinkage."""
+def _tolerances(tol, a: int) -> np.ndarray:
+    """A scalar or per-alpha tolerance as an (a,) float64 array of positive values."""
+    tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), (a,))
+    if not np.all(tol > 0):
+        raise ValueError("expansion tolerances must be > 0")
+    return np.ascontiguousarray(tol)
+
+
+def _normalised_filter(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted filter factors W (a, k) and the row scales (a, 1) with F = W * scales.
+
+    Each row is divided by its largest filter factor (every alpha's row counts, however strong
+    its shrinkage) and by its tolerance relative to the smallest, ``tol / min(tol)``: a residual
+    of ``min(tol)`` on W is then one of ``tol[alpha] * max_k F[alpha]`` on F, and the truncated
+    SVD spends its rank where the tolerance is tight."""
     F = eigvals[None, :] / (eigvals[None, :] + alphas[:, None])
-    scale = F.max(axis=1, keepdims=True)
+    scale = F.max(axis=1, keepdims=True) * (tol / tol.min())[:, None]
     return F / scale, scale
+
+
+def degrees_of_freedom(eigvals: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Effective degrees of freedom of the ridge at each alpha, ``Σ_k F[alpha, k]`` (a,)."""
+    return (eigvals[None, :] / (eigvals[None, :] + alphas[:, None])).sum(axis=1)
+
+
+def tolerance_profile(eigvals: np.ndarray, alphas: np.ndarray, tol: float, tight_df: float) -> np.ndarray:
+    """Per-alpha tolerances (a,): ``tol`` for alphas of at most ``tight_df`` degrees of freedom,
+    ``tol (df / tight_df)^LOOSEN_POWER`` (at most 1) for the weaker ones.
+
+    The filter factors of the small alphas, nearest least squares, are the costly ones to expand:
+    their transitions cross the dense low end of the spectrum. Where no voxel's CV optimum is near
+    (the caller places ``tight_df`` beyond the optima it expects), a voxel's CV error is far above
+    its minimum, and a loose bound excludes those alphas as surely as a tight one. Correctness
+    never depends on the profile: an alpha a loose bound leaves in doubt goes to the exact check.
+    """
+    df = degrees_of_freedom(eigvals, alphas)
+    loosen = np.maximum(1.0, df / max(float(tight_df), np.finfo(np.float64).tiny)) ** LOOSEN_POWER
+    return np.minimum(tol * loosen, max(tol, 1.0))
 
 
 def _group_edges(k: int) -> list[int]:
@@ -78,19 +113,20 @@ def _group_edges(k: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol: float) -> tuple[tuple[int, int, int], ...]:
+def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol_bytes: bytes) -> tuple[tuple[int, int, int], ...]:
     # Cached: a worker calls ridge_cv once per voxel chunk with the same folds and grid.
     # One thread: multithreaded BLAS on these small matrices was 100x slower on a loaded
     # 2-core machine (threads spinning for cores other processes hold).
     with threadpoolctl.threadpool_limits(1):
-        return _plan(np.frombuffer(eigvals_bytes, dtype=np.float64), np.frombuffer(alphas_bytes, dtype=np.float64), tol)
+        return _plan(*(np.frombuffer(b, dtype=np.float64) for b in (eigvals_bytes, alphas_bytes, tol_bytes)))
 
 
-def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: float) -> tuple[tuple[int, int, int], ...]:
-    """The least-cost groups and ranks for ``tol``: candidate groups between _group_edges, the
-    rank each needs from the eigen-decomposition of its (a, a) Gram matrix, then a dynamic
-    programme over (edge, total rank)."""
-    Fn, _ = _normalised_filter(eigvals, alphas)
+def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray) -> tuple[tuple[int, int, int], ...]:
+    """The least-cost groups and ranks for the tolerances ``tol`` (a,): candidate groups between
+    _group_edges, the rank each needs from the eigen-decomposition of its (a, a) Gram matrix,
+    then a dynamic programme over (edge, total rank)."""
+    Fn, _ = _normalised_filter(eigvals, alphas, tol)
+    tol = float(tol.min())
     a, k = Fn.shape
     edges = _group_edges(k)
     m = len(edges) - 1
@@ -136,21 +172,24 @@ def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: float) -> tuple[tuple[in
     return tuple(reversed(groups))
 
 
-def plan_groups(eigvals: np.ndarray, alphas: np.ndarray, tol: float) -> tuple[tuple[int, int, int], ...]:
+def plan_groups(eigvals: np.ndarray, alphas: np.ndarray, tol) -> tuple[tuple[int, int, int], ...]:
     """Groups and ranks ((start, stop, rank), ...) for a row residual
-    ``||(F - expansion)[alpha]|| <= tol * max_k F[alpha]`` at the least cost (see _plan_cached)."""
+    ``||(F - expansion)[alpha]|| <= tol[alpha] * max_k F[alpha]`` at the least cost (see
+    _plan_cached). ``tol``: a scalar, or one tolerance per alpha (a,)."""
     eigvals = np.ascontiguousarray(eigvals, dtype=np.float64)
     alphas = np.ascontiguousarray(alphas, dtype=np.float64)
-    return _plan_cached(eigvals.tobytes(), alphas.tobytes(), float(tol))
+    return _plan_cached(eigvals.tobytes(), alphas.tobytes(), _tolerances(tol, alphas.size).tobytes())
 
 
-def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: tuple[tuple[int, int, int], ...]) -> Expansion:
+def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: tuple[tuple[int, int, int], ...], tol=1.0) -> Expansion:
     """The block expansion of one fold's filter factors for ``plan`` ((start, stop, rank), ...):
-    each group's rank-r truncated SVD. Any plan gives a valid expansion: its residual, hence the
-    certified bound, is computed from the expansion itself."""
+    each group's rank-r truncated SVD, of the filter factors weighted by the tolerances ``tol``
+    (scalar or (a,), as given to :func:`plan_groups`; only their ratios matter). Any plan and
+    tolerances give a valid expansion: its residual, hence the certified bound, is computed from
+    the expansion itself."""
     eigvals = np.asarray(eigvals, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64)
-    Fn, scale = _normalised_filter(eigvals, alphas)
+    Fn, scale = _normalised_filter(eigvals, alphas, _tolerances(tol, alphas.size))
     approx = np.zeros_like(Fn)
     A_parts, B_parts, groups, offset = [], [], [], 0
     # One thread: multithreaded BLAS on these small, skinny matrices was 100x slower on a loaded

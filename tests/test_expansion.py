@@ -58,3 +58,36 @@ def test_plan_is_deterministic_and_follows_the_tolerance():
     b = expansion.plan_groups(s.copy(), alphas.copy(), 1e-3)
     assert a == b and a[0][0] == 0 and a[-1][1] == 512
     assert sum(r for *_, r in expansion.plan_groups(s, alphas, 1e-1)) < sum(r for *_, r in a)  # looser: lower ranks
+
+
+def test_per_alpha_tolerances_are_met_row_by_row():
+    # A profile loose for the small alphas: every row meets its own tolerance, the expansion is
+    # still exactly what it reports, and it is cheaper than the uniform one.
+    k = 512
+    s = np.sort(3e4 * np.arange(1, k + 1, dtype=np.float64) ** -2.0)
+    alphas = ridge.paper_alphas(k)
+    tol = expansion.tolerance_profile(s, alphas, 1e-3, tight_df=0.05 * k)
+    ex = expansion.expand(s, alphas, expansion.plan_groups(s, alphas, tol), tol)
+    F = s[None, :] / (s[None, :] + alphas[:, None])
+    row = np.sqrt(ex.residual_sq.astype(np.float64).sum(1)) / F.max(1)
+    assert np.all(row <= tol * 1.001)
+    approx = np.zeros_like(F)
+    for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
+        approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+    assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * F.max(1, keepdims=True))
+    uniform = expansion.expand(s, alphas, expansion.plan_groups(s, alphas, 1e-3))
+    assert ex.products + ex.rank**2 < 0.8 * (uniform.products + uniform.rank**2)
+    with pytest.raises(ValueError, match="tolerances"):
+        expansion.plan_groups(s, alphas, np.zeros(alphas.size))
+
+
+def test_tolerance_profile_is_tight_where_the_ridge_is_strong():
+    s = np.sort(10.0 ** np.linspace(-3, 4, 400))
+    alphas = ridge.paper_alphas(400)
+    df = expansion.degrees_of_freedom(s, alphas)
+    assert np.all(np.diff(df) < 0) and df[0] == pytest.approx(400, rel=1e-3)
+    tol = expansion.tolerance_profile(s, alphas, 1e-3, tight_df=20.0)
+    assert np.all(tol[df <= 20.0] == 1e-3)
+    loose = df > 20.0
+    np.testing.assert_allclose(tol[loose], np.minimum(1e-3 * (df[loose] / 20.0) ** expansion.LOOSEN_POWER, 1.0))
+    assert np.all(np.diff(tol) <= 0) and tol[0] == 1.0  # looser towards least squares, at most 1
