@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.backend import Backend, get_backend
-from pipeline.expansion import Expansion, expand, plan_groups
+from pipeline.expansion import Expansion, degrees_of_freedom, expand, plan_groups, tolerance_profile
 
 # Eigen-directions whose eigenvalue is below this fraction of the largest are round-off:
 # they carry no signal and would only amplify noise at tiny alphas.
@@ -75,6 +75,9 @@ _MARGIN = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
 # the expansion's products would exceed _LOWRANK_MAX_FRACTION of the exhaustive sweep's.
 _EXPANSION_TOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
 _LOWRANK_MAX_FRACTION = 0.5
+# The tolerance is tight down to the alphas of this many times the degrees of freedom of the
+# batch's smallest located optimum (see _located_optima; 1.5 is ~2 steps of the paper's grid).
+_LOCATE_DF_MARGIN = 1.5
 
 SEARCHES = ("certified", "exhaustive")
 
@@ -511,11 +514,13 @@ def best_alphas(errors: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- certified search
 
 
-def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: Expansion, alpha_batch: int):
+def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: Expansion, alpha_batch: int,
+                      work=None):
     """One fold's CV-error estimate and certified interval for every alpha: three (a, v) float64.
 
     The estimate uses q̂ = ||Σ_j A_j Q_j||² (Σ_g r_g k_g columns of products instead of a k);
-    the interval adds the truncation bound and the round-off margin.
+    the interval adds the truncation bound and the round-off margin. ``work``: a flat buffer of
+    at least v r n elements of the products' dtype for the Q_j, or None (allocated here).
     """
     dtype = db.proj_eval.dtype
     n, k = db.proj_eval.shape
@@ -523,8 +528,12 @@ def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: 
     r = ex.rank
     # Q_j = E_g diag(B_j / s_g) Z_g, written straight into the (v, r, n) layout in which each
     # voxel's r x r Gram matrix is one batched product (transposing a stacked (r * n, v) result
-    # instead cost as much as the products themselves).
-    Q = bk.empty((v, r * n), dtype)  # the groups' columns tile it: every element is written
+    # instead cost as much as the products themselves). The groups' columns tile it: every
+    # element is written. A buffer reused across folds and batches: a fresh one of this size
+    # (~100 MB) is paged in by the products themselves, which cost a third more for it.
+    if work is None:
+        work = bk.empty((v * r * n,), dtype)
+    Q = work[: v * r * n].reshape(v, r * n)
     for (start, stop, offset), B in zip(ex.groups, ex.B_over_s):
         B = bk.asarray(B, dtype)
         for j0 in range(0, B.shape[0], alpha_batch):
@@ -597,8 +606,8 @@ class _Meter:
     """Per-phase wall time, CPU time and floating-point operation counts, for benchmarks.
 
     ``stats`` is the caller's dict (or None: nothing is measured). Entries: phase name ->
-    {"seconds", "cpu_seconds", "flops"}; scalars "rank" (total, the largest over folds), "groups"
-    and "exact_pairs" (certified search).
+    {"seconds", "cpu_seconds", "flops"}; scalars "rank" (total, the largest over folds and
+    batches), "groups" (likewise) and "exact_pairs" (certified search).
     CPU time is the process's (all its threads): on a shared machine, with one BLAS thread, it
     is the work done whatever the load.
     """
@@ -623,6 +632,10 @@ class _Meter:
     def count(self, name: str, value: float):
         if self.stats is not None:
             self.stats[name] = self.stats.get(name, 0) + value
+
+    def maximum(self, name: str, value: float):
+        if self.stats is not None:
+            self.stats[name] = max(self.stats.get(name, 0), value)
 
 
 def ridge_cv(
@@ -673,28 +686,17 @@ def ridge_cv(
     centred = None if decomposition.centred is None else bk.asarray(decomposition.centred)
     al = bk.asarray(alphas)
 
-    expansions = None
+    planner = None
     if search == "certified":
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if tolerance is not None and not tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {tolerance}")
         tol = _EXPANSION_TOL[folds[0].dtype] if tolerance is None else float(tolerance)
-        # One plan for every fold (their spectra barely differ): planning costs ~0.3 s, an
-        # expansion for a given plan milliseconds.
-        plans: dict[int, tuple] = {}
-        for b in folds:
-            k = b.s_np.size
-            if k not in plans:
-                plans[k] = ((0, k, min(rank, k, alphas.size)),) if rank is not None else plan_groups(b.s_np, alphas, tol)
-        planned = [expand(b.s_np, alphas, plans[b.s_np.size]) for b in folds]
-        work = max(ex.products + ex.rank**2 for ex in planned)
-        if work <= _LOWRANK_MAX_FRACTION * alphas.size * max(b.s_np.size for b in folds):
-            expansions = planned
-            meter.count("rank", max(ex.rank for ex in planned))
-            meter.count("groups", max(len(ex.groups) for ex in planned))
+        planner = _Expansions(folds, alphas, tol, rank)
 
     v = Y.shape[1]
+    work = None  # the certified search's product buffer, reused by every fold and batch
     errors = np.empty((alphas.size, v))
     index = np.empty(v, dtype=np.int64)
     pred = np.empty((final.n_eval, v))
@@ -714,6 +716,11 @@ def ridge_cv(
             k = db.s_np.size
             with meter.phase("fold_terms", 2 * vb * (_basis_flops(db) + k * (db.n_eval + alphas.size))):
                 terms.append(_fold_terms(bk, db, Yd, al, inp))
+        expansions = None
+        if planner is not None:
+            with meter.phase("locate", 2 * vb * alphas.size * sum(db.s_np.size for db in folds)):
+                located = _located_optima(bk, folds, terms, al)
+            expansions = planner.for_optima(located)
         if expansions is None:
             err = 0.0
             for db, t in zip(folds, terms):
@@ -723,7 +730,13 @@ def ridge_cv(
             err = bk.to_numpy(err) / len(folds)
             idx = np.argmin(err, axis=0)
         else:
-            err, idx = _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter)
+            meter.maximum("rank", max(ex.rank for ex in expansions))
+            meter.maximum("groups", max(len(ex.groups) for ex in expansions))
+            need = vb * max(ex.rank for ex in expansions) * max(db.n_eval for db in folds)
+            if work is None or work.shape[0] < need:
+                work = None  # release the old buffer before the new one
+                work = bk.empty((need,), folds[0].dtype)
+            err, idx = _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter, work)
         del terms
         errors[:, sl] = err
         index[sl] = idx
@@ -733,14 +746,74 @@ def ridge_cv(
     return RidgeCVResult(alpha=alphas[index], alpha_index=index, cv_error=errors, test_prediction=pred)
 
 
-def _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter):
-    """-> (cv error (a, v) numpy, chosen index (v,)) for one voxel batch."""
+def _located_optima(bk: Backend, folds: list[_DeviceBasis], terms: list[_FoldTerms], alphas) -> np.ndarray:
+    """Each voxel's alpha index under a diagonal approximation of q: (v,) int.
+
+    ``q(alpha) = Zᵀ W EᵀE W Z`` (W = diag(1 / (s + alpha))) with ``EᵀE ≈ (n_eval / n_fit) diag(s)``,
+    its expectation for evaluation rows drawn like the fit rows: one (a, k) @ (k, v) product per
+    fold. Measured at BOLD5000's shape: within one grid step of the exact optimum for 98% of
+    voxels, and rarely above it. It only places the certified search's tolerance profile.
+    """
+    err = 0.0
+    for db, t in zip(folds, terms):
+        W = bk.astype(1.0 / (db.s[None, :] + alphas[:, None]), db.dtype)
+        q = bk.astype((W * W) @ (bk.astype(db.s, db.dtype)[:, None] * t.Z * t.Z), bk.float64)
+        err = err + (t.rr[None, :] - 2.0 * t.cross + q * (db.n_eval / db.n_fit)) / db.n_eval
+    return np.argmin(bk.to_numpy(err), axis=0)
+
+
+class _Expansions:
+    """The certified search's expansions, one per fold, for each batch's tolerance profile.
+
+    A batch's profile is tight down to ``_LOCATE_DF_MARGIN`` times the degrees of freedom of its
+    smallest located optimum, rounded to a grid alpha's, so batches of one study share a few
+    profiles: each is planned and expanded once (planning costs ~0.3 s, an expansion for a plan
+    milliseconds). One plan serves every fold (their spectra barely differ). ``rank``: one
+    expansion of that rank over the whole spectrum instead (for comparisons). None where the
+    expansion would cost more than ``_LOWRANK_MAX_FRACTION`` of the exhaustive sweep.
+    """
+
+    def __init__(self, folds: list[_DeviceBasis], alphas: np.ndarray, tol: float, rank: int | None):
+        self.folds, self.alphas, self.tol, self.rank = folds, alphas, tol, rank
+        self.df = degrees_of_freedom(folds[0].s_np, alphas)
+        self.made: dict = {}
+
+    def for_optima(self, located: np.ndarray) -> list[Expansion] | None:
+        tight = None
+        if self.rank is None:
+            above = self.df[self.df >= _LOCATE_DF_MARGIN * self.df[located].max()]
+            tight = float(above.min()) if above.size else float(self.df.max())
+        if tight not in self.made:
+            self.made[tight] = self._make(tight)
+        return self.made[tight]
+
+    def _make(self, tight_df: float | None) -> list[Expansion] | None:
+        plans: dict[int, tuple] = {}
+        for b in self.folds:
+            k = b.s_np.size
+            if k in plans:
+                continue
+            if self.rank is not None:
+                plans[k] = ((0, k, min(self.rank, k, self.alphas.size)),), self.tol
+            else:
+                profile = tolerance_profile(b.s_np, self.alphas, self.tol, tight_df)
+                plans[k] = plan_groups(b.s_np, self.alphas, profile), profile
+        planned = [expand(b.s_np, self.alphas, *plans[b.s_np.size]) for b in self.folds]
+        work = max(ex.products + ex.rank**2 for ex in planned)
+        if work > _LOWRANK_MAX_FRACTION * self.alphas.size * max(b.s_np.size for b in self.folds):
+            return None
+        return planned
+
+
+def _certified_search(bk, folds, terms, al, alphas, expansions, alpha_batch, meter, work):
+    """-> (cv error (a, v) numpy, chosen index (v,)) for one voxel batch; ``work``: the Q_j
+    buffer (see :func:`_certified_bounds`)."""
     est = low = high = 0.0
     for db, t, ex in zip(folds, terms, expansions):
         n, k = db.proj_eval.shape
         v, r, a = t.Z.shape[1], ex.rank, alphas.size
         with meter.phase("lowrank", 2 * v * (ex.products * n + r * r * n + a * r * r + 2 * a * k)):
-            e, lo, hi = _certified_bounds(bk, db, t, al, ex, alpha_batch)
+            e, lo, hi = _certified_bounds(bk, db, t, al, ex, alpha_batch, work)
             est, low, high = est + e, low + lo, high + hi
         t.CZ = None  # not needed any more: free it before the next fold's temporaries
     est, low, high = (bk.to_numpy(x) / len(folds) for x in (est, low, high))
