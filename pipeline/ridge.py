@@ -44,8 +44,17 @@ follows from the R x R Gram matrix of the ``Q_j``. The truncation error is bound
 ``||P - P̂|| <= τ ||(F - Σ_g A_g B_g)[alpha] ∘ Z / √s||`` with ``τ = ||E diag(s^-1/2)||₂`` (computed
 once per fold), which gives every alpha's CV error an interval. An alpha whose lower bound
 exceeds the smallest upper bound cannot be the minimum; the few remaining candidates of a voxel
-(the minimum and its near-ties) are evaluated exactly, as the exhaustive search would. The
-result equals the exhaustive search's except where two alphas' CV errors differ by less than
+(the minimum and its near-ties) are evaluated exactly, as the exhaustive search would.
+
+The accuracy an alpha needs depends on how close its CV error comes to the voxel's minimum.
+Alphas near least squares fit noise: their errors are far above the minimum, yet their filter
+factors are the costly ones to expand. So each batch first locates its voxels' optima cheaply
+(:func:`_located_optima`, a diagonal approximation of q), and the expansion's tolerance is
+tight (``_EXPANSION_TOL``) down to a margin beyond the weakest-regularised located optimum and
+loosens towards least squares (:func:`pipeline.expansion.tolerance_profile`). The profile only
+moves work between the expansion and the exact checks: the bound is the expansion's own.
+
+The result equals the exhaustive search's except where two alphas' CV errors differ by less than
 the round-off margin ``_MARGIN[dtype] * (2 Σ|c terms| + q) / n`` (a tie at working precision,
 which the exhaustive search also decides by round-off).
 """
@@ -593,7 +602,10 @@ class RidgeCVResult:
 
     ``cv_error`` is exact for every alpha with ``search="exhaustive"``; with ``"certified"`` it
     is exact where the search evaluated an alpha exactly (every voxel's near-ties) and elsewhere
-    the rank-r estimate, whose deviation is bounded as in the module docstring.
+    the expansion's estimate, whose deviation is bounded as in the module docstring: within
+    ~0.2% from the batch's optima up, looser (a few %) towards least squares, where the batch's
+    tolerance profile is loose. The estimates therefore depend on how voxels are batched; the
+    chosen alphas and predictions do not.
     """
 
     alpha: np.ndarray
