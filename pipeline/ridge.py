@@ -189,27 +189,40 @@ class Basis:
         return sum(a.nbytes for a in arrays if a is not None)
 
 
-def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype, train_mean=None) -> Basis:
+def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dtype, train_mean=None,
+               gram=None) -> Basis:
     """Eigen-decompose the centred features of ``fit_rows`` in float64 on the backend's device.
 
     Xd (n, p) float64 backend array. Uses the p x p Gram matrix when n_fit >= p, else the
     n_fit x n_fit kernel. ``train_mean`` (p,) float64 (device): the cross-product form, with
-    fit_shift relative to this mean; None: the direct form. Eigenvector signs differ between
-    LAPACK and cuSOLVER; every result of the engine is invariant to them. The Basis holds
-    numpy arrays.
+    fit_shift relative to this mean; None: the direct form. ``gram``: (the fit rows' mean (p,),
+    their centred Gram matrix (p, p)) float64 on the device, when the caller has them (see
+    :func:`_fold_grams`), else None. Eigenvector signs differ between LAPACK and cuSOLVER; every
+    result of the engine is invariant to them. The Basis holds numpy arrays.
     """
     cross = train_mean is not None
-    Xf = Xd[bk.index(fit_rows)]
-    mean = bk.mean(Xf, 0)
-    Xf = Xf - mean
-    n_fit, p = Xf.shape
+    n_fit, p = int(np.asarray(fit_rows).size), int(Xd.shape[1])
     eps = np.finfo(np.float64).eps
+    proj_fit = None
     if n_fit >= p:
-        s, V = bk.eigh(Xf.T @ Xf)
+        if gram is None:
+            Xf = Xd[bk.index(fit_rows)]
+            mean = bk.mean(Xf, 0)
+            Xf = Xf - mean
+            G = Xf.T @ Xf
+        else:
+            mean, G = gram
+            Xf = None if cross else Xd[bk.index(fit_rows)] - mean
+        s, V = bk.eigh(G)
+        del G
         keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
         s, V = s[keep], V[:, keep]
-        proj_fit = None if cross else (Xf @ V).T  # the cross-product form never needs it
+        if not cross:  # the cross-product form never needs the fit rows' projection
+            proj_fit = (Xf @ V).T
     else:
+        Xf = Xd[bk.index(fit_rows)]
+        mean = bk.mean(Xf, 0)
+        Xf = Xf - mean
         s, U = bk.eigh(Xf @ Xf.T)
         keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
         s, U = s[keep], U[:, keep]
@@ -282,6 +295,40 @@ def _fold_order(splits: Splits, p: int, force: bool = False) -> np.ndarray | Non
     return order if applies and (force or cross < direct) else None
 
 
+def _fold_grams(bk: Backend, Xc, train_mean, n_vals: list[int]):
+    """Every fold's fit-row mean and centred Gram matrix, then the training part's, from one pass
+    over the training rows: yields (mean (p,), G (p, p)) float64 (the folds', then the final's).
+
+    Xc (n_train, p) float64: the training rows centred on ``train_mean``, fold after fold (each
+    fold's validation rows contiguous, n_vals[f] of them). With H_f = X̃_valᵀ X̃_val and H = Σ_f H_f
+    (the training Gram matrix), fold f fits on the rest: G_f = H - H_f - n_fit d dᵀ with d its
+    fit rows' mean of X̃. That is n_train p² multiply-adds in all, against (K n_fit + n_train) p²
+    for a product per basis: 3.5x fewer at 7 folds. The subtraction is exact to float64 round-off
+    of H (~1e-16 of its norm), far below the eigenvalues the bases keep (>= 1e-12 of the largest).
+    The H_f are held until their fold's turn (K p² floats).
+    """
+    parts, start = [], 0
+    for n_val in n_vals:
+        block = Xc[start : start + n_val]
+        parts.append((block.T @ block, bk.sum(block, 0)))
+        start += n_val
+    H = sum((h for h, _ in parts[1:]), parts[0][0])  # a new array: the H_f stay as they are
+    total = sum((t for _, t in parts[1:]), parts[0][1])
+    n_train = Xc.shape[0]
+    for f, n_val in enumerate(n_vals):
+        h, t = parts[f]
+        parts[f] = None  # free each fold's H_f once used
+        n_fit = n_train - n_val
+        d = (total - t) / n_fit
+        G = H - h
+        del h
+        G -= n_fit * (d[:, None] * d[None, :])
+        yield train_mean + d, G
+    d = total / n_train
+    H -= n_train * (d[:, None] * d[None, :])
+    yield train_mean + d, H
+
+
 def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "numpy",
             device: str | None = None, cross_products: bool | None = None) -> Decomposition:
     """Decompose every fold and the full training part. X (n, p) -> Decomposition.
@@ -304,12 +351,20 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "num
     bk = get_backend(backend, device)
     Xd = bk.asarray(X, bk.float64)
     order = None if cross_products is False else _fold_order(splits, X.shape[1], force=bool(cross_products))
-    train_mean = None if order is None else bk.mean(Xd[bk.index(splits.train)], 0)
-    folds = tuple(_decompose(bk, Xd, fit, val, dtype, train_mean) for fit, val in splits.folds)
-    final = _decompose(bk, Xd, splits.train, splits.test, dtype, train_mean)
-    centred = None
-    if order is not None:
-        centred = np.ascontiguousarray(bk.to_numpy(Xd[bk.index(order)] - train_mean), dtype=dtype)
+    if order is None:
+        folds = tuple(_decompose(bk, Xd, fit, val, dtype) for fit, val in splits.folds)
+        final = _decompose(bk, Xd, splits.train, splits.test, dtype)
+        return Decomposition(folds=folds, final=final, n_samples=X.shape[0])
+    train_mean = bk.mean(Xd[bk.index(splits.train)], 0)
+    Xc = Xd[bk.index(order)] - train_mean  # (n_train, p): the folds' validation rows contiguous
+    # With more training rows than features, the Gram matrices come from one pass (_fold_grams);
+    # the kernel path (fewer fit rows than features) decomposes each fold's rows itself.
+    n_vals = [val.size for _, val in splits.folds]
+    grams = _fold_grams(bk, Xc, train_mean, n_vals) if Xc.shape[0] - max(n_vals) >= Xc.shape[1] else None
+    bases = [_decompose(bk, Xd, fit, val, dtype, train_mean, None if grams is None else next(grams))
+             for fit, val in list(splits.folds) + [(splits.train, splits.test)]]
+    folds, final = tuple(bases[:-1]), bases[-1]
+    centred = np.ascontiguousarray(bk.to_numpy(Xc), dtype=dtype)
     return Decomposition(folds=folds, final=final, n_samples=X.shape[0], centred=centred, order=order)
 
 
