@@ -77,8 +77,8 @@ class DataSection:
     zscore_sessions: bool = True
     voxel_order: Literal["ijk", "authors_zyx"] = "ijk"
     # voxels per store chunk = one fit task. At BOLD5000's shape a worker peaks at ~0.5 GB +
-    # 0.26 GB per 1000 voxels (1.1 GB at 2000), and 1000-voxel chunks cost 5% more per voxel,
-    # 500-voxel ones 26% (docs/performance.md, memory table).
+    # 0.33 GB per 1000 voxels (1.2 GB at 2000), and 1000-voxel chunks cost ~4% more per voxel,
+    # 500-voxel ones ~11% (docs/performance.md, memory table).
     chunk_size: int = 2000
 
 
