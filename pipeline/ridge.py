@@ -204,15 +204,15 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
     n_fit, p = int(np.asarray(fit_rows).size), int(Xd.shape[1])
     eps = np.finfo(np.float64).eps
     proj_fit = None
+    if gram is not None and n_fit >= p:
+        mean, G = gram
+        Xf = None if cross else Xd[bk.index(fit_rows)] - mean  # only the direct form reads the rows
+    else:
+        Xf = Xd[bk.index(fit_rows)]
+        mean = bk.mean(Xf, 0)
+        Xf = Xf - mean
+        G = Xf.T @ Xf if n_fit >= p else None
     if n_fit >= p:
-        if gram is None:
-            Xf = Xd[bk.index(fit_rows)]
-            mean = bk.mean(Xf, 0)
-            Xf = Xf - mean
-            G = Xf.T @ Xf
-        else:
-            mean, G = gram
-            Xf = None if cross else Xd[bk.index(fit_rows)] - mean
         s, V = bk.eigh(G)
         del G
         keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
@@ -220,9 +220,6 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
         if not cross:  # the cross-product form never needs the fit rows' projection
             proj_fit = (Xf @ V).T
     else:
-        Xf = Xd[bk.index(fit_rows)]
-        mean = bk.mean(Xf, 0)
-        Xf = Xf - mean
         s, U = bk.eigh(Xf @ Xf.T)
         keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
         s, U = s[keep], U[:, keep]
@@ -591,15 +588,14 @@ def _scaled_blocks(bk: Backend, db: _DeviceBasis, ex: Expansion) -> tuple:
     return tuple(out)
 
 
-def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: Expansion, alpha_batch: int,
-                      work=None, blocks: tuple | None = None):
+def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: Expansion, work=None,
+                      blocks: tuple | None = None):
     """One fold's CV-error estimate and certified interval for every alpha: three (a, v) float64.
 
     The estimate uses q̂ = ||Σ_j A_j Q_j||² (Σ_g r_g k_g columns of products instead of a k);
     the interval adds the truncation bound and the round-off margin. ``work``: a flat buffer of
     at least v r n elements of the products' dtype for the Q_j, or None (allocated here).
-    ``blocks``: :func:`_scaled_blocks` of this fold and expansion, or None (scaled here,
-    ``alpha_batch`` rows at a time).
+    ``blocks``: :func:`_scaled_blocks` of this fold and expansion, or None (made here).
     """
     dtype = db.proj_eval.dtype
     n, k = db.proj_eval.shape
@@ -613,15 +609,10 @@ def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, ex: 
     if work is None:
         work = bk.empty((v * r * n,), dtype)
     Q = work[: v * r * n].reshape(v, r * n)
-    for g, ((start, stop, offset), B) in enumerate(zip(ex.groups, ex.B_over_s)):
-        if blocks is not None:
-            bk.matmul_into(t.Z[start:stop].T, blocks[g].T, Q[:, offset * n : (offset + B.shape[0]) * n])
-            continue
-        B = bk.asarray(B, dtype)
-        for j0 in range(0, B.shape[0], alpha_batch):
-            j1 = min(j0 + alpha_batch, B.shape[0])
-            Eb = (db.proj_eval[None, :, start:stop] * B[j0:j1, None, :]).reshape((j1 - j0) * n, stop - start)
-            bk.matmul_into(t.Z[start:stop].T, Eb.T, Q[:, (offset + j0) * n : (offset + j1) * n])
+    if blocks is None:
+        blocks = _scaled_blocks(bk, db, ex)
+    for (start, stop, offset), block in zip(ex.groups, blocks):
+        bk.matmul_into(t.Z[start:stop].T, block.T, Q[:, offset * n : offset * n + block.shape[0]])
     Q = Q.reshape(v, r, n)
     M = bk.astype((Q @ bk.swap_last(Q)).reshape(v, r * r), bk.float64)  # (v, r²)
     del Q
@@ -741,6 +732,7 @@ def ridge_cv(
 
     Y (n, v) responses for all n rows (finite); alphas (a,) positive. Voxels are processed
     ``voxel_batch`` at a time; memory grows linearly with it (see docs/performance.md).
+    ``alpha_batch``: alphas per product of the exhaustive sweep (and of :func:`cv_errors`).
     ``search``: "certified" (default; same alphas as "exhaustive", see the module docstring) or
     "exhaustive" (every alpha evaluated). ``backend``/``device``: see :mod:`pipeline.backend`.
     ``tolerance``: the certified search's expansion accuracy (default ``_EXPANSION_TOL``); the
@@ -823,7 +815,7 @@ def ridge_cv(
             if work is None or work.shape[0] < need:
                 work = None  # release the old buffer before the new one
                 work = bk.empty((need,), folds[0].dtype)
-            err, idx = _certified_search(bk, folds, terms, al, alphas, expansions, blocks, alpha_batch, meter, work)
+            err, idx = _certified_search(bk, folds, terms, al, alphas, expansions, blocks, meter, work)
         del terms
         errors[:, sl] = err
         index[sl] = idx
@@ -902,7 +894,7 @@ class _Expansions:
         return planned
 
 
-def _certified_search(bk, folds, terms, al, alphas, expansions, blocks, alpha_batch, meter, work):
+def _certified_search(bk, folds, terms, al, alphas, expansions, blocks, meter, work):
     """-> (cv error (a, v) numpy, chosen index (v,)) for one voxel batch; ``blocks``, ``work``: the
     scaled evaluation features and the Q_j buffer (see :func:`_certified_bounds`)."""
     est = low = high = 0.0
@@ -910,7 +902,7 @@ def _certified_search(bk, folds, terms, al, alphas, expansions, blocks, alpha_ba
         n, k = db.proj_eval.shape
         v, r, a = t.Z.shape[1], ex.rank, alphas.size
         with meter.phase("lowrank", 2 * v * (ex.products * n + r * r * n + a * r * r + 2 * a * k)):
-            e, lo, hi = _certified_bounds(bk, db, t, al, ex, alpha_batch, work, blk)
+            e, lo, hi = _certified_bounds(bk, db, t, al, ex, work, blk)
             est, low, high = est + e, low + lo, high + hi
         t.CZ = None  # not needed any more: free it before the next fold's temporaries
     est, low, high = (bk.to_numpy(x) / len(folds) for x in (est, low, high))

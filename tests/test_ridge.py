@@ -256,12 +256,12 @@ def test_certified_bounds_enclose_the_exact_errors():
                 ex = expansion.expand(db.s_np, alphas, expansion.plan_groups(db.s_np, alphas, tol), tol)
             else:
                 ex = expansion.expand(db.s_np, alphas, _plan(db.s_np, alphas, plan))
-            est, low, high = ridge._certified_bounds(bk, db, t, alphas, ex, 10)
+            est, low, high = ridge._certified_bounds(bk, db, t, alphas, ex)
             assert np.all(low <= e) and np.all(e <= high)
             assert np.all(low <= est) and np.all(est <= high)
-            # the same products from the precomputed scaled features, into a reused buffer
+            # the same products from scaled features made beforehand, into a larger buffer
             work = np.empty(Y.shape[1] * ex.rank * db.n_eval + 7, np.float32)
-            again = ridge._certified_bounds(bk, db, t, alphas, ex, 10, work, ridge._scaled_blocks(bk, db, ex))
+            again = ridge._certified_bounds(bk, db, t, alphas, ex, work, ridge._scaled_blocks(bk, db, ex))
             for x, y in zip(again, (est, low, high)):
                 np.testing.assert_allclose(x, y, rtol=1e-6)
 
