@@ -11,12 +11,15 @@ The dashboard link is always printed. Imports nothing else of neurotask.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
 
-from cluster.errors import ClusterConfigError
+from neurotask.cluster.errors import ClusterConfigError
+
+logger = logging.getLogger(__name__)
 
 
 _LOCAL_KEYS = {"kind", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "processes"}
@@ -49,7 +52,7 @@ def local_cluster(section: dict[str, Any]) -> LocalCluster:
 
 
 @contextlib.contextmanager
-def open_client(section: dict[str, Any] | None, *, log: Callable[[str], None] = print) -> Iterator[Client]:
+def open_client(section: dict[str, Any] | None) -> Iterator[Client]:
     """Start (or connect to) the configured cluster; yield a Client; shut down what we started."""
     section = dict(section or {"kind": "local"})
     kind = section.get("kind", "local")
@@ -58,9 +61,9 @@ def open_client(section: dict[str, Any] | None, *, log: Callable[[str], None] = 
             cluster = stack.enter_context(local_cluster(section))
             client = stack.enter_context(Client(cluster))
         elif kind == "slurm":
-            from cluster.slurm import connect_client, start_slurm_cluster
+            from neurotask.cluster.slurm import connect_client, start_slurm_cluster
 
-            cluster, security = start_slurm_cluster(section, log=log)
+            cluster, security = start_slurm_cluster(section)
             stack.callback(cluster.close)
             client = stack.enter_context(connect_client(cluster, security))
         elif kind == "address":
@@ -80,5 +83,5 @@ def open_client(section: dict[str, Any] | None, *, log: Callable[[str], None] = 
             client = stack.enter_context(Client(section["address"], security=security, timeout="30s"))
         else:
             raise ClusterConfigError(f"cluster.kind must be 'local', 'slurm' or 'address', got {kind!r}")
-        log(f"Dask dashboard: {client.dashboard_link}")
+        logger.info(f"Dask dashboard: {client.dashboard_link}")
         yield client

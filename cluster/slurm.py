@@ -20,12 +20,13 @@ from __future__ import annotations
 import difflib
 import getpass
 import inspect
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import dask
@@ -39,8 +40,10 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from cluster.errors import ClusterConfigError
-from cluster.security import cert_directory, temporary_security
+from neurotask.cluster.errors import ClusterConfigError
+from neurotask.cluster.security import cert_directory, temporary_security
+
+logger = logging.getLogger(__name__)
 
 
 # Keys of the `cluster:` section (kind slurm) and their defaults.
@@ -269,7 +272,6 @@ def _check_with_sbatch(cluster: SLURMCluster, slurm: Mapping[str, Any]) -> None:
 def start_slurm_cluster(
     section: dict,
     *,
-    log: Callable[[str], Any] = print,
     check_with_sbatch: bool = True,
 ) -> tuple[SLURMCluster, Security | None]:
     """Start a Dask scheduler here and SLURM worker jobs scaled adaptively.
@@ -282,7 +284,7 @@ def start_slurm_cluster(
     ClusterConfigError naming the option.
 
     Returns the cluster (scaling between minimum_jobs and maximum_jobs) and the Security
-    object the client must use (None when cluster.tls is false). ``log`` receives the
+    object the client must use (None when cluster.tls is false). It logs the
     dashboard link and, as jobs are submitted, connect and leave, their SLURM job ids.
     """
     s = validate_section(section)
@@ -310,8 +312,8 @@ def start_slurm_cluster(
         kwargs["shared_temp_directory"] = cert_directory(
             config_name, slurm.get("shared_temp_directory"))
     else:
-        log("cluster.tls is false: scheduler, worker and client traffic is NOT encrypted and "
-            "anyone who can reach the scheduler's port can run code as you")
+        logger.info("cluster.tls is false: scheduler, worker and client traffic is NOT encrypted and "
+                    "anyone who can reach the scheduler's port can run code as you")
 
     try:
         cluster = SLURMCluster(**kwargs)
@@ -320,14 +322,14 @@ def start_slurm_cluster(
     try:
         if check_with_sbatch:
             _check_with_sbatch(cluster, slurm)
-        _watch_jobs(cluster, log)
+        _watch_jobs(cluster)
         cluster.adapt(minimum_jobs=s["minimum_jobs"], maximum_jobs=s["maximum_jobs"])
     except BaseException:
         cluster.close()
         raise
-    log(f"Dask scheduler {cluster.scheduler_address}; SLURM workers scale between "
-        f"{s['minimum_jobs']} and {s['maximum_jobs']} jobs")
-    log(dashboard_message(cluster))
+    logger.info(f"Dask scheduler {cluster.scheduler_address}; SLURM workers scale between "
+                f"{s['minimum_jobs']} and {s['maximum_jobs']} jobs")
+    logger.info(dashboard_message(cluster))
     return cluster, cluster.security if s["tls"] else None
 
 
@@ -363,8 +365,8 @@ class _JobLog(SchedulerPlugin):
 
     name = "neurotask-slurm-job-log"
 
-    def __init__(self, cluster: SLURMCluster, log: Callable[[str], Any]):
-        self.cluster, self.log = cluster, log
+    def __init__(self, cluster: SLURMCluster):
+        self.cluster = cluster
         self.submitted: set[str] = set()
         self.connected: dict[str, tuple[str, str]] = {}  # worker address -> (name, job id)
 
@@ -373,7 +375,7 @@ class _JobLog(SchedulerPlugin):
         for worker, job_id in ids.items():
             if job_id not in self.submitted:
                 self.submitted.add(job_id)
-                self.log(f"SLURM job {job_id} submitted for Dask worker {worker}")
+                logger.info(f"SLURM job {job_id} submitted for Dask worker {worker}")
         return ids
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
@@ -381,16 +383,16 @@ class _JobLog(SchedulerPlugin):
         ws = scheduler.workers.get(worker)
         name = str(ws.name) if ws is not None else "?"
         self.connected[worker] = (name, ids.get(name, "?"))
-        self.log(f"Dask worker {name} connected from SLURM job {self.connected[worker][1]} ({worker})")
+        logger.info(f"Dask worker {name} connected from SLURM job {self.connected[worker][1]} ({worker})")
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         name, job_id = self.connected.pop(worker, ("?", "?"))
-        self.log(f"Dask worker {name} (SLURM job {job_id}) left the cluster")
+        logger.info(f"Dask worker {name} (SLURM job {job_id}) left the cluster")
 
 
-def _watch_jobs(cluster: SLURMCluster, log: Callable[[str], Any]) -> None:
+def _watch_jobs(cluster: SLURMCluster) -> None:
     """Log SLURM job ids as jobs are submitted, and as their workers connect and leave."""
-    plugin = _JobLog(cluster, log)
+    plugin = _JobLog(cluster)
     cluster.scheduler.add_plugin(plugin)  # before any job exists: adapt() comes after
 
     def check() -> None:

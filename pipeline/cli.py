@@ -17,92 +17,117 @@ Errors a user can cause print one message and exit with status 2, without a trac
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
-from cluster import ClusterConfigError, open_client
-from pipeline.config import Config, load_config
-from pipeline.errors import NeurotaskError, StoreError
+from neurotask.cluster import ClusterConfigError, open_client
+from neurotask.pipeline.config import Config, load_config
+from neurotask.pipeline.errors import NeurotaskError, StoreError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
+logger = logging.getLogger("neurotask")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message is emitted (not when the handler
+    was made), so a redirected or captured stdout gets the messages."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(level: int) -> None:
+    """Our messages as plain lines on stdout (the progress bar has stderr). Dask's own loggers
+    are left as Dask's config sets them."""
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
 
 
 def _simulate(cfg: Config) -> None:
-    from pipeline.simulate import simulate_study
+    from neurotask.pipeline.stages.simulate import simulate_study
 
-    simulate_study(cfg, log=log)
+    simulate_study(cfg)
 
 
 def _featurize(cfg: Config, overwrite: bool) -> None:
-    from pipeline.featurize import all_done, featurize, preflight
+    from neurotask.pipeline.stages.featurize import all_done, featurize, preflight
 
     if not overwrite and all_done(cfg):
-        log("features already computed for every feature space and image, skipped")
+        logger.info("features already computed for every feature space and image, skipped")
         return
     plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
-    with open_client(cfg.cluster, log=log) as client:
-        report = featurize(cfg, client, overwrite=overwrite, plan=plan, log=log)
+    with open_client(cfg.cluster) as client:
+        report = featurize(cfg, client, overwrite=overwrite, plan=plan)
     devices = ", ".join(sorted(report.devices)) or "-"
-    log(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
+    logger.info(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
         f"{report.skipped} already done, device {devices}, {report.seconds:.1f} s")
 
 
 def _ingest(cfg: Config, overwrite: bool) -> None:
-    from pipeline.ingest import ingest
+    from neurotask.pipeline.stages.ingest import ingest
 
-    ingest(cfg, overwrite=overwrite, log=log)
+    ingest(cfg, overwrite=overwrite)
 
 
 def _fit(cfg: Config, overwrite: bool) -> None:
-    from pipeline.fit import fit
-    from pipeline.summary import summary_table
-    from storage import StudyStore
+    from neurotask.pipeline.stages.fit import fit
+    from neurotask.pipeline.stages.summary import summary_table
+    from neurotask.storage import StudyStore
 
-    with open_client(cfg.cluster, log=log) as client:
-        report = fit(cfg, client, overwrite=overwrite, log=log)
-    log(f"fit: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
+    with open_client(cfg.cluster) as client:
+        report = fit(cfg, client, overwrite=overwrite)
+    logger.info(f"fit: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
     store = StudyStore(cfg.store_path)
     results = {s: store.results(s).sel(task=cfg.tasks) for s in cfg.study.subjects}
-    log("")
-    log(summary_table(results))
-    log(f"\nresults: {cfg.store_path} (groups results/<subject>)")
+    logger.info("")
+    logger.info(summary_table(results))
+    logger.info(f"\nresults: {cfg.store_path} (groups results/<subject>)")
 
 
 def _analyse(cfg: Config, overwrite: bool) -> None:
-    from pipeline.analysis_stage import run_analysis, summary_lines
+    from neurotask.pipeline.stages.analyse import run_analysis, summary_lines
 
-    analysis = run_analysis(cfg, overwrite=overwrite, log=log)
+    analysis = run_analysis(cfg, overwrite=overwrite)
     for line in summary_lines(analysis):
-        log(line)
+        logger.info(line)
 
 
 def _report(cfg: Config) -> Path:
-    from pipeline.report import write_report
+    from neurotask.pipeline.stages.report import write_report
 
-    return write_report(cfg, log=log)
+    return write_report(cfg)
 
 
 def _import_published(cfg: Config, directory: Path, masks: Path | None, overwrite: bool) -> None:
-    from pipeline.import_published import import_published
+    from neurotask.pipeline.stages.import_published import import_published
 
-    import_published(cfg, directory, masks=masks, overwrite=overwrite, log=log)
-    log(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` and `neurotask report`")
+    import_published(cfg, directory, masks=masks, overwrite=overwrite)
+    logger.info(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` and `neurotask report`")
 
 
 def _status(cfg: Config) -> None:
-    from pipeline.status import status_lines
+    from neurotask.pipeline.stages.status import status_lines
 
     for line in status_lines(cfg):
-        log(line)
+        logger.info(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurotask", description=__doc__.split("\n")[0])
+    volume = parser.add_mutually_exclusive_group()
+    volume.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    volume.add_argument("-v", "--verbose", action="store_true", help="print debugging messages too")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("run", "simulate and featurize (if configured), ingest, fit and summarise"),
                         ("simulate", "write a synthetic study in BOLD5000's formats"),
@@ -128,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config)
@@ -155,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             _ingest(cfg, args.overwrite)
             _fit(cfg, args.overwrite)
             if len(cfg.tasks) < 2:
-                log(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
+                logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
             else:
                 _analyse(cfg, args.overwrite)
                 index = _report(cfg)
-                log(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
+                logger.info(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
         return 2

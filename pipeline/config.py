@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import ConfigError
-from pipeline.tasks import task_names
+from neurotask.pipeline.errors import ConfigError
+from neurotask.pipeline.tasks import task_names
 
 
 @dataclass
@@ -30,7 +30,7 @@ class StudySection:
 
 @dataclass
 class SimulateSection:
-    """A synthetic study written in the real BOLD5000 file formats (pipeline.simulate)."""
+    """A synthetic study written in the real BOLD5000 file formats (pipeline.stages.simulate)."""
 
     seed: int = 0
     n_images: int = 1000
@@ -42,7 +42,7 @@ class SimulateSection:
     volume_shape: list[int] = field(default_factory=lambda: [22, 24, 14])
     noise_voxel_fraction: float = 0.4  # of non-ROI brain voxels: pure noise
     signal_variance: list[float] = field(default_factory=lambda: [0.05, 0.6])  # noise var = 1
-    # For the real featurizer on a synthetic study (pipeline.images, pipeline.weights): synthetic
+    # For the real featurizer on a synthetic study (pipeline.features.images, pipeline.features.weights): synthetic
     # image files named like the study's images under features.images_dir, and randomly
     # initialised encoders in the official checkpoint format for features.tasks in weights_dir.
     write_images: bool = False
@@ -104,7 +104,7 @@ class FitSection:
 
 @dataclass
 class AnalysisSection:
-    """Brain task structure from the fitted results (pipeline.analysis); never refits."""
+    """Brain task structure from the fitted results (pipeline.stats.task_structure); never refits."""
 
     significance: Literal["parametric", "permutation", "stored", "none"] = "parametric"
     fdr: float = 0.05
@@ -120,7 +120,7 @@ class AnalysisSection:
 
 @dataclass
 class ReportSection:
-    """Figures, NIfTI maps and the HTML page (pipeline.report)."""
+    """Figures, NIfTI maps and the HTML page (pipeline.stages.report)."""
 
     task: str | None = None  # task of the whole-brain r map (Figure 2); None: most significant voxels
     n_slices: int = 16  # axial slices per mosaic
@@ -132,7 +132,7 @@ class FeaturesSection:
     """``neurotask featurize``: the feature spaces computed from the study's images.
 
     tasks, weights_dir, output, preprocessing, noise_seed and extra are read by
-    ``pipeline.feature_spaces.feature_spaces_from_config``; ``extra`` entries are
+    ``pipeline.features.spaces.feature_spaces_from_config``; ``extra`` entries are
     ``{name, kind, ...options}`` and their names are tasks like the Taskonomy ones downstream.
     Relative paths (weights_dir, an extra space's state_dict/weights) are relative to the config
     file; images_dir, like data paths, is under data.root or else the workdir."""
@@ -381,7 +381,7 @@ def _check_features(cfg: Config) -> None:
         if e.get("name") in task_names():
             raise ConfigError(f"{f}: features.extra[{i}].name {e.get('name')!r} is a Taskonomy task name; "
                               "list Taskonomy tasks in features.tasks, or give this feature space another name")
-    from pipeline.feature_spaces import FeatureSpaceError, feature_spaces_from_config  # imports torch
+    from neurotask.pipeline.features.spaces import FeatureSpaceError, feature_spaces_from_config  # imports torch
 
     try:
         feature_spaces_from_config(feat.spaces_mapping(cfg.resolve))

@@ -1,7 +1,7 @@
 """Exceptions for errors a user can cause. The CLI prints their message, without a
 traceback, and exits non-zero."""
 
-from storage import StoreError  # noqa: F401  (raised by the store; also user-facing)
+from neurotask.storage import StoreError  # noqa: F401  (raised by the store; also user-facing)
 
 
 class NeurotaskError(Exception):

@@ -27,7 +27,7 @@ class TaskInfo:
 @lru_cache(maxsize=1)
 def taskonomy_tasks() -> tuple[TaskInfo, ...]:
     """The 21 tasks, in the authors' model_config order."""
-    text = resources.files("pipeline").joinpath("data/taskonomy_tasks.json").read_text()
+    text = resources.files("neurotask.pipeline").joinpath("data/taskonomy_tasks.json").read_text()
     return tuple(TaskInfo(**t) for t in json.loads(text)["tasks"])
 
 

@@ -12,7 +12,7 @@ both) on each batch. Two comparisons, each in one run on the same images:
      under no_grad (the modules equal the port's ``visualpriors.TaskonomyEncoder``, see
      tests/test_encoders.py).
    The runs are interleaved per batch and repeated; medians are reported.
-2. the whole pipeline (``--mode dask``): ``pipeline.featurize.featurize`` on a one-worker
+2. the whole pipeline (``--mode dask``): ``pipeline.stages.featurize.featurize`` on a one-worker
    local Dask cluster (one task at a time, the same torch threads as the plain loop), from
    image files located by name to features in the Zarr store with progress markers, vs the
    plain loop over the same files with the encoders loaded from the same checkpoints (in the
@@ -53,11 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from pipeline.encoders import TaskonomyEncoder, random_encoder  # noqa: E402
-from pipeline.feature_spaces import (TaskonomyExtractor, TaskonomyFeatureSpace, exact_float32,  # noqa: E402
+from neurotask.pipeline.features.encoders import TaskonomyEncoder, random_encoder  # noqa: E402
+from neurotask.pipeline.features.spaces import (TaskonomyExtractor, TaskonomyFeatureSpace, exact_float32,  # noqa: E402
                                      extract_batch)
-from pipeline.preprocess import decode_images, noise_seed  # noqa: E402
-from pipeline.tasks import task_names  # noqa: E402
+from neurotask.pipeline.features.preprocess import decode_images, noise_seed  # noqa: E402
+from neurotask.pipeline.tasks import task_names  # noqa: E402
 
 
 def synthetic_jpegs(n: int, height: int, width: int, seed: int) -> list[bytes]:
@@ -280,12 +280,12 @@ def _process_cpu() -> float:
 def bench_dask(args: argparse.Namespace, tasks: list[str], height: int, width: int, n_images: int) -> dict:
     from distributed import Client, LocalCluster
 
-    from pipeline.config import load_config
-    from pipeline.featurize import featurize, preflight
-    from pipeline.images import subfolder_for, write_synthetic_images
-    from pipeline.simulate import image_names
-    from pipeline.weights import find_checkpoint, load_taskonomy_encoder, write_random_checkpoints
-    from storage import StudyStore
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.stages.featurize import featurize, preflight
+    from neurotask.pipeline.features.images import subfolder_for, write_synthetic_images
+    from neurotask.pipeline.stages.simulate import image_names
+    from neurotask.pipeline.features.weights import find_checkpoint, load_taskonomy_encoder, write_random_checkpoints
+    from neurotask.storage import StudyStore
 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench_featurize_") as tmp:

@@ -8,7 +8,7 @@ store (features/<task>, responses/<subject> in chunks of ``--chunk`` voxels).
 - ``engine``: in this process, with as many BLAS threads as the cluster has cores in all,
   from arrays already in memory: the design's z-scoring, ``ridge.prepare``, then for each chunk
   ``ridge.ridge_cv`` and ``stats.test_scores`` (the arithmetic a fit task does, and no more);
-- ``fit``: ``pipeline.fit.fit`` (what ``neurotask fit`` runs) on a LocalCluster of
+- ``fit``: ``pipeline.stages.fit.fit`` (what ``neurotask fit`` runs) on a LocalCluster of
   ``--workers`` x ``--threads-per-worker``: the decomposition task, one task per chunk reading
   its chunk from Zarr and writing its results region and progress marker, the FDR pass.
 
@@ -40,15 +40,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_ridge import _device_name, make_problem  # noqa: E402
-from pipeline import ridge, stats  # noqa: E402
+from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline.stats import scores as stats  # noqa: E402
 
 TASK, SUBJECT = "rgb2depth", "CSI1"
 
 
 def build_study(workdir: Path, args) -> tuple[Path, np.ndarray, np.ndarray]:
     """Write the synthetic study; returns (config path, X (n, p) float32, Y (n, v) float32)."""
-    from pipeline.config import load_config
-    from storage import StudyStore
+    from neurotask.pipeline.config import load_config
+    from neurotask.storage import StudyStore
 
     X, Y = make_problem(args.n, args.p, args.voxels, seed=args.seed)
     cfg_dict = {
@@ -79,7 +80,7 @@ def run_engine(cfg, X: np.ndarray, Y: np.ndarray) -> dict:
     """The fit's arithmetic alone, in this process (BLAS threads set by the caller): the same
     decomposition and engine options as ``neurotask fit``, no store, no Dask. Also returns the
     first chunk's alphas and test r, to check the stored results against."""
-    from pipeline.fit import alpha_grid, decompose_design, engine_options
+    from neurotask.pipeline.stages.fit import alpha_grid, decompose_design, engine_options
 
     t0, c0 = time.perf_counter(), time.process_time()
     dec = decompose_design(X, cfg)
@@ -113,7 +114,7 @@ def _warm_up(device: str | None) -> None:
 
 
 def run_fit(cfg, client) -> dict:
-    from pipeline.fit import fit
+    from neurotask.pipeline.stages.fit import fit
 
     before = client.run(_worker_usage)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -129,7 +130,7 @@ def run_fit(cfg, client) -> dict:
 
 def check_results(cfg, first_chunk: dict) -> dict:
     """The stored alphas and test r of the first chunk against the engine's."""
-    from storage import StudyStore
+    from neurotask.storage import StudyStore
 
     store = StudyStore(cfg.store_path)
     n = first_chunk["alpha"].size
@@ -160,8 +161,8 @@ def main() -> None:
 
     from threadpoolctl import threadpool_limits
 
-    from cluster import open_client
-    from pipeline.config import load_config
+    from neurotask.cluster import open_client
+    from neurotask.pipeline.config import load_config
 
     cores = args.workers * args.threads_per_worker
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of the permutation test of test r for one voxel chunk, at BOLD5000 shape.
 
-Times ``pipeline.stats.permutation_test`` (product design: one (A, n) @ (n, C) float32 GEMM per
+Times ``pipeline.stats.scores.permutation_test`` (product design: one (A, n) @ (n, C) float32 GEMM per
 voxel) on a chunk of synthetic test responses and predictions, and in the same run two
 references: the straightforward batched i.i.d. shuffle (gather + einsum, float32) on a
 subset of the voxels, and a large float32 GEMM (the machine's BLAS peak). Reports wall and
@@ -23,7 +23,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline import stats
+from neurotask.pipeline.stats import scores as stats
 
 # Fit cost per voxel of the shared-decomposition ridge CV at BOLD5000 shape (n = 4916,
 # p = 2048, 7 folds), from PERFORMANCE-FACTS.md: 2 threads, 20 and 100 alphas.

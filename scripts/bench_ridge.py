@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import ridge  # noqa: E402
+from neurotask.pipeline.ridge import cv as ridge  # noqa: E402
 
 # --------------------------------------------------------------------------- data
 

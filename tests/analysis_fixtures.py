@@ -74,7 +74,7 @@ def _run_study(tmp_path_factory) -> Study:
     import contextlib
     import io
 
-    from pipeline import cli
+    from neurotask.pipeline import cli
 
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
     d = tmp_path_factory.mktemp("analysis_study")

@@ -17,9 +17,9 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
-from pipeline.bold5000 import REP_PREFIX, ROI_NAMES
-from pipeline.config import Config
-from pipeline.ingest import data_file
+from neurotask.pipeline.formats.bold5000 import REP_PREFIX, ROI_NAMES
+from neurotask.pipeline.config import Config
+from neurotask.pipeline.stages.ingest import data_file
 
 
 from conftest import reference_path as reference_dir  # noqa: E402,F401

@@ -3,8 +3,11 @@ data shipped beside the checkout (../shared/reference)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -42,12 +45,43 @@ def write_config(path: Path, cfg: dict) -> Path:
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> Path:
     """Config path of a small study that has been simulated, ingested and fitted once."""
-    from pipeline import cli
+    from neurotask.pipeline import cli
 
     d = tmp_path_factory.mktemp("small")
     path = write_config(d / "study.yaml", small_config_dict(d / "work"))
     assert cli.main(["run", "--config", str(path)]) == 0
     return path
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(logging.INFO)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def collect_logs() -> Iterator[list[str]]:
+    """The messages of the ``neurotask`` logger (INFO and up) while the block runs, in order."""
+    messages: list[str] = []
+    logger = logging.getLogger("neurotask")
+    handler, level = _ListHandler(messages), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """The ``neurotask`` logger's messages during the test."""
+    with collect_logs() as messages:
+        yield messages
 
 
 def reference_path() -> Path:

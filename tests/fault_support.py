@@ -1,6 +1,6 @@
 """Helpers for tests/test_fault_tolerance.py: a small simulated study, configs for it, reading
 its results and progress markers, a `neurotask` driver process the tests can SIGKILL, and a
-journaling wrapper of ``pipeline.fit.fit_unit`` that records every execution of a unit."""
+journaling wrapper of ``neurotask.pipeline.stages.fit.fit_unit`` that records every execution of a unit."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import numpy as np
 import psutil
 import yaml
 
-from pipeline.fit import Unit
-from pipeline.fit import fit_unit as _real_fit_unit
-from storage import RESULT_VARS, Progress, StudyStore
+from neurotask.pipeline.stages.fit import Unit
+from neurotask.pipeline.stages.fit import fit_unit as _real_fit_unit
+from neurotask.storage import RESULT_VARS, Progress, StudyStore
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def write_config(path: Path, workdir: Path, *, subjects=SUBJECTS, tasks=TASKS,
 
 def prepare_study(root: Path) -> Path:
     """Simulate and ingest the study (both subjects, all four tasks) under root/study."""
-    from pipeline.cli import main
+    from neurotask.pipeline.cli import main
 
     workdir = root / "study"
     cfg = write_config(root / "prepare.yaml", workdir, simulate=True)
@@ -136,7 +136,7 @@ def start_neurotask(args: list[str], log: Path, env: dict | None = None) -> subp
     """`neurotask ARGS` in a new session (its own process group), output to ``log``."""
     out = open(log, "w")
     try:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "neurotask", *args], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, env=env or neurotask_env(),
                                 start_new_session=True)
     finally:
@@ -201,7 +201,7 @@ GATE_EVENT = "neurotask-test-gate"
 
 
 def journaled_fit_unit(journal_dir: str, gate_pair: tuple[str, str] | None, *args, **kwargs) -> dict:
-    """``pipeline.fit.fit_unit(*args, **kwargs)`` with a record of each execution in
+    """``neurotask.pipeline.stages.fit.fit_unit(*args, **kwargs)`` with a record of each execution in
     journal_dir/<unit>.log: "begin JOB" before, "end JOB wrote|skipped" after (wrote: this
     execution wrote the unit's marker). Units of ``gate_pair`` first wait for the distributed
     Event GATE_EVENT, so the test decides when the end of the fit may run. Only the Unit and

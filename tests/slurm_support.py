@@ -116,10 +116,10 @@ def _drive(section_json: str) -> None:
     """Start a SLURM cluster from a JSON section, print READY and the job ids, then idle."""
     import json
 
-    from cluster.slurm import connect_client, start_slurm_cluster, worker_job_ids
+    from neurotask.cluster.slurm import connect_client, start_slurm_cluster, worker_job_ids
 
     section = json.loads(section_json)
-    cluster, security = start_slurm_cluster(section, log=lambda m: print(m, flush=True))
+    cluster, security = start_slurm_cluster(section)
     client = connect_client(cluster, security)
     client.wait_for_workers(section["minimum_jobs"], timeout=90)
     print("READY", " ".join(sorted(set(worker_job_ids(cluster).values()))), flush=True)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import cli
-from pipeline import similarity as S
-from pipeline.analysis import analyse
-from pipeline.analysis_stage import ANALYSIS_GROUP, AnalysisStageError, read_analysis, run_analysis
-from pipeline.config import load_config
-from pipeline.tasks import task_names
-from storage import StudyStore
+from neurotask.pipeline import cli
+from neurotask.pipeline.stats import similarity as S
+from neurotask.pipeline.stats.task_structure import analyse
+from neurotask.pipeline.stages.analyse import ANALYSIS_GROUP, AnalysisStageError, read_analysis, run_analysis
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.tasks import task_names
+from neurotask.storage import StudyStore
 from analysis_fixtures import analysis_config_dict, analysis_study, snapshot, write_config  # noqa: F401
 
 
@@ -49,7 +49,7 @@ def test_analysis_is_stored_as_labelled_xarray(analysis_study):
         np.testing.assert_array_equal(a[name].values, direct[name].transpose(*a[name].dims).values, err_msg=name)
 
 
-def test_rerun_never_refits_and_is_identical(study_copy):
+def test_rerun_never_refits_and_is_identical(study_copy, logs):
     cfg = load_config(study_copy)
     fit_before = snapshot(cfg.workdir / "progress" / "fit")
     results_before = snapshot(cfg.store_path / "results")
@@ -63,16 +63,16 @@ def test_rerun_never_refits_and_is_identical(study_copy):
     assert snapshot(cfg.store_path / "results") == results_before
     # without --overwrite the stored analysis is found and not rewritten
     stored = snapshot(cfg.store_path / "analysis")
-    log: list[str] = []
-    run_analysis(cfg, log=log.append)
-    assert any("skipped" in line for line in log)
+    logs.clear()
+    run_analysis(cfg)
+    assert any("skipped" in line for line in logs)
     assert snapshot(cfg.store_path / "analysis") == stored
 
 
 def test_changed_settings_recompute(study_copy):
     cfg = load_config(study_copy, overrides={"analysis": {"linkage": "ward", "n_clusters": 4}})
     before = read_analysis(cfg)
-    out = run_analysis(cfg, log=lambda _: None)
+    out = run_analysis(cfg)
     assert out.attrs["linkage"] == "ward" and out.attrs["n_clusters"] == 4
     assert out.attrs["input_fingerprint"] != before.attrs["input_fingerprint"]
     np.testing.assert_array_equal(out["similarity"].values, before["similarity"].values)  # same inputs
@@ -119,12 +119,12 @@ def test_the_recovered_tree_finds_the_planted_taskonomy_clusters(analysis_study)
     assert float(a["spearman_taskonomy_mean"]) > 0 and float(a["mantel_p_mean"]) < 0.05
 
 
-def test_permutation_significance_uses_the_stored_permutation_p_values(study_copy):
+def test_permutation_significance_uses_the_stored_permutation_p_values(study_copy, logs):
     from statsmodels.stats.multitest import multipletests
 
     cfg = load_config(study_copy, overrides={"analysis": {"significance": "permutation"}})
-    log: list[str] = []
-    out = run_analysis(cfg, log=log.append)
+    logs.clear()
+    out = run_analysis(cfg)
     assert out.attrs["significance"] == "permutation"
     res = StudyStore(cfg.store_path).results("CSI1")
     p = res["pvalue_perm"].sel(task=list(out["task"].values)).values
@@ -134,7 +134,7 @@ def test_permutation_significance_uses_the_stored_permutation_p_values(study_cop
     # floor; the tasks of the small clusters (fewer driven voxels) get none, and the log says why
     empty = [str(t) for t, n in zip(out["task"].values, expected) if n == 0]
     assert empty and all(t in ("denoise", "room_layout", "vanishing_point", "jigsaw") for t in empty)
-    note = next(line for line in log if line.startswith("note: CSI1"))
+    note = next(line for line in logs if line.startswith("note: CSI1"))
     assert ">= 148 of them" in note and all(t in note for t in empty)
 
 

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline import bold5000 as b5
-from pipeline.errors import DataError
+from neurotask.pipeline.formats import bold5000 as b5
+from neurotask.pipeline.errors import DataError
 from bold5000_files import BOLD5000_REF, write_events, write_nifti, write_roi_mat, write_stim_list
 
 SUBJECTS = ("CSI1", "CSI2", "CSI3", "CSI4")

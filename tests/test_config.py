@@ -3,9 +3,9 @@
 import pytest
 
 from conftest import small_config_dict, write_config
-from pipeline import cli
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from neurotask.pipeline import cli
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import ConfigError
 
 
 def _run_cli(capsys, *args):
@@ -64,7 +64,7 @@ def test_cluster_section_errors_are_user_errors(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", cfg)
     # The data must exist for fit to reach the cluster: ingest-less stores fail first, so check
     # the cluster error through open_client directly as well as through the CLI message shape.
-    from cluster import ClusterConfigError, open_client
+    from neurotask.cluster import ClusterConfigError, open_client
     with pytest.raises(ClusterConfigError, match="n_wrokers"):
         with open_client(cfg["cluster"]):
             pass

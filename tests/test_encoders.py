@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.encoders import (MAP_SHAPE, N_FEATURES, TaskonomyEncoder, WeightsMismatchError, build_encoder,
+from neurotask.pipeline.features.encoders import (MAP_SHAPE, N_FEATURES, TaskonomyEncoder, WeightsMismatchError, build_encoder,
                                check_state_dict, encoder_from_state_dict, random_encoder, task_in_channels,
                                taskbank_layout)
-from pipeline.tasks import task_names
+from neurotask.pipeline.tasks import task_names
 
 visualpriors_network = pytest.importorskip("visualpriors.taskonomy_network")
 PortEncoder = visualpriors_network.TaskonomyEncoder

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import expansion, ridge
+from neurotask.pipeline.ridge import expansion
+from neurotask.pipeline.ridge import cv as ridge
 
 
 def test_expansion_plan_groups_the_spectrum():

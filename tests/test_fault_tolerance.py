@@ -28,13 +28,13 @@ import pytest
 from distributed import Event
 
 import fault_support as fs
-import pipeline.fit
-from cluster import open_client
-from cluster.slurm import connect_client, start_slurm_cluster, validate_section, worker_job_ids
-from pipeline.config import load_config
-from pipeline.errors import FitError
-from pipeline.fit import fit
-from pipeline.status import status_lines
+import neurotask.pipeline.stages.fit
+from neurotask.cluster import open_client
+from neurotask.cluster.slurm import connect_client, start_slurm_cluster, validate_section, worker_job_ids
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import FitError
+from neurotask.pipeline.stages.fit import fit
+from neurotask.pipeline.stages.status import status_lines
 from slurm_support import slurm_skip_reason, small_section, squeue_ids, unique_job_name, wait_until_gone
 
 
@@ -42,10 +42,6 @@ from slurm_support import slurm_skip_reason, small_section, squeue_ids, unique_j
 # Decided once, at collection, so that skipped SLURM tests do not build the study first.
 _NO_SLURM = slurm_skip_reason()
 needs_slurm = [pytest.mark.slurm, pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))]
-
-
-def quiet(message: str) -> None:
-    """fit's log, silenced."""
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,7 @@ def units_per_pair(prepared) -> int:
 def local_client():
     """One LocalCluster (2 worker processes) for the in-process fits: workers import the
     pipeline once for the whole module."""
-    with open_client(dict(fs.LOCAL), log=quiet) as client:
+    with open_client(dict(fs.LOCAL)) as client:
         yield client
 
 
@@ -74,7 +70,7 @@ def reference(prepared, tmp_path_factory, units_per_pair, local_client) -> dict:
     """Results of an undisturbed fit on a LocalCluster of 2 worker processes."""
     workdir = fs.copy_study(prepared, tmp_path_factory.mktemp("reference") / "study")
     cfg = load_config(fs.write_config(workdir.parent / "reference.yaml", workdir))
-    report = fit(cfg, local_client, log=quiet)
+    report = fit(cfg, local_client)
     assert report.computed == len(fs.SUBJECTS) * len(fs.TASKS) * units_per_pair
     assert not report.failed
     return fs.results(workdir)
@@ -140,7 +136,7 @@ def test_log_directory_expands_home_and_variables(
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=0,
                             slurm={"log_directory": "$NT_TEST_LOG_ROOT/worker-logs"})
-    cluster, _ = start_slurm_cluster(section, log=quiet)
+    cluster, _ = start_slurm_cluster(section)
     try:
         script = cluster.job_script()
     finally:
@@ -157,7 +153,7 @@ def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
         study, reference, units_per_pair, local_client, tmp_path):
     first = load_config(fs.write_config(tmp_path / "first.yaml", study, subjects=["CSI1"],
                                         tasks=["edge2d", "rgb2sfnorm"]))
-    report = fit(first, local_client, log=quiet)
+    report = fit(first, local_client)
     assert (report.computed, report.skipped) == (2 * units_per_pair, 0)
     before = fs.markers(study)
 
@@ -175,11 +171,11 @@ def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
     gate = ("CSI2", "class_1000")
     journal = tmp_path / "journal"
     journal.mkdir()
-    pipeline.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), gate), pipeline.fit.fit_unit
+    neurotask.pipeline.stages.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), gate), neurotask.pipeline.stages.fit.fit_unit
     try:
         client = local_client
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(fit, grown, client, log=quiet)
+            running = pool.submit(fit, grown, client)
             try:
                 _wait_for(lambda: any(k[:2] == gate for k in fs.read_journal(journal)), 120,
                           "a unit of the gated pair to start")
@@ -197,7 +193,7 @@ def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
                 Event(fs.GATE_EVENT, client=client).set()
             report = running.result(timeout=180)
     finally:
-        pipeline.fit.fit_unit = real
+        neurotask.pipeline.stages.fit.fit_unit = real
 
     assert (report.computed, report.skipped) == (4 * n, 2 * n)
     assert fs.marker_count(study) == 6 * n
@@ -253,7 +249,7 @@ def test_killed_driver_rerun_does_only_missing_units(kind, study, reference, uni
     assert "fit run: interrupted" in text and not any(p[1] == "running" for p in pairs)
     assert sum(int(p[2].split("/")[0]) for p in pairs) == len(done_before)
 
-    report = fit(cfg, local_client, log=quiet)
+    report = fit(cfg, local_client)
     assert report.computed == total - len(done_before)
     assert report.skipped == len(done_before) and not report.failed
     after = fs.markers(study)
@@ -283,7 +279,7 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
         job_name = unique_job_name()
         cluster = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
         # Only the worker jobs get the fault, through the job script.
-        cluster["slurm"]["job_script_prologue"].append(f"export {pipeline.fit.FAULT_ENV}={fault}")
+        cluster["slurm"]["job_script_prologue"].append(f"export {neurotask.pipeline.stages.fit.FAULT_ENV}={fault}")
         cfg_path = fs.write_config(tmp_path / "study.yaml", study, subjects=subjects, tasks=tasks,
                                    cluster=cluster, fit={"retries": retries})
         log = tmp_path / "driver.log"
@@ -307,14 +303,14 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
                                    fit={"retries": retries})
         journal = tmp_path / "journal"
         journal.mkdir()
-        pipeline.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), None), pipeline.fit.fit_unit
-        local_client.run(fs.set_env, pipeline.fit.FAULT_ENV, fault)
+        neurotask.pipeline.stages.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), None), neurotask.pipeline.stages.fit.fit_unit
+        local_client.run(fs.set_env, neurotask.pipeline.stages.fit.FAULT_ENV, fault)
         try:
             with pytest.raises(FitError) as err:
-                fit(load_config(cfg_path), local_client, log=quiet)
+                fit(load_config(cfg_path), local_client)
         finally:
-            local_client.run(fs.set_env, pipeline.fit.FAULT_ENV, None)
-            pipeline.fit.fit_unit = real
+            local_client.run(fs.set_env, neurotask.pipeline.stages.fit.FAULT_ENV, None)
+            neurotask.pipeline.stages.fit.fit_unit = real
         message = str(err.value)
         attempts = sum(line[0] == "begin" for line in fs.read_journal(journal)[bad])
     assert attempts == retries + 1
@@ -342,7 +338,7 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
 
     # The cause removed, a rerun does that chunk only.
     rerun = load_config(fs.write_config(tmp_path / "rerun.yaml", study, subjects=subjects, tasks=tasks))
-    report = fit(rerun, local_client, log=quiet)
+    report = fit(rerun, local_client)
     assert (report.computed, report.skipped) == (1, 2 * n - 1)
     fs.assert_same_results(fs.results(study, subjects, tasks), reference, tasks=tasks)
 
@@ -353,16 +349,15 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_fit_on_slurm_equals_local_fit(
-        study, reference, units_per_pair, tmp_path):
+        study, reference, units_per_pair, tmp_path, logs):
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
     cfg = load_config(fs.write_config(tmp_path / "study.yaml", study, cluster=section))
-    logs: list[str] = []
     t0 = time.monotonic()
-    with open_client(cfg.cluster, log=logs.append) as client:
+    with open_client(cfg.cluster) as client:
         client.wait_for_workers(2, timeout=120)
         t_ready = time.monotonic()
-        report = fit(cfg, client, log=logs.append)
+        report = fit(cfg, client)
         t_fit = time.monotonic()
     print(f"\n[slurm fit] both workers {t_ready - t0:.1f} s after start; fit {t_fit - t_ready:.1f} s; "
           f"fit report {report.seconds:.1f} s")
@@ -378,7 +373,7 @@ def test_fit_on_slurm_equals_local_fit(
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
-        study, reference, units_per_pair, tmp_path):
+        study, reference, units_per_pair, tmp_path, logs):
     total = len(fs.SUBJECTS) * len(fs.TASKS) * units_per_pair
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
@@ -386,18 +381,17 @@ def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
     journal = tmp_path / "journal"
     journal.mkdir()
     gate = (fs.SUBJECTS[-1], fs.TASKS[-1])  # the last pair waits until the replacement is there
-    logs: list[str] = []
-    pipeline.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), gate), pipeline.fit.fit_unit
+    neurotask.pipeline.stages.fit.fit_unit, real = partial(fs.journaled_fit_unit, str(journal), gate), neurotask.pipeline.stages.fit.fit_unit
     # Dask gives a lost worker up after lost-worker-timeout (15 s by default); then adaptive
     # scaling submits its replacement. Shortened to keep the test quick.
     try:
         with dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"}):
-            cluster, security = start_slurm_cluster(section, log=logs.append)
+            cluster, security = start_slurm_cluster(section)
             try:
                 client = connect_client(cluster, security)
                 client.wait_for_workers(2, timeout=120)
                 with ThreadPoolExecutor(1) as pool:
-                    running = pool.submit(fit, cfg, client, log=logs.append)
+                    running = pool.submit(fit, cfg, client)
                     try:
                         _wait_for(lambda: fs.marker_count(study) >= 6 or running.done(), 120, "6 markers")
                         assert not running.done()
@@ -424,7 +418,7 @@ def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
             finally:
                 cluster.close()
     finally:
-        pipeline.fit.fit_unit = real
+        neurotask.pipeline.stages.fit.fit_unit = real
     _cancel_jobs(job_name)
 
     assert (report.computed, report.skipped, report.failed) == (total, 0, [])

@@ -15,15 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import pipeline.feature_spaces as fs
-from pipeline.encoders import taskbank_layout
-from pipeline.feature_spaces import (FeatureSpaceError, TaskonomyFeatureSpace, build_feature_space,
+import neurotask.pipeline.features.spaces as fs
+from neurotask.pipeline.features.encoders import taskbank_layout
+from neurotask.pipeline.features.spaces import (FeatureSpaceError, TaskonomyFeatureSpace, build_feature_space,
                                      check_feature_spaces, extract_batch, feature_space_kinds,
                                      feature_spaces_from_config, load_extractors, register_feature_space_kind,
                                      resolve_device)
-from pipeline.preprocess import (crop_and_resize, decode_images, noise_seed, normalize, taskonomy_input,
+from neurotask.pipeline.features.preprocess import (crop_and_resize, decode_images, noise_seed, normalize, taskonomy_input,
                                  taskonomy_input_spec)
-from pipeline.weights import WeightsError, find_checkpoint, load_taskonomy_encoder, write_random_checkpoints
+from neurotask.pipeline.features.weights import WeightsError, find_checkpoint, load_taskonomy_encoder, write_random_checkpoints
 
 CPU = torch.device("cpu")
 TASKONOMY = ["colorization", "denoise"]  # the two tasks with special input rules that need the batch

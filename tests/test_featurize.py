@@ -19,25 +19,24 @@ from PIL import Image
 
 from conftest import ROOT, write_config
 from fault_support import kill_after_markers
-from pipeline import cli
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
-from pipeline.feature_spaces import extract_batch
-from pipeline.featurize import (COMPLETE, FAULT_ENV, STAGE, FeaturizeError, featurize, load_space,
+from neurotask.pipeline import cli
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import ConfigError, DataError
+from neurotask.pipeline.features.spaces import extract_batch
+from neurotask.pipeline.stages.featurize import (COMPLETE, FAULT_ENV, STAGE, FeaturizeError, featurize, load_space,
                                 make_batches, study_feature_spaces, torch_threads_per_worker,
                                 use_channels_last)
-from pipeline.images import find_images, locate_images, study_images, subfolder_for, write_synthetic_images
-from pipeline.preprocess import decode_images
-from pipeline.simulate import image_names
-from pipeline.status import status_lines
-from pipeline.weights import write_random_checkpoints
-from storage import Progress, StudyStore
+from neurotask.pipeline.features.images import find_images, locate_images, study_images, subfolder_for, write_synthetic_images
+from neurotask.pipeline.features.preprocess import decode_images
+from neurotask.pipeline.stages.simulate import image_names
+from neurotask.pipeline.stages.status import status_lines
+from neurotask.pipeline.features.weights import write_random_checkpoints
+from neurotask.storage import Progress, StudyStore
 
 TASK = "colorization"  # one channel (L of Lab): the input rule that differs most
 TINY = {"name": "tiny_conv", "kind": "torch_module", "factory": "torch.nn:Conv2d",
         "kwargs": {"in_channels": 3, "out_channels": 4, "kernel_size": 5, "stride": 8},
         "image_size": 64, "pool": 2}  # a second input size; randomly initialised (seeded by name)
-QUIET = {"log": lambda m: None}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def marker_times(cfg) -> dict[tuple[str, str], int]:
 def featurized(tmp_path_factory, weights, client) -> Path:
     """A small image study featurized once (10 images, batches of 4: the last one partial)."""
     path = image_study(tmp_path_factory.mktemp("featurized"), weights)
-    report = featurize(load_config(path), client, **QUIET)
+    report = featurize(load_config(path), client)
     assert report.batches == 3 and report.computed == 6 and report.skipped == 0
     assert report.devices == {"cpu"}
     return path
@@ -118,7 +117,7 @@ def featurized(tmp_path_factory, weights, client) -> Path:
 
 
 def test_bold5000_image_names_map_to_their_subfolders(reference_dir):
-    from pipeline.bold5000 import read_stim_list
+    from neurotask.pipeline.formats.bold5000 import read_stim_list
 
     names = {str(x) for x in read_stim_list(reference_dir / "bold5000/stim_lists/CSI01_stim_lists.txt").images}
     # BOLD5000's 4916 images: 2000 COCO, 1916 ImageNet and 1000 Scene images
@@ -189,14 +188,14 @@ def test_rerun_does_nothing_and_an_added_space_is_computed_alone(featurized, tmp
     path = write_config(tmp_path / "study.yaml", raw)
     cfg = load_config(path)
     before = marker_times(cfg)
-    report = featurize(cfg, client, **QUIET)
+    report = featurize(cfg, client)
     assert (report.batches, report.computed, report.skipped) == (0, 0, 6)
 
     wider = dict(TINY, name="wider_conv", kwargs=dict(TINY["kwargs"], out_channels=6))
     raw["features"]["extra"].append(wider)
     raw["study"]["tasks"].append("wider_conv")
     cfg = load_config(write_config(path, raw))
-    report = featurize(cfg, client, **QUIET)
+    report = featurize(cfg, client)
     assert (report.batches, report.computed, report.skipped) == (3, 3, 6)
     after = marker_times(cfg)
     assert {k: after[k] for k in before} == before  # nothing done before was redone
@@ -208,7 +207,7 @@ def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, cli
     client.run(lambda: os.environ.__setitem__(FAULT_ENV, "1"))  # batch 1 writes its first space, then fails
     try:
         with pytest.raises(FeaturizeError, match=r"batch 1 \(images 4-7\).*injected fault"):
-            featurize(cfg, client, **QUIET)
+            featurize(cfg, client)
     finally:
         client.run(lambda: os.environ.pop(FAULT_ENV, None))
     progress = Progress(cfg.workdir / "progress", StudyStore(cfg.store_path).store_id)
@@ -216,7 +215,7 @@ def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, cli
         assert progress.done_units(STAGE, name) == {"00000", "00002"}
         assert not progress.is_done(COMPLETE, name)
     before = marker_times(cfg)
-    report = featurize(cfg, client, **QUIET)
+    report = featurize(cfg, client)
     assert (report.batches, report.computed, report.skipped) == (1, 2, 4)
     after = marker_times(cfg)
     assert {k: after[k] for k in before} == before
@@ -242,7 +241,7 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
         n_done = sum(1 for (space, _) in before if space == name)
         if n_done < 3:
             assert f"featurize {name}: {n_done}/3 batches done (incomplete" in shown, shown
-    report = featurize(cfg, client, **QUIET)
+    report = featurize(cfg, client)
     assert report.skipped == done_pairs and report.computed == 6 - done_pairs
     after = marker_times(cfg)
     assert {k: after[k] for k in before} == before
@@ -269,7 +268,7 @@ def test_missing_weights_fail_before_any_work_listing_every_task(tmp_path, weigh
     path = image_study(tmp_path, partial, tasks=["edge2d", TASK, "rgb2depth"])
     cfg = load_config(path)
     with pytest.raises(FeaturizeError) as e:
-        featurize(cfg, client, **QUIET)
+        featurize(cfg, client)
     msg = str(e.value)
     assert "2 Taskonomy encoder checkpoint(s) missing" in msg
     assert "colorization (colorization): missing" in msg and "rgb2depth (depth_zbuffer): missing" in msg
@@ -293,7 +292,7 @@ def test_bad_images_are_reported_by_name(tmp_path, weights, client):
     paths[names[3]].unlink()
     paths[names[3]].with_suffix(".tif").rename(paths[names[3]])  # 32-bit float pixels
     with pytest.raises(FeaturizeError) as e:
-        featurize(cfg, client, **QUIET)
+        featurize(cfg, client)
     msg = str(e.value)
     assert "1 of the study's 12 images are not in" in msg and names[7] in msg
     assert f"{names[2]}: too small: 48x300 pixels, the minimum side is 64" in msg
@@ -307,7 +306,7 @@ def test_bad_images_are_reported_by_name(tmp_path, weights, client):
     data = paths[names[6]].read_bytes()
     paths[names[6]].write_bytes(data[: len(data) // 2])
     with pytest.raises(FeaturizeError, match=rf"1 image\(s\) cannot be used:\n  {names[6]}: unreadable"):
-        featurize(cfg, client, **QUIET)
+        featurize(cfg, client)
     progress = Progress(cfg.workdir / "progress", StudyStore(cfg.store_path).store_id)
     assert progress.done_units(STAGE, TASK) == {"00000", "00002"}  # batch 1 (images 4-7) not done
     # The CMYK image (batch 0) and the greyscale one (batch 2) were converted, as the task bank did.
@@ -320,7 +319,7 @@ def test_unavailable_device_fails_before_any_work(tmp_path, weights, client):
         pytest.skip("this check needs a machine without CUDA")
     cfg = load_config(image_study(tmp_path, weights, device="cuda"))
     with pytest.raises(FeaturizeError, match=r"features.device 'cuda' on the workers: .*CUDA is not available"):
-        featurize(cfg, client, **QUIET)
+        featurize(cfg, client)
     _nothing_done(cfg)
 
 
@@ -329,7 +328,7 @@ def test_cuda_features_equal_the_cpu_features(featurized, tmp_path, weights, cli
     # Runs where a GPU is (scripts/gpu_check): true float32 on the card, so the features agree
     # with the CPU's to float32 round-off, not TF32's ~1e-3.
     cfg = load_config(image_study(tmp_path, weights, device="cuda"))
-    report = featurize(cfg, client, **QUIET)
+    report = featurize(cfg, client)
     assert report.devices == {"cuda"}
     got, want = stored(cfg), stored(load_config(featurized))
     for name in cfg.features.space_names:
@@ -346,8 +345,8 @@ def test_other_stored_features_are_refused_and_overwrite_replaces_them(tmp_path,
     progress = Progress(cfg.workdir / "progress", store.store_id)
     progress.mark_done("fit", "CSI1", "tiny_conv", "00000")  # a fit made with the old features
     with pytest.raises(FeaturizeError, match=r"(?s)features/tiny_conv holds simulated features.*--overwrite"):
-        featurize(cfg, client, **QUIET)
-    report = featurize(cfg, client, overwrite=True, **QUIET)
+        featurize(cfg, client)
+    report = featurize(cfg, client, overwrite=True)
     assert report.computed == 3
     assert store.read_features("tiny_conv").shape == (10, 16)
     assert not progress.done_units("fit", "CSI1", "tiny_conv")  # that fit is redone next time
@@ -431,7 +430,7 @@ def test_featurize_demo_config_runs_end_to_end(tmp_path, capsys):
 def test_analysis_accepts_an_extra_feature_space_beside_taskonomy_tasks():
     """Downstream of fit, an extra space is one more task: labelled by its name, in no
     Taskonomy cluster, left out of the Taskonomy comparison, which the others still get."""
-    from pipeline.analysis import analyse
+    from neurotask.pipeline.stats.task_structure import analyse
 
     tasks = ["edge2d", "keypoint2d", "rgb2depth", "class_1000", "random_conv"]
     rng = np.random.default_rng(0)

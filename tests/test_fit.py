@@ -8,13 +8,16 @@ import pytest
 
 from conftest import SMALL_TASKS, small_config_dict, write_config
 from fault_support import kill_after_markers
-from pipeline import cli, fit, ridge, stats
-from pipeline.config import load_config
-from pipeline.errors import FitError
-from pipeline.simulate import ROI_DRIVER
-from pipeline.tasks import task_cluster
-from storage import Progress, StudyStore
-from cluster import open_client
+from neurotask.pipeline import cli
+from neurotask.pipeline.stages import fit
+from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline.stats import scores as stats
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import FitError
+from neurotask.pipeline.stages.simulate import ROI_DRIVER
+from neurotask.pipeline.tasks import task_cluster
+from neurotask.storage import Progress, StudyStore
+from neurotask.cluster import open_client
 
 
 def test_results_are_labelled_and_complete(small_study):
@@ -101,9 +104,9 @@ def test_features_missing_images_is_an_error(small_study, tmp_path):
     store.write_features("edge2d", feats.values[:-7], list(feats["image"].values[:-7]))
     Progress(cfg.workdir / "progress", store.store_id).clear("fit")
     store.remove("results/CSI1")
-    with open_client(cfg.cluster, log=lambda m: None) as client:
+    with open_client(cfg.cluster) as client:
         with pytest.raises(FitError, match=r"features/edge2d lacks 7 of the subject's 300 images"):
-            fit.fit(cfg, client, log=lambda m: None)
+            fit.fit(cfg, client)
 
 
 def test_failing_unit_is_retried_then_named_and_others_kept(small_study, tmp_path, monkeypatch):
@@ -116,9 +119,9 @@ def test_failing_unit_is_retried_then_named_and_others_kept(small_study, tmp_pat
     Progress(cfg.workdir / "progress", store.store_id).clear("fit")
     store.remove("results/CSI1")
     monkeypatch.setenv(fit.FAULT_ENV, "CSI1/class_1000/2")  # inherited by the local workers
-    with open_client(cfg.cluster, log=lambda m: None) as client:
+    with open_client(cfg.cluster) as client:
         with pytest.raises(FitError, match=r"CSI1/class_1000/chunk 2 .*injected fault"):
-            fit.fit(cfg, client, log=lambda m: None)
+            fit.fit(cfg, client)
     progress = Progress(cfg.workdir / "progress", store.store_id)
     n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
     assert len(progress.done_units("fit", "CSI1", "edge2d")) == n_chunks
@@ -149,8 +152,8 @@ def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
                    for s in cfg.study.subjects for t in SMALL_TASKS for u in progress.done_units("fit", s, t)}
     assert 4 <= len(done_before) < total
 
-    with open_client(cfg.cluster, log=lambda m: None) as client:
-        report = fit.fit(cfg, client, log=lambda m: None)
+    with open_client(cfg.cluster) as client:
+        report = fit.fit(cfg, client)
     assert report.skipped == len(done_before)
     assert report.computed == total - len(done_before)
     for (subject, task, unit), mtime in done_before.items():  # finished units were not redone

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from analysis_fixtures import reference_path, write_config
-from pipeline import cli
-from pipeline import similarity as S
-from pipeline.analysis import analyse
-from pipeline.analysis_stage import AnalysisStageError, read_analysis, run_analysis
-from pipeline.config import load_config
-from pipeline.import_published import PublishedImportError, grid_affine, import_published, locate_sources
-from pipeline.published import load_reference_npz, load_reference_roi_npz, read_published_roi, read_published_subject
-from pipeline.tasks import task_names
-from storage import StudyStore
+from neurotask.pipeline import cli
+from neurotask.pipeline.stats import similarity as S
+from neurotask.pipeline.stats.task_structure import analyse
+from neurotask.pipeline.stages.analyse import AnalysisStageError, read_analysis, run_analysis
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.stages.import_published import PublishedImportError, grid_affine, import_published, locate_sources
+from neurotask.pipeline.formats.published import load_reference_npz, load_reference_roi_npz, read_published_roi, read_published_subject
+from neurotask.pipeline.tasks import task_names
+from neurotask.storage import StudyStore
 
 PUBLISHED = reference_path() / "published"
 PICKLES = PUBLISHED / "original_pickles" / "subj1"
@@ -136,9 +136,9 @@ def test_the_paper_reproduced_through_the_store_on_all_three_subjects(tmp_path):
     significant voxel in any subject; the 3D tasks and the two classification tasks form
     their own branches; the stored analysis equals the analysis of the npz themselves."""
     cfg = load_config(study(tmp_path, SUBJECTS))
-    summary = import_published(cfg, PUBLISHED, log=lambda _: None)
+    summary = import_published(cfg, PUBLISHED)
     assert {s: summary[s]["volume_shape"] for s in SUBJECTS} == {s: list(g) for s, g in GRIDS.items()}
-    a = run_analysis(cfg, log=lambda _: None)
+    a = run_analysis(cfg)
     assert list(a["task"].values) == task_names()
     assert (a["n_significant"].sel(task="curvature").values == 0).all()
     assert (a["n_significant"].drop_sel(task="curvature").max("subject").values > 0).all()

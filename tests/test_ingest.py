@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import bold5000 as b5
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
-from pipeline.ingest import ingest, validate_layout, volume_geometry
-from storage import Progress, StudyStore, mask_to_ijk
+from neurotask.pipeline.formats import bold5000 as b5
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import ConfigError, DataError
+from neurotask.pipeline.stages.ingest import ingest, validate_layout, volume_geometry
+from neurotask.storage import Progress, StudyStore, mask_to_ijk
 from bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
                                   write_release1_subject, write_roi_mat, write_stim_list)
 
@@ -28,10 +28,6 @@ def make_cfg(tmp_path: Path, subjects=("CSI1",), **data):
     return load_config(CONFIG, overrides={
         "study": {"workdir": str(tmp_path / "work"), "subjects": list(subjects)},
         "data": {"root": str(tmp_path / "data"), **data}})
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def zscore(a: np.ndarray) -> np.ndarray:
@@ -84,7 +80,7 @@ def test_documented_layout_lists_every_missing_file_at_once(tmp_path, capsys):
     raw["data"].update(root=str(tmp_path / "data"), sessions=3, events=EVENTS)
     path = tmp_path / "bold5000.yaml"
     path.write_text(yaml.safe_dump(raw))
-    from pipeline.cli import main
+    from neurotask.pipeline.cli import main
     assert main(["ingest", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and all(str(p) in err for p in gone)
@@ -121,7 +117,7 @@ def test_shipped_config_loads_and_names_its_placeholder_root(tmp_path):
     ({"format": "nifti"}, r"data.format: expected 'glmsingle' or 'release1_rois'"),
 ])
 def test_data_config_checks(tmp_path, data, message):
-    from pipeline.errors import ConfigError
+    from neurotask.pipeline.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_cfg(tmp_path, **data)
 
@@ -152,7 +148,7 @@ def test_relative_root_is_relative_to_the_config_file(tmp_path):
 def test_glmsingle_responses_are_zscored_sessions_of_the_betas(tmp_path, repeats):
     cfg = make_cfg(tmp_path, repeats=repeats, events=EVENTS, chunk_size=64)
     s = write_glmsingle_subject(cfg, "CSI1", events=True)
-    summary = ingest(cfg, log=quiet)["CSI1"]
+    summary = ingest(cfg)["CSI1"]
     ds = StudyStore(cfg.store_path).responses("CSI1").load()
     ijk = np.stack([ds.voxel_i.values, ds.voxel_j.values, ds.voxel_k.values], axis=1)
     # Brain voxels in ijk order, less the one NaN in a trial of session 2.
@@ -196,7 +192,7 @@ def test_derived_brain_mask_is_the_voxels_finite_in_every_session(tmp_path):
     cfg = make_cfg(tmp_path, brain_mask=None, voxel_order="authors_zyx")
     s = write_glmsingle_subject(cfg, "CSI1")
     assert "brain_mask" not in s.paths
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     ds = StudyStore(cfg.store_path).responses("CSI1").load()
     finite = np.all([np.isfinite(v).all(-1) for v in s.sessions], axis=0)
     ijk = np.stack([ds.voxel_i.values, ds.voxel_j.values, ds.voxel_k.values], axis=1)
@@ -206,12 +202,12 @@ def test_derived_brain_mask_is_the_voxels_finite_in_every_session(tmp_path):
     assert ds.attrs["voxel_selection"].startswith("derived") and "unreliable" in ds.attrs["affine_source"]
 
 
-def test_roi_voxels_with_the_released_mask_spellings(tmp_path):
+def test_roi_voxels_with_the_released_mask_spellings(tmp_path, logs):
     cfg = make_cfg(tmp_path, ("CSI2",), voxels="rois", zscore_sessions=False)
     s = write_glmsingle_subject(cfg, "CSI2", seed=3, spelling="released")
     assert s.paths["roi:RHRSC"].name == "sub-CSI2_mask-RHRRSC.nii.gz"
-    logs = []
-    ingest(cfg, log=logs.append)
+    logs.clear()
+    ingest(cfg)
     assert any("sub-CSI2_mask-RHRRSC.nii.gz (the released spelling)" in m for m in logs)
     ds = StudyStore(cfg.store_path).responses("CSI2").load()
     union = np.any(list(s.rois.values()), axis=0)
@@ -224,11 +220,11 @@ def test_roi_voxels_with_the_released_mask_spellings(tmp_path):
         b5.image_trials(b5.read_stim_list(s.paths["stim"]), "exclude")[1])], atol=1e-6)
 
 
-def test_release2_imgnames_list_keeps_the_first_showing_and_says_so(tmp_path):
+def test_release2_imgnames_list_keeps_the_first_showing_and_says_so(tmp_path, logs):
     cfg = make_cfg(tmp_path, stim_list="CSI{n}_imgnames.txt")
     s = write_glmsingle_subject(cfg, "CSI1", rep_prefix=False)
-    logs = []
-    ingest(cfg, log=logs.append)
+    logs.clear()
+    ingest(cfg)
     assert any("keeps the FIRST showing" in m for m in logs)
     ds = StudyStore(cfg.store_path).responses("CSI1")
     first = {}
@@ -253,7 +249,7 @@ def test_authors_voxel_order_equals_the_published_cortical_order(tmp_path):
         vol = np.stack([zyx_index + t for t in (2 * session - 2, 2 * session - 1)], axis=-1)
         write_nifti(tmp_path / "data" / cfg.data.betas.format(n=1, session=session), vol.astype(np.float32))
     write_stim_list(tmp_path / "data" / cfg.data.stim_list.format(n=1), [f"scene{i}.jpg" for i in range(4)])
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     ds = StudyStore(cfg.store_path).responses("CSI1")
     assert ds.sizes["voxel"] == 54894 == int(mask.sum())
     authors = np.flatnonzero(mask_zyx)  # position j of vol_zyx[mask_zyx]
@@ -273,7 +269,7 @@ def test_release1_rois_average_of_tr3_and_tr4(tmp_path):
     s = write_release1_subject(cfg, "CSI1")
     s.session_trials = [30, 26, 20]
     write_events_for(cfg, s, np.random.default_rng(5))
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     ds = StudyStore(cfg.store_path).responses("CSI1").load()
     rois = cfg.data.rois
     raw = np.concatenate([(s.roi_data[3][r] + s.roi_data[4][r]) / 2 for r in rois], axis=1)
@@ -295,8 +291,8 @@ def test_release1_rois_average_of_tr3_and_tr4(tmp_path):
 def test_release1_rois_are_usable_by_fit(tmp_path):
     """A real subject's stimulus list (5254 trials, sessions from BOLD5000's run table), the
     released TR34 file, and a fit unit run on the stored chunk."""
-    from pipeline.config import fit_fingerprint
-    from pipeline.fit import Unit, alpha_grid, build_decomposition, fit_unit
+    from neurotask.pipeline.config import fit_fingerprint
+    from neurotask.pipeline.stages.fit import Unit, alpha_grid, build_decomposition, fit_unit
 
     cfg = make_cfg(tmp_path, format="release1_rois", voxels="rois", trs=[34], chunk_size=40)
     lines = (REFERENCE / "bold5000" / "stim_lists" / "CSI01_stim_lists.txt").read_text().split()
@@ -307,7 +303,7 @@ def test_release1_rois_are_usable_by_fit(tmp_path):
     X = np.stack([latent[ln.removeprefix("rep_")] for ln in lines])
     data = {r: X @ rng.standard_normal((4, 6)) + 0.5 * rng.standard_normal((len(lines), 6)) for r in b5.ROI_NAMES}
     write_roi_mat(tmp_path / "data" / cfg.data.roi_mat.format(n=1, tr=34), data)
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     store = StudyStore(cfg.store_path)
     ds = store.responses("CSI1")
     assert ds.sizes["image"] == 4916 and ds.sizes["voxel"] == 60
@@ -328,7 +324,7 @@ def test_release1_zscoring_without_session_boundaries_is_refused(tmp_path):
     cfg = make_cfg(tmp_path, format="release1_rois", voxels="rois")
     write_release1_subject(cfg, "CSI1", trs=(3, 4))
     with pytest.raises(DataError, match="zscore_sessions needs the session boundaries.*data.events"):
-        ingest(cfg, log=quiet)
+        ingest(cfg)
     assert not (tmp_path / "work" / "store.zarr").exists()
 
 
@@ -363,13 +359,13 @@ def _break(kind: str, cfg, s) -> str:
 def test_a_failing_subject_leaves_the_store_as_it_was(tmp_path, kind):
     cfg_a = make_cfg(tmp_path, ("CSI1",), events=EVENTS, sessions=3)
     write_glmsingle_subject(cfg_a, "CSI1", events=True)
-    ingest(cfg_a, log=quiet)
+    ingest(cfg_a)
     before = snapshot(cfg_a, "CSI1")
     cfg_ab = make_cfg(tmp_path, ("CSI1", "CSI2"), events=EVENTS, sessions=3)
     s2 = write_glmsingle_subject(cfg_ab, "CSI2", seed=2, events=True)
     pattern = _break(kind, cfg_ab, s2)
     with pytest.raises(DataError, match="(?s)" + pattern):
-        ingest(cfg_ab, log=quiet)
+        ingest(cfg_ab)
     assert snapshot(cfg_a, "CSI1") == before and marker_valid(cfg_a, "CSI1")
     store = StudyStore(cfg_a.store_path)
     assert store.subjects() == ["CSI1"]
@@ -377,12 +373,12 @@ def test_a_failing_subject_leaves_the_store_as_it_was(tmp_path, kind):
     assert not (cfg_a.workdir / "staging").exists()
 
 
-def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path):
-    from pipeline.config import fit_fingerprint
+def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path, logs):
+    from neurotask.pipeline.config import fit_fingerprint
 
     cfg = make_cfg(tmp_path)
     s = write_glmsingle_subject(cfg, "CSI1")
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     store = StudyStore(cfg.store_path)
     progress = Progress(cfg.workdir / "progress", store.store_id)
     store.ensure_results("CSI1", cfg.tasks[:1], fit_fingerprint(cfg.fit, cfg.data))
@@ -391,29 +387,29 @@ def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path):
     good = s.paths["ses3"].read_bytes()
     s.paths["ses3"].write_bytes(good[: len(good) * 3 // 4])
     with pytest.raises(DataError, match="ses-03.nii.gz .corrupt or truncated"):
-        ingest(cfg, overwrite=True, log=quiet)
+        ingest(cfg, overwrite=True)
     assert snapshot(cfg, "CSI1") == before and marker_valid(cfg, "CSI1")
     assert store.has("results/CSI1") and progress.is_done("fit", "CSI1", cfg.tasks[0], "00000")
     # Other settings without --overwrite are refused; the same ones are skipped.
     with pytest.raises(DataError, match="CSI1 was ingested with data.repeats='exclude'; the config .* asks for data.repeats='average'. Use `neurotask ingest --overwrite`"):
-        ingest(make_cfg(tmp_path, repeats="average"), log=quiet)
-    logs = []
-    ingest(cfg, log=logs.append)
+        ingest(make_cfg(tmp_path, repeats="average"))
+    logs.clear()
+    ingest(cfg)
     assert logs == ["CSI1: already ingested, skipped"] and snapshot(cfg, "CSI1") == before
     # Repaired, --overwrite replaces the subject and discards its results.
     s.paths["ses3"].write_bytes(good)
-    ingest(make_cfg(tmp_path, repeats="average"), overwrite=True, log=quiet)
+    ingest(make_cfg(tmp_path, repeats="average"), overwrite=True)
     assert marker_valid(cfg, "CSI1") and not store.has("results/CSI1")
     assert not progress.is_done("fit", "CSI1", cfg.tasks[0], "00000")
     assert store.responses("CSI1").attrs["repeats"] == "average"
 
 
-def test_a_write_failing_half_way_leaves_the_subject_not_ingested(tmp_path, monkeypatch):
+def test_a_write_failing_half_way_leaves_the_subject_not_ingested(tmp_path, monkeypatch, logs):
     """A failure after the old responses were replaced (disk full, a kill) must not leave the
     old marker claiming the half-written subject is done; a rerun then ingests it again."""
     cfg = make_cfg(tmp_path, chunk_size=64)
     write_glmsingle_subject(cfg, "CSI1")
-    ingest(cfg, log=quiet)
+    ingest(cfg)
     calls = []
     original = StudyStore.write_responses
 
@@ -425,11 +421,11 @@ def test_a_write_failing_half_way_leaves_the_subject_not_ingested(tmp_path, monk
 
     monkeypatch.setattr(StudyStore, "write_responses", failing)
     with pytest.raises(OSError, match="No space left"):
-        ingest(cfg, overwrite=True, log=quiet)
+        ingest(cfg, overwrite=True)
     assert not marker_valid(cfg, "CSI1")
     monkeypatch.setattr(StudyStore, "write_responses", original)
-    logs = []
-    ingest(cfg, log=logs.append)
+    logs.clear()
+    ingest(cfg)
     assert logs[0].startswith("CSI1: ingesting") and marker_valid(cfg, "CSI1")
 
 
@@ -441,7 +437,7 @@ def test_peak_memory_is_about_one_session_not_the_dataset(tmp_path):
     disk) stays below one session's size while the dataset is six."""
     warm = make_cfg(tmp_path / "warm")
     write_glmsingle_subject(warm, "CSI1")
-    ingest(warm, log=quiet)  # imports and first-use caches outside the measurement
+    ingest(warm)  # imports and first-use caches outside the measurement
     # Chunks of 500 voxels are to this 6 MB session what bold5000.yaml's 2000 are to a real one
     # (~0.6 GB): small beside it.
     cfg = make_cfg(tmp_path / "big", brain_mask=None, chunk_size=500)
@@ -453,7 +449,7 @@ def test_peak_memory_is_about_one_session_not_the_dataset(tmp_path):
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        ingest(cfg, log=quiet)
+        ingest(cfg)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline import noise_ceiling as nc
+from neurotask.pipeline.stats import noise_ceiling as nc
 
 
 def _simulate(rng, s2, n2, n_images, showings):

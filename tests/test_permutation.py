@@ -5,7 +5,7 @@ and independence from voxel chunking."""
 import numpy as np
 import pytest
 
-from pipeline import stats
+from neurotask.pipeline.stats import scores as stats
 
 
 def _voxels(n=30, v=12, seed=0):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.preprocess import (BadImagesError, ImageError, TaskonomyInputSpec, centre_square, check_image,
+from neurotask.pipeline.features.preprocess import (BadImagesError, ImageError, TaskonomyInputSpec, centre_square, check_image,
                                  check_images, crop_and_resize, decode_image, decode_images, lab_lightness,
                                  noise_seed, normalize, rgb_to_lab, taskonomy_input, taskonomy_input_spec)
-from pipeline.tasks import task_names
+from neurotask.pipeline.tasks import task_names
 
 
 def _encode(arr: np.ndarray, mode: str | None = None, fmt: str = "PNG", **kw) -> bytes:

@@ -13,9 +13,9 @@ import pytest
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 from statsmodels.stats.multitest import multipletests
 
-from pipeline import similarity as S
-from pipeline.analysis import analyse
-from pipeline.published import (
+from neurotask.pipeline.stats import similarity as S
+from neurotask.pipeline.stats.task_structure import analyse
+from neurotask.pipeline.formats.published import (
     ROI_NAMES,
     PublishedResultsError,
     UnsafePickleError,
@@ -28,7 +28,7 @@ from pipeline.published import (
     restricted_loads,
     voxel_ijk,
 )
-from pipeline.tasks import task_names
+from neurotask.pipeline.tasks import task_names
 
 
 from conftest import reference_path as _reference  # noqa: E402

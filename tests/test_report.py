@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from analysis_fixtures import ROOT, analysis_study  # noqa: F401
-from pipeline import cli
-from pipeline.analysis import significance_mask
-from pipeline.analysis_stage import read_analysis
-from pipeline.config import load_config
-from pipeline.report import chosen_task, montage, slice_indices
-from pipeline.tasks import task_names
-from storage import StudyStore
+from neurotask.pipeline import cli
+from neurotask.pipeline.stats.task_structure import significance_mask
+from neurotask.pipeline.stages.analyse import read_analysis
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.stages.report import chosen_task, montage, slice_indices
+from neurotask.pipeline.tasks import task_names
+from neurotask.storage import StudyStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -97,8 +97,8 @@ def test_report_page_holds_the_statistics_and_provenance(analysis_study):
     assert f"{mean['spearman_taskonomy']:.3f}" in text and f"{mean['mantel_p']:.3f}" in text
     assert stats["n_significant"]["CSI2"]["edge3d"] == int(a["n_significant"].sel(subject="CSI2", task="edge3d"))
     # per ROI and task: both significance criteria and the median noise-normalised r
-    from pipeline.summary import roi_table
-    from storage import StudyStore
+    from neurotask.pipeline.stages.summary import roi_table
+    from neurotask.storage import StudyStore
     tables = [roi_table(StudyStore(cfg.store_path).results(s)) for s in cfg.study.subjects]
     cell = xr.concat(tables, dim="subject", join="inner").mean("subject").sel(task="edge2d", roi="LHEarlyVis")
     assert "by the permutation p" in text and "noise ceiling" in text

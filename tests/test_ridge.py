@@ -5,7 +5,8 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from pipeline import expansion, ridge
+from neurotask.pipeline.ridge import expansion
+from neurotask.pipeline.ridge import cv as ridge
 
 # CUDA variants run where a GPU is (scripts/gpu_check runs them on the lent GPU machine).
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

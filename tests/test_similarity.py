@@ -17,9 +17,9 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.metrics import adjusted_rand_score
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
-from pipeline import similarity as S
-from pipeline.analysis import AnalysisError, analyse, roi_group_of, significance_mask, voxel_contrasts
-from pipeline.tasks import task_names
+from neurotask.pipeline.stats import similarity as S
+from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, roi_group_of, significance_mask, voxel_contrasts
+from neurotask.pipeline.tasks import task_names
 
 # --------------------------------------------------------------------------- matrices
 

@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 from conftest import small_config_dict, write_config
-from pipeline import bold5000, cli
-from pipeline.config import load_config
-from pipeline.errors import DataError
-from pipeline.ingest import ingest
-from pipeline.simulate import simulate_study
-from storage import Progress, StudyStore
+from neurotask.pipeline.formats import bold5000
+from neurotask.pipeline import cli
+from neurotask.pipeline.config import load_config
+from neurotask.pipeline.errors import DataError
+from neurotask.pipeline.stages.ingest import ingest
+from neurotask.pipeline.stages.simulate import simulate_study
+from neurotask.storage import Progress, StudyStore
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     d = tmp_path_factory.mktemp("sim")
     cfg = load_config(write_config(d / "s.yaml", small_config_dict(d / "w", study={"subjects": ["CSI1"]})))
-    simulate_study(cfg, log=lambda m: None)
+    simulate_study(cfg)
     return cfg
 
 
@@ -49,7 +50,7 @@ def test_files_follow_bold5000_formats(simulated):
 
 def test_ingest_exclude_and_average(simulated, tmp_path):
     cfg = simulated
-    ingest(cfg, log=lambda m: None)
+    ingest(cfg)
     store = StudyStore(cfg.store_path)
     resp = store.responses("CSI1")
     truth = np.load(cfg.workdir / "raw/ground_truth/CSI1.npz")
@@ -79,7 +80,7 @@ def test_ingest_exclude_and_average(simulated, tmp_path):
     cfg_avg.study.workdir = str(tmp_path / "avg")
     import shutil
     shutil.copytree(cfg.workdir / "raw", tmp_path / "avg" / "raw")
-    ingest(cfg_avg, log=lambda m: None)
+    ingest(cfg_avg)
     avg = StudyStore(cfg_avg.store_path).responses("CSI1")
     assert sorted(avg["image"].values) == sorted(resp["image"].values)
     name = str(avg["repeated_image"].values[0])
@@ -88,10 +89,9 @@ def test_ingest_exclude_and_average(simulated, tmp_path):
     assert int(avg["n_showings"].sel(image=name)) == cfg.simulate.n_showings
 
 
-def test_ingest_is_skipped_when_done(simulated):
-    msgs = []
-    ingest(simulated, log=msgs.append)
-    assert any("already ingested" in m for m in msgs)
+def test_ingest_is_skipped_when_done(simulated, logs):
+    ingest(simulated)
+    assert any("already ingested" in m for m in logs)
 
 
 def test_missing_files_are_listed_at_once(simulated, tmp_path, capsys):
@@ -112,7 +112,7 @@ def test_trial_count_mismatch_is_an_error_and_store_untouched(simulated, tmp_pat
     stim.write_text("\n".join(stim.read_text().splitlines()[:-5]) + "\n")
     cfg = load_config(write_config(tmp_path / "t.yaml", small_config_dict(work, study={"subjects": ["CSI1"]})))
     with pytest.raises(DataError, match=r"betas hold \d+ trials .* stimulus list .* has \d+ lines"):
-        ingest(cfg, log=lambda m: None)
+        ingest(cfg)
     assert not StudyStore(cfg.store_path).has("responses/CSI1")
 
 
@@ -125,7 +125,7 @@ def test_session_gap_is_reported(simulated, tmp_path):
     s2.rename(work / "raw/CSI1/CSI1_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-03.nii.gz")
     cfg = load_config(write_config(tmp_path / "g.yaml", small_config_dict(work, study={"subjects": ["CSI1"]})))
     with pytest.raises(DataError, match="ses-02"):
-        ingest(cfg, log=lambda m: None)
+        ingest(cfg)
 
 
 def test_progress_markers_ignore_other_stores(tmp_path):

@@ -27,9 +27,10 @@ import pytest
 from distributed import Client, Event
 from distributed.security import Security
 
-from cluster.slurm import (ClusterConfigError, connect_client, start_slurm_cluster,
+from neurotask.cluster.slurm import (ClusterConfigError, connect_client, start_slurm_cluster,
                            validate_section, worker_job_ids)
 import slurm_support
+from conftest import collect_logs
 from slurm_support import (fail_and_count, job_id_here, slurm_skip_reason, small_section,
                            square_after_replacement, squeue_ids, squeue_state, unique_job_name,
                            wait_until_gone)
@@ -97,18 +98,18 @@ def _close(cluster, client, job_name):
 def tls_cluster(slurm_node, tmp_path_factory):
     """One TLS cluster on loopback, 1 to 2 single-core jobs, shared by the tests below."""
     job_name = unique_job_name()
-    logs: list[str] = []
     section = small_section(tmp_path_factory.mktemp("tls-cluster"), job_name)
     t0 = time.monotonic()
-    cluster, security = start_slurm_cluster(section, log=logs.append)
-    client = None
-    try:
-        client = connect_client(cluster, security)
-        client.wait_for_workers(1, timeout=90)
-        print(f"\n[slurm] first worker connected {time.monotonic() - t0:.1f} s after start")
-        yield cluster, security, client, logs, job_name
-    finally:
-        _close(cluster, client, job_name)
+    with collect_logs() as logs:  # the job log's messages, for the whole module
+        cluster, security = start_slurm_cluster(section)
+        client = None
+        try:
+            client = connect_client(cluster, security)
+            client.wait_for_workers(1, timeout=90)
+            print(f"\n[slurm] first worker connected {time.monotonic() - t0:.1f} s after start")
+            yield cluster, security, client, logs, job_name
+        finally:
+            _close(cluster, client, job_name)
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -125,7 +126,7 @@ def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     section = small_section(tmp_path, job_name, minimum_jobs=2,
                             slurm={"walltim": "00:05:00"})
     with pytest.raises(ClusterConfigError, match="'walltim'.*did you mean 'walltime'"):
-        start_slurm_cluster(section, log=lambda m: None)
+        start_slurm_cluster(section)
     time.sleep(1.5)  # longer than an adaptive interval: a started cluster would have submitted
     assert squeue_ids(job_name) == []
 
@@ -136,7 +137,7 @@ def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
     section = small_section(tmp_path, job_name, minimum_jobs=2,
                             slurm={"queue": "no-such-partition"})
     with pytest.raises(ClusterConfigError) as err:
-        start_slurm_cluster(section, log=lambda m: None)
+        start_slurm_cluster(section)
     message = str(err.value)
     assert "queue='no-such-partition'" in message and "partition" in message
     time.sleep(1.5)
@@ -147,7 +148,7 @@ def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
 def test_missing_network_interface_is_named(slurm_node, tmp_path):
     section = small_section(tmp_path, unique_job_name(), interface="no-such-nic0")
     with pytest.raises(ClusterConfigError, match="cluster.interface.*'no-such-nic0'"):
-        start_slurm_cluster(section, log=lambda m: None)
+        start_slurm_cluster(section)
 
 
 @pytest.mark.slurm
@@ -158,7 +159,7 @@ def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
         del section["slurm"][key]
     with dask.config.set({"jobqueue.slurm.cores": 1, "jobqueue.slurm.memory": "1GiB",
                           "jobqueue.slurm.walltime": "00:07:00"}):
-        cluster, _ = start_slurm_cluster(section, log=lambda m: None)
+        cluster, _ = start_slurm_cluster(section)
         try:
             script = cluster.job_script()
         finally:
@@ -169,7 +170,7 @@ def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
     # Neither the section nor Dask's config gives cores: dask-jobqueue's error, as ours.
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
         with pytest.raises(ClusterConfigError, match="cores"):
-            start_slurm_cluster(section, log=lambda m: None)
+            start_slurm_cluster(section)
 
 
 @pytest.mark.slurm
@@ -235,14 +236,13 @@ def test_dashboard_binds_to_localhost_only(tls_cluster):
 
 
 @pytest.mark.slurm
-def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node, tmp_path):
+def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node, tmp_path, logs):
     job_name = unique_job_name()
-    logs: list[str] = []
     section = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
     # Dask gives a lost worker up after lost-worker-timeout (15 s by default), then adaptive
     # scaling submits its replacement; shortened here to keep the test quick.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"}):
-        cluster, security = start_slurm_cluster(section, log=logs.append)
+        cluster, security = start_slurm_cluster(section)
         client = None
         try:
             client = connect_client(cluster, security)

@@ -6,7 +6,7 @@ from scipy import stats as sps
 from sklearn.metrics import r2_score as sk_r2
 from statsmodels.stats.multitest import multipletests
 
-from pipeline import stats
+from neurotask.pipeline.stats import scores as stats
 
 
 def _data(n=40, v=25, seed=0, dtype=np.float64):

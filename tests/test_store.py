@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage import StudyStore
-from storage.store import StoreError
+from neurotask.storage import StudyStore
+from neurotask.storage.store import StoreError
 
 
 @pytest.fixture()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
-from pipeline import similarity as S
-from pipeline.taskonomy import (
+from neurotask.pipeline.stats import similarity as S
+from neurotask.pipeline.stats.taskonomy import (
     affinity_similarity,
     has_affinities,
     taskonomy_clusters,
@@ -19,7 +18,7 @@ from pipeline.taskonomy import (
     transfer_out_affinities,
     zscore_columns,
 )
-from pipeline.tasks import task_names
+from neurotask.pipeline.tasks import task_names
 
 
 from conftest import reference_path as _reference  # noqa: E402

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.encoders import build_encoder
-from pipeline.tasks import task_info, task_names
-from pipeline.weights import (OFFICIAL_ENCODER_SHA256, WEIGHTS_URL_TEMPLATE, WeightsError, check_weights,
+from neurotask.pipeline.features.encoders import build_encoder
+from neurotask.pipeline.tasks import task_info, task_names
+from neurotask.pipeline.features.weights import (OFFICIAL_ENCODER_SHA256, WEIGHTS_URL_TEMPLATE, WeightsError, check_weights,
                               checkpoint_filename, find_checkpoint, load_state_dict, load_taskonomy_encoder,
                               name_digest, official_url, verify_checkpoint, write_random_checkpoints)
 

@@ -2,7 +2,7 @@
 
 Pure array code (no I/O, no Dask), after himalaya's solvers: every function documents its
 arrays' shapes, voxels (targets) are processed in batches to bound memory, and one switch
-(:mod:`pipeline.backend`) runs the same code on numpy or on torch (CPU or CUDA).
+(:mod:`pipeline.ridge.backend`) runs the same code on numpy or on torch (CPU or CUDA).
 
 Notation: ``n`` samples (images), ``p`` features, ``v`` voxels, ``k`` retained eigen-directions
 of a fold's training features, ``a`` alphas, ``r_g``/``R`` ranks of the certified search's expansion.
@@ -51,7 +51,7 @@ Alphas near least squares fit noise: their errors are far above the minimum, yet
 factors are the costly ones to expand. So each batch first locates its voxels' optima cheaply
 (:func:`_located_optima`, a diagonal approximation of q), and the expansion's tolerance is
 tight (``_EXPANSION_TOL``) down to a margin beyond the weakest-regularised located optimum and
-loosens towards least squares (:func:`pipeline.expansion.tolerance_profile`). The profile only
+loosens towards least squares (:func:`pipeline.ridge.expansion.tolerance_profile`). The profile only
 moves work between the expansion and the exact checks: the bound is the expansion's own.
 
 The result equals the exhaustive search's except where two alphas' CV errors differ by less than
@@ -67,8 +67,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.backend import Backend, get_backend
-from pipeline.expansion import Expansion, degrees_of_freedom, expand, plan_groups, tolerance_profile
+from neurotask.pipeline.ridge.backend import Backend, get_backend
+from neurotask.pipeline.ridge.expansion import Expansion, degrees_of_freedom, expand, plan_groups, tolerance_profile
 
 # Eigen-directions whose eigenvalue is below this fraction of the largest are round-off:
 # they carry no signal and would only amplify noise at tiny alphas.
@@ -80,7 +80,7 @@ _MARGIN = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
 
 # Certified search: the filter-factor expansion is planned for a row residual of at most this
 # fraction of each alpha's largest filter factor (measured cost optimum, see
-# docs/performance.md; :mod:`pipeline.expansion`). The search evaluates every alpha instead when
+# docs/performance.md; :mod:`pipeline.ridge.expansion`). The search evaluates every alpha instead when
 # the expansion's products would exceed _LOWRANK_MAX_FRACTION of the exhaustive sweep's.
 _EXPANSION_TOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
 _LOWRANK_MAX_FRACTION = 0.5
@@ -734,7 +734,7 @@ def ridge_cv(
     ``voxel_batch`` at a time; memory grows linearly with it (see docs/performance.md).
     ``alpha_batch``: alphas per product of the exhaustive sweep (and of :func:`cv_errors`).
     ``search``: "certified" (default; same alphas as "exhaustive", see the module docstring) or
-    "exhaustive" (every alpha evaluated). ``backend``/``device``: see :mod:`pipeline.backend`.
+    "exhaustive" (every alpha evaluated). ``backend``/``device``: see :mod:`pipeline.ridge.backend`.
     ``tolerance``: the certified search's expansion accuracy (default ``_EXPANSION_TOL``); the
     groups and ranks follow from it, the grid and the spectrum, and the search evaluates every
     alpha when the expansion would cost more than half the exhaustive sweep. ``rank``: instead,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from pipeline.noise_ceiling import noise_normalized
+from neurotask.pipeline.stats.noise_ceiling import noise_normalized
 
 
 def roi_table(results: xr.Dataset) -> xr.Dataset:

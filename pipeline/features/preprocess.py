@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.tasks import task_info
+from neurotask.pipeline.tasks import task_info
 
 ImageSource = bytes | str | os.PathLike
 DEFAULT_MIN_SIDE = 32

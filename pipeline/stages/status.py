@@ -4,7 +4,7 @@
 results region is in the store, so a marker is proof of a finished chunk.
 
 *Running* comes from the fit run file ``<workdir>/progress/fit-run.json``. The fit driver
-(``pipeline.fit.fit``) keeps it current through ``FitRunState`` (rewritten every second): the
+(``pipeline.stages.fit.fit``) keeps it current through ``FitRunState`` (rewritten every second): the
 units in flight in that run, split into those the Dask scheduler has handed to a worker
 ("running") and those submitted but still waiting ("queued"). The file names the driver's
 host and pid; when ``status`` runs on that host it checks that the process still exists, so
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from pipeline.config import Config
-from storage import Progress, StudyStore
+from neurotask.pipeline.config import Config
+from neurotask.storage import Progress, StudyStore
 
 RUN_FILE = "fit-run.json"
 
@@ -177,7 +177,7 @@ def _run_line(run: FitRun) -> str:
 
 def _featurize_lines(store: StudyStore, progress: Progress) -> list[str]:
     """Feature spaces that `neurotask featurize` started but has not finished: batches done."""
-    from pipeline.featurize import COMPLETE, STAGE  # featurize imports torch: only when needed
+    from neurotask.pipeline.stages.featurize import COMPLETE, STAGE  # featurize imports torch: only when needed
 
     lines = []
     for task in store.feature_tasks():

@@ -1,10 +1,10 @@
 """The analysis stage: fitted (or imported) results in the store -> ``analysis/`` in the store.
 
 Reads ``results/<subject>`` (and, where an import stored them, the separate ROI-only models
-``roi_results/<subject>``) for the study's subjects, runs :func:`pipeline.analysis.analyse`
+``roi_results/<subject>``) for the study's subjects, runs :func:`pipeline.stats.task_structure.analyse`
 with the config's ``analysis:`` settings and writes the Dataset it returns to the group
 ``analysis/task_structure`` (dims subject, subject2, task, task2, roi, roi_group, contrast,
-...; see ``pipeline.analysis``). It never fits anything: it refuses to start while a
+...; see ``pipeline.stats.task_structure``). It never fits anything: it refuses to start while a
 subject's fit is unfinished, and it touches neither the results nor the fit's progress
 markers.
 
@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 import xarray as xr
 
-from pipeline.analysis import AnalysisError, analyse, str_labels
-from pipeline.config import Config
-from pipeline.errors import NeurotaskError
-from pipeline.tasks import task_names
-from storage import Progress, StudyStore
+from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, str_labels
+from neurotask.pipeline.config import Config
+from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.tasks import task_names
+from neurotask.storage import Progress, StudyStore
+
+logger = logging.getLogger(__name__)
 
 ANALYSIS_GROUP = "analysis/task_structure"
 ROI_RESULTS = "roi_results"  # roi_results/<subject>: ROI-only models (Figure 1), if any
@@ -64,7 +66,7 @@ def fit_complete(store: StudyStore, progress: Progress, subject: str, tasks: lis
     return out
 
 
-def study_tasks(cfg: Config, results: dict[str, xr.Dataset], log: Callable[[str], None] = print) -> list[str]:
+def study_tasks(cfg: Config, results: dict[str, xr.Dataset]) -> list[str]:
     """The tasks to analyse: the configured list, or with ``tasks: all`` every known task
     present in all subjects' results (in the authors' order; others are reported)."""
     present = [set(str(t) for t in ds["task"].values) for ds in results.values()]
@@ -80,11 +82,11 @@ def study_tasks(cfg: Config, results: dict[str, xr.Dataset], log: Callable[[str]
     tasks = [t for t in task_names() if t in common]
     left_out = sorted(set.union(*present) - set(tasks))
     if left_out:
-        log(f"analysis: left out task(s) not in every subject's results: {', '.join(left_out)}")
+        logger.info(f"analysis: left out task(s) not in every subject's results: {', '.join(left_out)}")
     return tasks
 
 
-def load_inputs(cfg: Config, log: Callable[[str], None] = print
+def load_inputs(cfg: Config
                 ) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset] | None, list[str]]:
     """(results per subject, ROI-only results per subject or None, tasks), checked complete."""
     store = StudyStore(cfg.store_path)
@@ -96,7 +98,7 @@ def load_inputs(cfg: Config, log: Callable[[str], None] = print
         raise AnalysisStageError(
             f"{cfg.store_path}: no results for subject(s) {', '.join(missing)}; run `neurotask fit` first")
     results = {s: store.results(s) for s in cfg.study.subjects}
-    tasks = study_tasks(cfg, results, log)
+    tasks = study_tasks(cfg, results)
     unfinished = {s: fit_complete(store, progress, s, tasks) for s in cfg.study.subjects}
     unfinished = {s: u for s, u in unfinished.items() if u}
     if unfinished:
@@ -118,7 +120,7 @@ def load_inputs(cfg: Config, log: Callable[[str], None] = print
 
 
 def settings(cfg: Config) -> dict:
-    """The analysis keyword arguments of :func:`pipeline.analysis.analyse` from the config."""
+    """The analysis keyword arguments of :func:`pipeline.stats.task_structure.analyse` from the config."""
     return asdict(cfg.analysis)
 
 
@@ -162,41 +164,41 @@ def read_analysis(cfg: Config) -> xr.Dataset:
     return store.read_dataset(ANALYSIS_GROUP)
 
 
-def run_analysis(cfg: Config, *, overwrite: bool = False, log: Callable[[str], None] = print) -> xr.Dataset:
+def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
     """Analyse the study's stored results unless an analysis of the same inputs is stored.
 
     Returns the stored analysis Dataset (read back from the store).
     """
-    results, rois, tasks = load_inputs(cfg, log)
+    results, rois, tasks = load_inputs(cfg)
     if len(tasks) < 2:
         raise AnalysisStageError(f"task similarity needs at least 2 tasks; the study has {tasks}")
     kwargs = settings(cfg)
     if kwargs["n_clusters"] > len(tasks):
-        log(f"analysis: n_clusters {kwargs['n_clusters']} > {len(tasks)} tasks; the trees are cut into {len(tasks)}")
+        logger.info(f"analysis: n_clusters {kwargs['n_clusters']} > {len(tasks)} tasks; the trees are cut into {len(tasks)}")
         kwargs["n_clusters"] = len(tasks)
     fingerprint = input_fingerprint(results, rois, kwargs)
     store = StudyStore(cfg.store_path)
     if store.has(ANALYSIS_GROUP) and not overwrite:
         stored = store.read_dataset(ANALYSIS_GROUP)
         if stored.attrs.get("input_fingerprint") == fingerprint:
-            log(f"analysis of these results and settings already in {cfg.store_path} ({ANALYSIS_GROUP}), skipped")
+            logger.info(f"analysis of these results and settings already in {cfg.store_path} ({ANALYSIS_GROUP}), skipped")
             return stored
     t0 = time.perf_counter()
-    log(f"analysis: {len(results)} subject(s) x {len(tasks)} tasks"
-        + (" (+ ROI-only models)" if rois else ""))
+    logger.info(f"analysis: {len(results)} subject(s) x {len(tasks)} tasks"
+                + (" (+ ROI-only models)" if rois else ""))
     try:
         out = analyse(results, roi_results=rois, **kwargs)
     except AnalysisError as e:
         raise AnalysisStageError(f"analysis of {cfg.store_path} with the settings of {cfg.path}: {e}") from None
     for line in permutation_floor_note(results, out, kwargs):
-        log(line)
+        logger.info(line)
     out.attrs.update(
         input_fingerprint=fingerprint,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         subjects_source={s: str(ds.attrs.get("source", "fit")) for s, ds in results.items()},
     )
     store.write_dataset(ANALYSIS_GROUP, _storable(out))
-    log(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
+    logger.info(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
     return store.read_dataset(ANALYSIS_GROUP)
 
 

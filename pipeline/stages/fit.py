@@ -14,21 +14,26 @@ only the rest. Few pairs are in flight at once, so decompositions do not pile up
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from distributed import Client, Future, as_completed
 
-from pipeline import design, noise_ceiling, ridge, stats
-from pipeline.config import Config, fit_fingerprint
-from pipeline.console import ProgressBar
-from pipeline.errors import FitError
-from pipeline.status import FitRunState
-from storage import Progress, StudyStore
+from neurotask.pipeline.ridge import design
+from neurotask.pipeline.stats import noise_ceiling
+from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline.stats import scores as stats
+from neurotask.pipeline.config import Config, fit_fingerprint
+from neurotask.pipeline.console import ProgressBar
+from neurotask.pipeline.errors import FitError
+from neurotask.pipeline.stages.status import FitRunState
+from neurotask.storage import Progress, StudyStore
+
+logger = logging.getLogger(__name__)
 
 # Test hook: "SUBJECT/TASK/CHUNK" makes that unit raise, to exercise retries and failure reports.
 FAULT_ENV = "NEUROTASK_FAULT_UNIT"
@@ -174,7 +179,7 @@ def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray
     return True
 
 
-def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[str], None] = print,
+def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         max_pairs_in_flight: int | None = None) -> FitReport:
     """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
     after their retries; every other finished unit stays in the store."""
@@ -215,7 +220,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False, log: Callable[[
 
     total = sum(len(u) for _, _, u in pending)
     if report.skipped:
-        log(f"resuming: {report.skipped} unit(s) already done, {total} to do")
+        logger.info(f"resuming: {report.skipped} unit(s) already done, {total} to do")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = max_pairs_in_flight or max(2, n_workers)
     bar = ProgressBar(total, "fit")

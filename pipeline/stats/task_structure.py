@@ -2,7 +2,7 @@
 
 ``analyse`` takes fitted results (it never fits anything) and returns one Dataset holding
 the paper's analyses and our comparison with Taskonomy. The maths lives in
-``pipeline.similarity`` (pure) and ``pipeline.taskonomy``; this module only labels arrays.
+``pipeline.stats.similarity`` (pure) and ``pipeline.stats.taskonomy``; this module only labels arrays.
 
 Input, per subject: an ``xr.Dataset`` with dims (task, voxel), variables ``r`` and
 ``pvalue`` (plus ``pvalue_perm`` for ``significance="permutation"``, ``significant`` for
@@ -62,10 +62,10 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from pipeline import similarity as sim
-from pipeline.stats import fdr_bh
-from pipeline.taskonomy import has_affinities, taskonomy_similarity
-from pipeline.tasks import task_info
+from neurotask.pipeline.stats import similarity as sim
+from neurotask.pipeline.stats.scores import fdr_bh
+from neurotask.pipeline.stats.taskonomy import has_affinities, taskonomy_similarity
+from neurotask.pipeline.tasks import task_info
 
 SIGNIFICANCE = ("parametric", "permutation", "stored", "none")
 

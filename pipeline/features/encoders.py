@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.tasks import task_info
+from neurotask.pipeline.tasks import task_info
 
 TaskonomyOutput = Literal["taskbank", "normalized"]
 TASKONOMY_OUTPUTS: tuple[str, ...] = ("taskbank", "normalized")

@@ -27,18 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from pipeline.bold5000 import REP_PREFIX
-from pipeline.config import Config, SimulateSection
-from pipeline.errors import NeurotaskError
-from pipeline.images import images_dir, write_synthetic_images
-from pipeline.tasks import CLUSTERS, task_names, taskonomy_tasks
-from storage import Progress, StudyStore
+from neurotask.pipeline.formats.bold5000 import REP_PREFIX
+from neurotask.pipeline.config import Config, SimulateSection
+from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.features.images import images_dir, write_synthetic_images
+from neurotask.pipeline.tasks import CLUSTERS, task_names, taskonomy_tasks
+from neurotask.storage import Progress, StudyStore
+
+logger = logging.getLogger(__name__)
 
 ROI_DRIVER = {"EarlyVis": "2D", "LOC": "semantic", "OPA": "3D", "PPA": "3D", "RSC": "3D"}
 # ROI centres as fractions of the volume (i within a hemisphere from the midline, j, k) and radii.
@@ -156,7 +159,7 @@ def presentation(images: list[str], sim: SimulateSection, rng) -> tuple[list[str
     return lines, trial_image
 
 
-def simulate_study(cfg: Config, log=print) -> dict:
+def simulate_study(cfg: Config) -> dict:
     """Write what is missing of the simulated study: the raw files of each subject not simulated
     yet (under ``workdir/raw``) and the feature bank of each task not in the store yet.
 
@@ -191,15 +194,15 @@ def simulate_study(cfg: Config, log=print) -> dict:
         root = images_dir(cfg)
         write_synthetic_images(root, images, seed=sim.seed)
         progress.mark_done("simulate", "images")
-        log(f"wrote {len(images)} synthetic images under {root}")
+        logger.info(f"wrote {len(images)} synthetic images under {root}")
     if sim.write_weights and not progress.is_done("simulate", "weights"):
-        from pipeline.weights import write_random_checkpoints  # imports torch
+        from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
 
         weights = cfg.resolve(cfg.features.weights_dir)
         tasks = [t for t in cfg.features.space_names if t in task_names()]
         write_random_checkpoints(weights, tasks, seed=sim.seed)
         progress.mark_done("simulate", "weights")
-        log(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
+        logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     summary = {"images": sim.n_images, "features": sim.n_features, "new_tasks": new_tasks, "subjects": {}}
@@ -211,9 +214,9 @@ def simulate_study(cfg: Config, log=print) -> dict:
         info = _simulate_subject(cfg, subject, images, latents, srng, truth_dir)
         progress.mark_done("simulate", subject, info=info)
         summary["subjects"][subject] = info
-        log(f"simulated {subject}: {info['voxels']} brain voxels, {info['trials']} trials in {sim.n_sessions} sessions")
+        logger.info(f"simulated {subject}: {info['voxels']} brain voxels, {info['trials']} trials in {sim.n_sessions} sessions")
     if not summary["subjects"] and not new_tasks:
-        log(f"simulated study already in {cfg.workdir}, skipped")
+        logger.info(f"simulated study already in {cfg.workdir}, skipped")
     return summary
 
 

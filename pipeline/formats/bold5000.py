@@ -29,7 +29,7 @@ from nibabel.openers import ImageOpener
 import numpy as np
 import scipy.io
 
-from pipeline.errors import DataError
+from neurotask.pipeline.errors import DataError
 
 REP_PREFIX = "rep_"
 

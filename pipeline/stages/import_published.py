@@ -11,7 +11,7 @@ them exactly as on a fitted study; nothing is fitted.
 * ``subj<N>/``: a folder in the authors' released layout (``outputs/encoding_results/
   subj<N>/`` of github.com/ariaaay/NeuralTaskonomy): ``corr_whole_brain_taskrepr_<task>__TRavg.p``,
   ``rsq_whole_brain_taskrepr_<task>__TRavg.p``, ``corr_taskrepr_<task>__TRavg.p``; read with
-  the restricted unpickler of :mod:`pipeline.published`. If the study has one subject, ``DIR``
+  the restricted unpickler of :mod:`pipeline.formats.published`. If the study has one subject, ``DIR``
   may also be that folder itself.
 * ``CSI<N>.npz``: the same results converted into one npz (the reference data's format:
   ``tasks``, ``r``, ``p``, ``r2``, ``cortical_mask_zyx``, ``roi_names``, ``roi_r_<ROI>``,
@@ -29,24 +29,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from pipeline.analysis_stage import ROI_RESULTS
-from pipeline.config import Config
-from pipeline.errors import DataError
-from pipeline.published import (
+from neurotask.pipeline.stages.analyse import ROI_RESULTS
+from neurotask.pipeline.config import Config
+from neurotask.pipeline.errors import DataError
+from neurotask.pipeline.formats.published import (
     PublishedResultsError,
     load_reference_npz,
     load_reference_roi_npz,
     published_subject_datasets,
 )
-from storage import Progress, StudyStore
+from neurotask.storage import Progress, StudyStore
+
+logger = logging.getLogger(__name__)
 
 VOXEL_SIZE_MM = 2.0
 _SUBJECT_DIR = re.compile(r"^subj(\d+)$")
@@ -130,7 +133,7 @@ def grid_affine(shape_ijk: Sequence[int], voxel_size: float = VOXEL_SIZE_MM) -> 
 
 
 def to_store_layout(ds: xr.Dataset, subject: str, *, shape_ijk: Sequence[int] | None, source: str) -> xr.Dataset:
-    """A :mod:`pipeline.published` results Dataset -> the layout of ``results/<subject>``."""
+    """A :mod:`pipeline.formats.published` results Dataset -> the layout of ``results/<subject>``."""
     t, v = ds.sizes["task"], ds.sizes["voxel"]
     out = xr.Dataset(
         {
@@ -200,7 +203,7 @@ def _fingerprint(src: PublishedSource, tasks: Sequence[str] | None, fdr: float) 
 
 
 def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | None = None,
-                     overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, dict]:
+                     overwrite: bool = False) -> dict[str, dict]:
     """Import every study subject's published results into the store. -> per-subject summary.
 
     A subject already imported from the same files is skipped; one whose results came from
@@ -218,7 +221,7 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
         record = progress.read("import", subject)
         if store.has(f"results/{subject}") and not overwrite:
             if record and record.get("fingerprint") == fingerprint:
-                log(f"{subject}: published results from {src.path} already imported, skipped")
+                logger.info(f"{subject}: published results from {src.path} already imported, skipped")
                 summary[subject] = record
                 continue
             raise PublishedImportError(
@@ -226,7 +229,7 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
                 "use --overwrite to replace them, or a new study.workdir")
         whole, roi, shape = read_source(src, tasks, fdr)
         if shape is None:
-            log(f"{subject}: no cortical mask given: voxels have no position, the report will draw no maps")
+            logger.info(f"{subject}: no cortical mask given: voxels have no position, the report will draw no maps")
         store.remove(f"results/{subject}")
         store.remove(f"{ROI_RESULTS}/{subject}")
         progress.clear("fit", subject)  # any earlier fit of this subject no longer describes its results
@@ -238,7 +241,7 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
                 "voxels": int(whole.sizes["voxel"]), "roi_voxels": int(roi.sizes["voxel"]) if roi is not None else 0,
                 "volume_shape": list(shape) if shape else None}
         progress.mark_done("import", subject, info=info)
-        log(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
-            + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
+        logger.info(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
+                    + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
         summary[subject] = info
     return summary

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import bold5000
-from pipeline.config import Config, FeaturesSection
-from pipeline.errors import DataError
+from neurotask.pipeline.formats import bold5000
+from neurotask.pipeline.config import Config, FeaturesSection
+from neurotask.pipeline.errors import DataError
 
 SUBFOLDERS = ("COCO", "ImageNet", "Scene")
 _IMAGENET = re.compile(r"^n\d{8}_\d+\.JPEG$")

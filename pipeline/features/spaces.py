@@ -3,8 +3,8 @@
 A *feature space* is a configured, named featurizer; downstream it is a task like any other
 (``features/<name>`` in the store, one ridge model per subject). Kinds:
 
-- ``taskonomy``: one of the 21 Taskonomy encoders (``pipeline.encoders``), its input made by
-  the task bank's rules (``pipeline.preprocess``), weights from ``features.weights_dir``.
+- ``taskonomy``: one of the 21 Taskonomy encoders (``pipeline.features.encoders``), its input made by
+  the task bank's rules (``pipeline.features.preprocess``), weights from ``features.weights_dir``.
   2048 features: the (8, 16, 16) map flattened channels-last as the task bank stored it;
   ``output: taskbank`` (the paper's, relu(BN(compress))) or ``normalized`` (the port's GroupNorm).
 - ``torch_module``: any ``nn.Module`` built by an importable ``"package.module:callable"``
@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.encoders import INPUT_SIZE, N_FEATURES, TASKONOMY_OUTPUTS, taskbank_layout
-from pipeline.preprocess import (IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_PROFILES, TaskonomyInputSpec,
+from neurotask.pipeline.features.encoders import INPUT_SIZE, N_FEATURES, TASKONOMY_OUTPUTS, taskbank_layout
+from neurotask.pipeline.features.preprocess import (IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_PROFILES, TaskonomyInputSpec,
                                  crop_and_resize, noise_seed, normalize, taskonomy_input, taskonomy_input_spec)
-from pipeline.tasks import task_info, task_names
-from pipeline.weights import WeightsError, check_weights, find_checkpoint, load_state_dict, load_taskonomy_encoder
+from neurotask.pipeline.tasks import task_info, task_names
+from neurotask.pipeline.features.weights import WeightsError, check_weights, find_checkpoint, load_state_dict, load_taskonomy_encoder
 
 
 class FeatureSpaceError(ValueError):

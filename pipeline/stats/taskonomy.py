@@ -18,8 +18,8 @@ from importlib import resources
 import numpy as np
 import xarray as xr
 
-from pipeline.similarity import cosine_similarity
-from pipeline.tasks import task_info, task_names
+from neurotask.pipeline.stats.similarity import cosine_similarity
+from neurotask.pipeline.tasks import task_info, task_names
 
 AFFINITY_SETS = ("16k", "1k")
 
@@ -29,7 +29,7 @@ def _read_transfer_out(size: str) -> tuple[tuple[str, ...], tuple[str, ...], np.
     if size not in AFFINITY_SETS:
         raise ValueError(f"Taskonomy affinity set must be one of {', '.join(AFFINITY_SETS)}; got {size!r}")
     name = f"data/taskonomy_transfer_out_{size}.csv"
-    text = resources.files("pipeline").joinpath(name).read_text()
+    text = resources.files("neurotask.pipeline").joinpath(name).read_text()
     rows = [row for row in csv.reader(io.StringIO(text)) if row and not row[0].startswith("#")]
     header, body = rows[0], rows[1:]
     sources = tuple(r[0] for r in body)

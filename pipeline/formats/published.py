@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.stats import fdr_bh
-from pipeline.tasks import task_names
+from neurotask.pipeline.stats.scores import fdr_bh
+from neurotask.pipeline.tasks import task_names
 
 # The ROI order of the authors' ROI pickles and of the npz ``roi_names``.
 ROI_NAMES = ("LHOPA", "LHPPA", "LHLOC", "LHEarlyVis", "LHRSC", "RHOPA", "RHPPA", "RHLOC", "RHEarlyVis", "RHRSC")

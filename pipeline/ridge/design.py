@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import DataError
+from neurotask.pipeline.errors import DataError
 
 
 def align_rows(feature_images: np.ndarray, images: np.ndarray, task: str) -> np.ndarray:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from pipeline.encoders import TaskonomyEncoder, TaskonomyOutput, encoder_from_state_dict, random_encoder
-from pipeline.tasks import task_info, task_names
+from neurotask.pipeline.features.encoders import TaskonomyEncoder, TaskonomyOutput, encoder_from_state_dict, random_encoder
+from neurotask.pipeline.tasks import task_info, task_names
 
 WEIGHTS_URL_TEMPLATE = "https://github.com/alexsax/visual-prior/raw/networks/assets/pytorch/{filename}"
 

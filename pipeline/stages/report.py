@@ -27,11 +27,12 @@ import base64
 import html
 import io
 import json
+import logging
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -44,13 +45,15 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy.cluster import hierarchy
 
-from pipeline import similarity as sim
-from pipeline.analysis import CONTRASTS, significance_mask, str_labels, voxel_contrasts
-from pipeline.config import Config
-from pipeline.errors import NeurotaskError
-from pipeline.summary import roi_table
-from pipeline.tasks import CLUSTERS
-from storage import StudyStore, save_nifti, to_volume
+from neurotask.pipeline.stats import similarity as sim
+from neurotask.pipeline.stats.task_structure import CONTRASTS, significance_mask, str_labels, voxel_contrasts
+from neurotask.pipeline.config import Config
+from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.stages.summary import roi_table
+from neurotask.pipeline.tasks import CLUSTERS
+from neurotask.storage import StudyStore, save_nifti, to_volume
+
+logger = logging.getLogger(__name__)
 
 # Okabe-Ito colours, one per Taskonomy cluster (colour-blind safe)
 CLUSTER_COLOURS = {"3D": "#0072B2", "2D": "#E69F00", "semantic": "#009E73",
@@ -442,11 +445,10 @@ def build_report(
     *,
     options: ReportOptions | None = None,
     provenance: dict | None = None,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Write figures, NIfTI maps, statistics.json and index.html into ``outdir``. -> index.html.
 
-    ``analysis``: the Dataset of :func:`pipeline.analysis.analyse`; ``results``: subject ->
+    ``analysis``: the Dataset of :func:`pipeline.stats.task_structure.analyse`; ``results``: subject ->
     results (task, voxel) with voxel_i/j/k, roi and attrs volume_shape, affine (maps are
     drawn only for subjects whose voxels have positions).
     """
@@ -528,7 +530,7 @@ def build_report(
                               title=f"{subject}: {labels[CONTRASTS[name][0]]} - {labels[CONTRASTS[name][1]]}",
                               cmap="RdBu_r", vmin=-max(lim, 1e-3), vmax=max(lim, 1e-3), colorbar_label="r difference"))
         nifti_rows.append((subject, written))
-    log("report: figures 1-3 and NIfTI maps written")
+    logger.info("report: figures 1-3 and NIfTI maps written")
 
     # Figures 5-7
     add("fig5_similarity", "Figure 5. Task similarity", "Brain-derived task similarity "
@@ -773,7 +775,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
     try:
         done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=False)
@@ -813,9 +815,9 @@ def report_dir(cfg: Config) -> Path:
     return cfg.workdir / "report"
 
 
-def write_report(cfg: Config, *, log: Callable[[str], None] = print) -> Path:
+def write_report(cfg: Config) -> Path:
     """The study's report from the stored analysis and results. -> path of index.html."""
-    from pipeline.analysis_stage import read_analysis
+    from neurotask.pipeline.stages.analyse import read_analysis
 
     analysis = read_analysis(cfg)
     store = StudyStore(cfg.store_path)
@@ -828,6 +830,6 @@ def write_report(cfg: Config, *, log: Callable[[str], None] = print) -> Path:
                             graph_neighbours=cfg.report.graph_neighbours)
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
-                         provenance=provenance(cfg, analysis, results), log=log)
-    log(f"report: {index} ({time.perf_counter() - t0:.1f} s)")
+                         provenance=provenance(cfg, analysis, results))
+    logger.info(f"report: {index} ({time.perf_counter() - t0:.1f} s)")
     return index

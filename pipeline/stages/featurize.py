@@ -26,25 +26,28 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from distributed import Client, Future, as_completed, get_worker
 
-from pipeline.config import Config, FeaturesSection
-from pipeline.console import ProgressBar
-from pipeline.errors import NeurotaskError
-from pipeline.feature_spaces import (Extractor, FeatureSpace, FeatureSpaceError, TaskonomyFeatureSpace,
+from neurotask.pipeline.config import Config, FeaturesSection
+from neurotask.pipeline.console import ProgressBar
+from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.features.spaces import (Extractor, FeatureSpace, FeatureSpaceError, TaskonomyFeatureSpace,
                                      check_feature_spaces, extract_batch, feature_spaces_from_config,
                                      resolve_device)
-from pipeline.images import find_images, images_dir, study_images
-from pipeline.preprocess import BadImagesError, check_images, decode_images
-from pipeline.weights import WeightsError, find_checkpoint
-from storage import Progress, StudyStore
+from neurotask.pipeline.features.images import find_images, images_dir, study_images
+from neurotask.pipeline.features.preprocess import BadImagesError, check_images, decode_images
+from neurotask.pipeline.features.weights import WeightsError, find_checkpoint
+from neurotask.storage import Progress, StudyStore
+
+logger = logging.getLogger(__name__)
 
 # Test hook: a batch index; that batch writes its first space's rows, then raises (a crash
 # between the data and the markers).
@@ -291,7 +294,7 @@ def _n_features(space: FeatureSpace) -> tuple[int, dict[str, Any]]:
     """Width of a space's features and the loaded extractor's description (loads non-Taskonomy
     spaces once on the CPU: their width is known only from a forward pass)."""
     if isinstance(space, TaskonomyFeatureSpace):
-        from pipeline.encoders import N_FEATURES
+        from neurotask.pipeline.features.encoders import N_FEATURES
 
         return N_FEATURES, {"n_features": N_FEATURES}
     extractor = load_space(space, torch.device("cpu"), False)
@@ -347,8 +350,7 @@ def check_workers(cfg: Config, client: Client) -> None:
 
 
 def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: list[FeatureSpace],
-                  provenances: list[dict[str, Any]], images: list[str], *, overwrite: bool,
-                  log: Callable[[str], None]) -> list[_Space]:
+                  provenances: list[dict[str, Any]], images: list[str], *, overwrite: bool) -> list[_Space]:
     """Create ``features/<space>`` where missing (or replaced with ``overwrite``); keep features
     made with the same fingerprint (to resume into); refuse other stored features."""
     bs = cfg.features.batch_size  # type: ignore[union-attr]
@@ -369,7 +371,7 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
         name = sp.space.name
         if overwrite or not store.has(f"features/{name}"):
             if store.has(f"features/{name}"):
-                log(f"features/{name}: replaced (--overwrite)")
+                logger.info(f"features/{name}: replaced (--overwrite)")
             # Unmark before replacing, so that a kill in between never leaves stale markers.
             progress.unmark(COMPLETE, name)
             progress.clear(STAGE, name)
@@ -387,8 +389,7 @@ def _fitted_subjects(cfg: Config, store: StudyStore, progress: Progress) -> list
     return list(dict.fromkeys([*cfg.study.subjects, *store.subjects(), *found]))
 
 
-def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Plan | None = None,
-              log: Callable[[str], None] = print) -> FeaturizeReport:
+def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Plan | None = None) -> FeaturizeReport:
     """Compute every configured feature space for every image of the study that is not done.
 
     Raises FeaturizeError before any work if anything is missing or wrong (listing it all),
@@ -398,10 +399,10 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     t0 = time.perf_counter()
     feat: FeaturesSection = cfg.features  # type: ignore[assignment]
     if not study_feature_spaces(cfg):
-        log("featurize: the features section names no feature space; nothing to do")
+        logger.info("featurize: the features section names no feature space; nothing to do")
         return FeaturizeReport()
     if not overwrite and all_done(cfg):
-        log("featurize: every feature space is already computed for every image; nothing to do")
+        logger.info("featurize: every feature space is already computed for every image; nothing to do")
         n_images = len(study_images(cfg))
         names = cfg.features.space_names
         return FeaturizeReport(spaces=names, images=n_images,
@@ -413,7 +414,7 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     store = StudyStore(cfg.store_path)
     store.create()
     progress = Progress(cfg.workdir / "progress", store.store_id)
-    planned = prepare_store(cfg, store, progress, spaces, provenances, images, overwrite=overwrite, log=log)
+    planned = prepare_store(cfg, store, progress, spaces, provenances, images, overwrite=overwrite)
 
     batches = make_batches(len(images), feat.batch_size)
     for sp in planned:
@@ -423,11 +424,11 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     work = [(b, [sp for sp in planned if b.index in sp.todo]) for b in batches]
     work = [(b, sps) for b, sps in work if sps]
     if report.skipped:
-        log(f"resuming: {report.skipped} (feature space, batch) pair(s) already done, "
-            f"{sum(len(s) for _, s in work)} to do")
+        logger.info(f"resuming: {report.skipped} (feature space, batch) pair(s) already done, "
+                    f"{sum(len(s) for _, s in work)} to do")
     if work:
-        log(f"featurizing {len(images)} images with {len(spaces)} feature space(s) "
-            f"({', '.join(report.spaces)}) in {len(work)} batch(es) of <= {feat.batch_size}")
+        logger.info(f"featurizing {len(images)} images with {len(spaces)} feature space(s) "
+                    f"({', '.join(report.spaces)}) in {len(work)} batch(es) of <= {feat.batch_size}")
     options = {"device": feat.device, "channels_last": feat.channels_last, "min_image_side": feat.min_image_side,
                "torch_threads": feat.torch_threads,
                "threads_per_worker": torch_threads_per_worker(client) if work else {}}

@@ -30,16 +30,19 @@ is refused (use --overwrite).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import bold5000
-from pipeline.config import Config
-from pipeline.errors import DataError
-from storage import Progress, StudyStore, mask_to_ijk
+from neurotask.pipeline.formats import bold5000
+from neurotask.pipeline.config import Config
+from neurotask.pipeline.errors import DataError
+from neurotask.storage import Progress, StudyStore, mask_to_ijk
+
+logger = logging.getLogger(__name__)
 
 _MAX_GAP = 40  # how far past a missing session/run we look for stray later files
 _ZSCORE_ELEMENTS = 1 << 16  # values z-scored at once: bounds the float64 temporary (512 KiB)
@@ -309,7 +312,7 @@ def _selection(cfg: Config, plan: SubjectPlan) -> tuple[np.ndarray, str, np.ndar
     return np.isfinite(first), "derived: finite in every trial of every session", None, rois
 
 
-def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path, log) -> Staged:
+def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path) -> Staged:
     files, subject = plan.files, plan.subject
     selected, source, mask_affine, rois = _selection(cfg, plan)
     ijk = mask_to_ijk(selected, cfg.data.voxel_order)
@@ -337,7 +340,7 @@ def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path, log) -> Stag
         trials[start : start + count] = block
         start += count
         del block
-        log(f"  {subject}: session {s}/{len(files.sessions)} read ({count} trials)")
+        logger.info(f"  {subject}: session {s}/{len(files.sessions)} read ({count} trials)")
     trials.flush()
     affine = mask_affine if mask_affine is not None else bold5000.nifti_affine(files.sessions[0])
     attrs = {
@@ -349,14 +352,14 @@ def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path, log) -> Stag
     return Staged(trials, ijk, roi, finite, constant, attrs)
 
 
-def _stage_release1(cfg: Config, plan: SubjectPlan, log) -> Staged:
+def _stage_release1(cfg: Config, plan: SubjectPlan) -> Staged:
     rois = cfg.data.rois
     total = None
     for tr, path in plan.files.roi_mats.items():
         data = bold5000.read_roi_mat(path, rois)
         block = np.concatenate([data[r] for r in rois], axis=1)
         total = block if total is None else total + block
-        log(f"  {plan.subject}: {path.name} read ({block.shape[0]} trials x {block.shape[1]} ROI voxels)")
+        logger.info(f"  {plan.subject}: {path.name} read ({block.shape[0]} trials x {block.shape[1]} ROI voxels)")
     trials = total / len(plan.files.roi_mats)
     ijk = np.concatenate([np.stack([np.full(plan.roi_voxels[r], a), np.arange(plan.roi_voxels[r]),
                                     np.full(plan.roi_voxels[r], -1)], axis=1) for a, r in enumerate(rois)])
@@ -399,7 +402,7 @@ def ingest_params(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged, log) -> dict:
+def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged) -> dict:
     subject, stim = plan.subject, plan.stim
     keep = np.flatnonzero(staged.finite)
     images, groups = bold5000.image_trials(stim, cfg.data.repeats)
@@ -440,20 +443,20 @@ def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged, lo
             "params": ingest_params(cfg)}
 
 
-def _describe_policy(cfg: Config, plan: SubjectPlan, log) -> None:
+def _describe_policy(cfg: Config, plan: SubjectPlan) -> None:
     stim = plan.stim
     for note in plan.files.notes:
-        log(f"  {plan.subject}: {note}")
+        logger.info(f"  {plan.subject}: {note}")
     if cfg.data.repeats != "exclude":
         return
     if not stim.has_rep_prefix:
-        log(f"  {plan.subject}: {stim.path.name} has no '{bold5000.REP_PREFIX}' prefixes (release 2.0 list): "
-            "repeats 'exclude' keeps the FIRST showing of each repeated image")
+        logger.info(f"  {plan.subject}: {stim.path.name} has no '{bold5000.REP_PREFIX}' prefixes (release 2.0 list): "
+                    "repeats 'exclude' keeps the FIRST showing of each repeated image")
     else:
         only_rep = set(stim.images[stim.is_rep]) - set(stim.images[~stim.is_rep])
         if only_rep:
-            log(f"  {plan.subject}: {len(only_rep)} image(s) appear only with the '{bold5000.REP_PREFIX}' "
-                "prefix and are left out by repeats 'exclude' (use 'average' to keep them)")
+            logger.info(f"  {plan.subject}: {len(only_rep)} image(s) appear only with the '{bold5000.REP_PREFIX}' "
+                        "prefix and are left out by repeats 'exclude' (use 'average' to keep them)")
 
 
 def volume_geometry(attrs: dict[str, Any]) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -469,7 +472,7 @@ def volume_geometry(attrs: dict[str, Any]) -> tuple[tuple[int, int, int], np.nda
     return tuple(int(s) for s in attrs["volume_shape"]), np.asarray(attrs["affine"], dtype=np.float64)
 
 
-def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict]:
+def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
     """Ingest every subject of the config that is not ingested yet (all with ``overwrite``).
 
     All subjects' layouts and headers are checked before any data are read; a subject's old
@@ -491,7 +494,7 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
                 raise DataError(f"{subject} was ingested with {was}; the config {cfg.path} asks for {now}. "
                                 "Use `neurotask ingest --overwrite` to re-ingest it (its fit results are "
                                 "then discarded), or a new study.workdir")
-            log(f"{subject}: already ingested, skipped")
+            logger.info(f"{subject}: already ingested, skipped")
             done[subject] = record
             continue
         todo.append(f)
@@ -500,16 +503,16 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
     staging_dir = cfg.workdir / "staging"
     for plan in plans:
         subject = plan.subject
-        log(f"{subject}: ingesting ({cfg.data.format}: "
-            f"{len(plan.files.sessions) if cfg.data.format == 'glmsingle' else len(plan.files.roi_mats)} file(s))")
-        _describe_policy(cfg, plan, log)
+        logger.info(f"{subject}: ingesting ({cfg.data.format}: "
+                    f"{len(plan.files.sessions) if cfg.data.format == 'glmsingle' else len(plan.files.roi_mats)} file(s))")
+        _describe_policy(cfg, plan)
         staging = staging_dir / f"{subject}.npy"
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             if cfg.data.format == "glmsingle":
-                staged = _stage_glmsingle(cfg, plan, staging, log)
+                staged = _stage_glmsingle(cfg, plan, staging)
             else:
-                staged = _stage_release1(cfg, plan, log)
+                staged = _stage_release1(cfg, plan)
             if not staged.finite.any():
                 raise DataError(f"{subject}: no voxel is finite in every session")
             # The new data are complete and valid: only now is the old subject replaced.
@@ -520,7 +523,7 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
             progress.clear("fit", subject)
             progress.unmark("ceiling", subject)
             store.remove(f"results/{subject}")
-            summary = _write(cfg, store, plan, staged, log)
+            summary = _write(cfg, store, plan, staged)
             progress.mark_done("ingest", subject, info=summary)
         finally:
             staged = None
@@ -532,6 +535,6 @@ def ingest(cfg: Config, *, overwrite: bool = False, log=print) -> dict[str, dict
             msg += f"; dropped {summary['dropped_nonfinite_voxels']} voxel(s) with NaN/inf values"
         if summary["constant_voxels"]:
             msg += f"; {summary['constant_voxels']} constant voxel(s) kept (their r is undefined)"
-        log(msg)
+        logger.info(msg)
         done[subject] = summary
     return done

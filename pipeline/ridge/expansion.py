@@ -1,7 +1,7 @@
 """The certified search's expansion of the ridge filter factors: pure functions of a fold's
 eigenvalues and the alpha grid (no voxels, no I/O).
 
-Notation as in :mod:`pipeline.ridge`: ``a`` alphas, ``k`` eigen-directions with eigenvalues
+Notation as in :mod:`pipeline.ridge.cv`: ``a`` alphas, ``k`` eigen-directions with eigenvalues
 ``s`` (ascending). The filter factors ``F[alpha, k] = s_k / (s_k + alpha)`` are smooth in both
 arguments, so F has a low numerical rank, and the columns of directions with similar eigenvalues
 a lower one still. :func:`plan_groups` cuts the directions into contiguous groups with a rank
