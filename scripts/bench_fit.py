@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_ridge import _device_name, make_problem  # noqa: E402
-from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline import ridge
 from neurotask.pipeline.stats import scores as stats  # noqa: E402
 
 TASK, SUBJECT = "rgb2depth", "CSI1"

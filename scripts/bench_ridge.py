@@ -33,6 +33,7 @@ truth, ratios) on stdout, and every number in ``--out`` (JSON). Medians over ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -49,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neurotask.pipeline.ridge import cv as ridge  # noqa: E402
+from neurotask.pipeline import ridge  # noqa: E402
 
 # --------------------------------------------------------------------------- data
 
@@ -133,6 +134,36 @@ class Clock:
         return out
 
 
+class Meter:
+    """An observer of the ridge engine (``ridge.Observer``): per-phase wall time, CPU time and
+    floating-point operation counts, and the engine's scalars.
+
+    ``stats``: phase name -> {"seconds", "cpu_seconds", "flops"}; scalars "rank" (total, the
+    largest over folds and batches), "groups" (likewise) and "exact_pairs" (certified search).
+    The engine enters and leaves each phase with the device's work done (CUDA runs
+    asynchronously). CPU time is the process's (all its threads): on a shared machine, with one
+    BLAS thread, it is the work done whatever the load.
+    """
+
+    def __init__(self):
+        self.stats: dict = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, flops: float):
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        entry = self.stats.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
+        entry["seconds"] += time.perf_counter() - start
+        entry["cpu_seconds"] += time.process_time() - cpu
+        entry["flops"] += float(flops)
+
+    def count(self, name: str, value: float) -> None:
+        self.stats[name] = self.stats.get(name, 0) + value
+
+    def maximum(self, name: str, value: float) -> None:
+        self.stats[name] = max(self.stats.get(name, 0), value)
+
+
 # --------------------------------------------------------------------------- methods
 
 
@@ -151,9 +182,10 @@ def run_neurotask(X, Y, splits, alphas, search="certified", backend="numpy", dty
     p = X.shape[1]
     prep_flops = sum(_decomposition_flops(b.fit_rows.size, b.eval_rows.size, p, b.proj_fit is not None)
                      for b in dec.folds + (dec.final,))
-    stats: dict = {}
-    res = ridge.ridge_cv(dec, Y, alphas, search=search, backend=backend, voxel_batch=voxel_batch, stats=stats)
+    meter = Meter()
+    res = ridge.ridge_cv(dec, Y, alphas, search=search, backend=backend, voxel_batch=voxel_batch, observer=meter)
     fit = clock.lap()
+    stats = meter.stats
     phases = {"decomposition": {"seconds": prep[0], "cpu_seconds": prep[1], "flops": prep_flops}}
     phases.update({k: v for k, v in stats.items() if isinstance(v, dict)})
     extra = {k: v for k, v in stats.items() if not isinstance(v, dict)}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from neurotask.pipeline.ridge import expansion
-from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline import ridge
 
 
 def test_expansion_plan_groups_the_spectrum():
@@ -15,16 +15,17 @@ def test_expansion_plan_groups_the_spectrum():
     alphas = ridge.paper_alphas(k)
     tol = 4e-4
     ex = expansion.expand(s, alphas, expansion.plan_groups(s, alphas, tol))
-    starts = [g[0] for g in ex.groups]
-    stops = [g[1] for g in ex.groups]
+    starts = [g.start for g in ex.groups]
+    stops = [g.stop for g in ex.groups]
     assert starts[0] == 0 and stops[-1] == k and starts[1:] == stops[:-1]
-    assert [g[2] for g in ex.groups] == list(np.cumsum([0] + [b.shape[0] for b in ex.B_over_s])[:-1])
+    assert [g.rank for g in ex.groups] == [b.shape[0] for b in ex.B_over_s]
+    assert [g.offset for g in ex.groups] == list(np.cumsum([0] + [g.rank for g in ex.groups])[:-1])
     F = s[None, :] / (s[None, :] + alphas[:, None])
     assert (np.sqrt(ex.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max() <= tol * 1.001
     # the expansion reproduces F up to that residual
     approx = np.zeros_like(F)
-    for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
-        approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+    for g, B in zip(ex.groups, ex.B_over_s):
+        approx[:, g.start : g.stop] = ex.A[:, g.offset : g.offset + g.rank] @ (B * s[g.start : g.stop])
     assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * tol * F.max(1, keepdims=True))
     def row_error(e):
         return (np.sqrt(e.residual_sq.astype(np.float64).sum(1)) / F.max(1)).max()
@@ -42,9 +43,10 @@ def test_any_plan_is_a_valid_expansion():
     for plan in (((0, 100, 0), (100, 290, 5), (290, 300, 10)), ((0, 300, 3),), expansion.plan_groups(s, alphas, 1e-2)):
         ex = expansion.expand(s, alphas, plan)
         assert ex.rank == sum(r for _, _, r in plan) and len(ex.groups) == len(plan)
+        assert [(g.start, g.stop, g.rank) for g in ex.groups] == [tuple(g) for g in plan]
         approx = np.zeros_like(F)
-        for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
-            approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+        for g, B in zip(ex.groups, ex.B_over_s):
+            approx[:, g.start : g.stop] = ex.A[:, g.offset : g.offset + g.rank] @ (B * s[g.start : g.stop])
         assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * F.max(1, keepdims=True))
     # a full-rank group is exact; a rank-0 group leaves its columns whole in the residual
     ex = expansion.expand(s, alphas, ((0, 100, 0), (100, 300, 40)))
@@ -57,8 +59,9 @@ def test_plan_is_deterministic_and_follows_the_tolerance():
     alphas = ridge.paper_alphas(512)
     a = expansion.plan_groups(s, alphas, 1e-3)
     b = expansion.plan_groups(s.copy(), alphas.copy(), 1e-3)
-    assert a == b and a[0][0] == 0 and a[-1][1] == 512
-    assert sum(r for *_, r in expansion.plan_groups(s, alphas, 1e-1)) < sum(r for *_, r in a)  # looser: lower ranks
+    assert a == b and a[0].start == 0 and a[-1].stop == 512
+    assert all(isinstance(g, expansion.GroupPlan) for g in a)
+    assert sum(g.rank for g in expansion.plan_groups(s, alphas, 1e-1)) < sum(g.rank for g in a)  # looser: lower ranks
 
 
 def test_per_alpha_tolerances_are_met_row_by_row():
@@ -73,8 +76,8 @@ def test_per_alpha_tolerances_are_met_row_by_row():
     row = np.sqrt(ex.residual_sq.astype(np.float64).sum(1)) / F.max(1)
     assert np.all(row <= tol * 1.001)
     approx = np.zeros_like(F)
-    for (start, stop, off), B in zip(ex.groups, ex.B_over_s):
-        approx[:, start:stop] = ex.A[:, off : off + B.shape[0]] @ (B * s[start:stop])
+    for g, B in zip(ex.groups, ex.B_over_s):
+        approx[:, g.start : g.stop] = ex.A[:, g.offset : g.offset + g.rank] @ (B * s[g.start : g.stop])
     assert np.all(np.abs(np.abs(F - approx) - np.sqrt(ex.residual_sq)) <= 1e-6 * F.max(1, keepdims=True))
     uniform = expansion.expand(s, alphas, expansion.plan_groups(s, alphas, 1e-3))
     assert ex.products + ex.rank**2 < 0.8 * (uniform.products + uniform.rank**2)

@@ -10,7 +10,7 @@ from conftest import SMALL_TASKS, small_config_dict, write_config
 from fault_support import kill_after_markers
 from neurotask.pipeline import cli
 from neurotask.pipeline.stages import fit
-from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline import ridge
 from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError

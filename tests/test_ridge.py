@@ -1,12 +1,17 @@
 """The ridge engine against an independent reference: scikit-learn Ridge fit voxel by voxel."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+from neurotask.pipeline import ridge
 from neurotask.pipeline.ridge import expansion
-from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline.ridge.certified import _MARGIN, _certified_bounds, _fold_expansion, _located_optima
+from neurotask.pipeline.ridge.exhaustive import _exact_q
+from neurotask.pipeline.ridge.fold_terms import _batch_terms, _fit_inputs, _fold_terms, _on_device
 
 # CUDA variants run where a GPU is (scripts/gpu_check runs them on the lent GPU machine).
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -22,6 +27,24 @@ def _data(n=180, p=25, v=12, seed=0, ill_conditioned=False):
     W = rng.normal(size=(p, v)) * (rng.random(v) < 0.7)  # some pure-noise voxels
     Y = X @ W + rng.normal(scale=3.0, size=(n, v)) + 10.0
     return X, Y
+
+
+class _Recorder:
+    """An observer (ridge.Observer) that keeps each phase's flops and the scalars."""
+
+    def __init__(self):
+        self.flops, self.scalars = {}, {}
+
+    @contextlib.contextmanager
+    def phase(self, name, flops):
+        yield
+        self.flops[name] = self.flops.get(name, 0.0) + flops
+
+    def count(self, name, value):
+        self.scalars[name] = self.scalars.get(name, 0) + value
+
+    def maximum(self, name, value):
+        self.scalars[name] = max(self.scalars.get(name, 0), value)
 
 
 def _sklearn_reference(X, Y, splits, alphas):
@@ -169,10 +192,10 @@ def test_certified_search_equals_exhaustive(seed):
     alphas = ridge.paper_alphas(X.shape[1])  # the paper's 100 alphas
     splits = ridge.make_splits(X.shape[0], n_folds=7, seed=seed)
     dec = ridge.prepare(X, splits)
-    stats = {}
-    cert = ridge.ridge_cv(dec, Y, alphas, search="certified", stats=stats, voxel_batch=128)
+    seen = _Recorder()
+    cert = ridge.ridge_cv(dec, Y, alphas, search="certified", observer=seen, voxel_batch=128)
     full = ridge.ridge_cv(dec, Y, alphas, search="exhaustive", voxel_batch=128)
-    assert 0 < stats["rank"] <= 50  # the expansion really replaced most of the 100 products
+    assert 0 < seen.scalars["rank"] <= 50  # the expansion really replaced most of the 100 products
     differ = np.flatnonzero(cert.alpha_index != full.alpha_index)
     # Identical alphas except near-ties within the stated round-off margin.
     assert differ.size <= 0.001 * Y.shape[1] + 1
@@ -181,7 +204,7 @@ def test_certified_search_equals_exhaustive(seed):
         e = full.cv_error
         for j in differ:
             gap = abs(e[cert.alpha_index[j], j] - e[full.alpha_index[j], j])
-            assert gap <= ridge._MARGIN[np.dtype(np.float32)] * 2 * scale[full.alpha_index[j], j]
+            assert gap <= _MARGIN[np.dtype(np.float32)] * 2 * scale[full.alpha_index[j], j]
     np.testing.assert_allclose(cert.test_prediction[:, cert.alpha_index == full.alpha_index],
                                full.test_prediction[:, cert.alpha_index == full.alpha_index], rtol=0, atol=0)
     # cv_error: exact at the chosen alpha's near-ties, an estimate within the bound elsewhere:
@@ -209,7 +232,7 @@ def test_certified_search_equals_exhaustive_on_strong_signals():
     scale = _tie_scale(X, splits, Y, alphas)
     for j in differ:
         gap = abs(full.cv_error[cert.alpha_index[j], j] - full.cv_error[full.alpha_index[j], j])
-        assert gap <= ridge._MARGIN[np.dtype(np.float32)] * 2 * scale[full.alpha_index[j], j]
+        assert gap <= _MARGIN[np.dtype(np.float32)] * 2 * scale[full.alpha_index[j], j]
     same = cert.alpha_index == full.alpha_index
     np.testing.assert_allclose(cert.test_prediction[:, same], full.test_prediction[:, same], rtol=0, atol=0)
 
@@ -220,12 +243,8 @@ def test_located_optima_are_near_the_exact_ones():
     splits = ridge.make_splits(X.shape[0], n_folds=7, seed=0)
     dec = ridge.prepare(X, splits)
     bk = ridge.get_backend("numpy")
-    folds = [ridge._on_device(bk, b) for b in dec.folds]
-    final = ridge._on_device(bk, dec.final)
-    Y64 = Y.astype(np.float64)
-    inputs = ridge._fit_inputs(bk, dec, dec.centred, folds + [final], Y64)
-    terms = [ridge._fold_terms(bk, db, Y64, alphas, inp) for db, inp in zip(folds, inputs)]
-    located = ridge._located_optima(bk, folds, terms, alphas)
+    batch, _ = _batch_terms(bk, _on_device(bk, dec), Y.astype(np.float64), alphas, ridge.NULL_OBSERVER)
+    located = _located_optima(batch)
     exact = ridge.cv_errors(dec, Y, alphas).argmin(0)
     assert np.mean(np.abs(located - exact) <= 2) >= 0.95
 
@@ -233,7 +252,7 @@ def test_located_optima_are_near_the_exact_ones():
 def _plan(s, alphas, plan):
     """A planned expansion for a tolerance, or one group of rank r for "rank r"."""
     if isinstance(plan, str):
-        return ((0, s.size, int(plan.split()[1])),)
+        return (expansion.GroupPlan(0, s.size, int(plan.split()[1])),)
     return expansion.plan_groups(s, alphas, plan)
 
 
@@ -246,23 +265,25 @@ def test_certified_bounds_enclose_the_exact_errors():
     bk = ridge.get_backend("numpy")
     Y64 = Y.astype(np.float64)
     exact = [_fold_cv_errors(bk, ref, Y64, alphas, f) for f in range(len(splits.folds))]
-    bases = [ridge._on_device(bk, b) for b in dec.folds + (dec.final,)]
-    inputs = ridge._fit_inputs(bk, dec, dec.centred, bases, Y64)
+    dd = _on_device(bk, dec)
+    bases = dd.folds + (dd.final,)
+    inputs = _fit_inputs(bk, dd, Y64)
     # Crude and good expansions, one group or planned groups: the bound must hold for all.
     for plan in ("rank 4", "rank 12", 3e-2, 4e-4, "profile"):
         for db, inp, e in zip(bases, inputs, exact):
-            t = ridge._fold_terms(bk, db, Y64, alphas, inp)
+            t = _fold_terms(bk, db, Y64, alphas, inp)
             if plan == "profile":  # per-alpha tolerances, loose towards least squares
                 tol = expansion.tolerance_profile(db.s_np, alphas, 1e-3, tight_df=0.05 * db.n_fit)
                 ex = expansion.expand(db.s_np, alphas, expansion.plan_groups(db.s_np, alphas, tol), tol)
             else:
                 ex = expansion.expand(db.s_np, alphas, _plan(db.s_np, alphas, plan))
-            est, low, high = ridge._certified_bounds(bk, db, t, alphas, ex)
+            fx = _fold_expansion(bk, db, ex)
+            est, low, high = _certified_bounds(bk, db, t, alphas, fx)
             assert np.all(low <= e) and np.all(e <= high)
             assert np.all(low <= est) and np.all(est <= high)
-            # the same products from scaled features made beforehand, into a larger buffer
+            # the same products into a larger buffer, as the search reuses one
             work = np.empty(Y.shape[1] * ex.rank * db.n_eval + 7, np.float32)
-            again = ridge._certified_bounds(bk, db, t, alphas, ex, work, ridge._scaled_blocks(bk, db, ex))
+            again = _certified_bounds(bk, db, t, alphas, fx, work)
             for x, y in zip(again, (est, low, high)):
                 np.testing.assert_allclose(x, y, rtol=1e-6)
 
@@ -302,10 +323,9 @@ def test_cross_product_and_direct_forms_agree(dtype):
 
 def _fold_cv_errors(bk, dec, Y, alphas, f):
     """Exact validation MSE of fold f for every alpha: (a, v)."""
-    bases = [ridge._on_device(bk, b) for b in dec.folds + (dec.final,)]
-    inp = ridge._fit_inputs(bk, dec, dec.centred, bases, Y)[f]
-    t = ridge._fold_terms(bk, bases[f], Y, alphas, inp)
-    return (t.rr[None, :] - 2.0 * t.cross + ridge._exact_q(bk, bases[f], t.Z, alphas, 10)) / bases[f].n_eval
+    dd = _on_device(bk, dec)
+    t = _fold_terms(bk, dd.folds[f], Y, alphas, _fit_inputs(bk, dd, Y)[f])
+    return (t.rr[None, :] - 2.0 * t.cross + _exact_q(bk, dd.folds[f], t.Z, alphas, 10)) / dd.folds[f].n_eval
 
 
 def test_float32_selects_the_float64_alphas_on_flat_noise_curves():
@@ -369,20 +389,20 @@ def test_rank_choice_and_fallback():
     dec = ridge.prepare(X, splits)
     full = ridge.ridge_cv(dec, Y, ridge.paper_alphas(X.shape[1]), search="exhaustive")
     for rank in (1, 3, 30):  # any rank is exact; a low one only leaves more near-ties to check
-        stats = {}
-        res = ridge.ridge_cv(dec, Y, ridge.paper_alphas(X.shape[1]), rank=rank, stats=stats)
+        seen = _Recorder()
+        res = ridge.ridge_cv(dec, Y, ridge.paper_alphas(X.shape[1]), rank=rank, observer=seen)
         np.testing.assert_array_equal(res.alpha_index, full.alpha_index)
-        assert stats["rank"] == rank and stats["lowrank"]["flops"] > 0
+        assert seen.scalars["rank"] == rank and seen.flops["lowrank"] > 0
     for tol in (1e-1, 1e-2, 1e-5):  # any tolerance too
-        stats = {}
-        res = ridge.ridge_cv(dec, Y, ridge.paper_alphas(X.shape[1]), tolerance=tol, stats=stats)
+        seen = _Recorder()
+        res = ridge.ridge_cv(dec, Y, ridge.paper_alphas(X.shape[1]), tolerance=tol, observer=seen)
         np.testing.assert_array_equal(res.alpha_index, full.alpha_index)
-        assert stats["groups"] >= 1 and stats["lowrank"]["flops"] > 0
+        assert seen.scalars["groups"] >= 1 and seen.flops["lowrank"] > 0
     # An expansion costlier than half the exhaustive sweep is not used: every alpha is evaluated.
     few = ridge.paper_alphas(X.shape[1], 8)
-    stats = {}
-    res = ridge.ridge_cv(dec, Y, few, stats=stats, tolerance=1e-12)
-    assert "sweep" in stats and "lowrank" not in stats
+    seen = _Recorder()
+    res = ridge.ridge_cv(dec, Y, few, observer=seen, tolerance=1e-12)
+    assert "sweep" in seen.flops and "lowrank" not in seen.flops
     np.testing.assert_array_equal(res.alpha_index, ridge.ridge_cv(dec, Y, few, search="exhaustive").alpha_index)
     with pytest.raises(ValueError, match="tolerance"):
         ridge.ridge_cv(dec, Y, few, tolerance=0.0)

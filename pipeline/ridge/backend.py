@@ -41,9 +41,6 @@ class NumpyBackend:
     def astype(self, x: np.ndarray, dtype) -> np.ndarray:
         return x.astype(dtype, copy=False)
 
-    def zeros(self, shape, dtype) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
-
     def empty(self, shape, dtype) -> np.ndarray:
         """Uninitialised: for buffers every element of which is written before it is read."""
         return np.empty(shape, dtype=dtype)
@@ -74,9 +71,6 @@ class NumpyBackend:
     def swap_last(self, x):
         """Swap the last two axes (a batched transpose)."""
         return np.swapaxes(x, -1, -2)
-
-    def contiguous(self, x):
-        return np.ascontiguousarray(x)
 
     def matmul_into(self, a, b, out) -> None:
         """out[...] = a @ b, written in place. ``out`` may be a strided 2-D view (unit stride
@@ -135,9 +129,6 @@ class TorchBackend:
     def astype(self, x, dtype):
         return x.to(self._dtype(dtype))
 
-    def zeros(self, shape, dtype):
-        return self._torch.zeros(shape, dtype=self._dtype(dtype), device=self.device)
-
     def empty(self, shape, dtype):
         return self._torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
 
@@ -165,9 +156,6 @@ class TorchBackend:
     def swap_last(self, x):
         return x.transpose(-1, -2)
 
-    def contiguous(self, x):
-        return x.contiguous()
-
     def matmul_into(self, a, b, out) -> None:
         # torch's out= would reallocate a strided view: one product, then one copy.
         out.copy_(a @ b)
@@ -181,11 +169,23 @@ Backend = NumpyBackend | TorchBackend
 
 
 def get_backend(name: str = "numpy", device: str | None = None) -> Backend:
-    """The backend called ``name`` ("numpy" or "torch") on ``device`` (torch only; default:
-    "cuda" where torch sees a GPU, else "cpu").
+    """The backend called ``name`` on ``device``.
 
-    Raises ValueError for an unknown name, a device given to numpy, or CUDA requested where
-    torch has none.
+    Parameters
+    ----------
+    name : {"numpy", "torch"}
+    device : str, optional
+        torch only ("cpu", "cuda", "cuda:1", ...); default: "cuda" where torch sees a GPU, else
+        "cpu".
+
+    Returns
+    -------
+    NumpyBackend or TorchBackend
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, a device given to numpy, or CUDA requested where torch has none.
     """
     if name == "numpy":
         if device not in (None, "cpu"):

@@ -1,19 +1,22 @@
 """The certified search's expansion of the ridge filter factors: pure functions of a fold's
 eigenvalues and the alpha grid (no voxels, no I/O).
 
-Notation as in :mod:`pipeline.ridge.cv`: ``a`` alphas, ``k`` eigen-directions with eigenvalues
-``s`` (ascending). The filter factors ``F[alpha, k] = s_k / (s_k + alpha)`` are smooth in both
-arguments, so F has a low numerical rank, and the columns of directions with similar eigenvalues
-a lower one still. :func:`plan_groups` cuts the directions into contiguous groups with a rank
-each, chosen to minimise the certified search's products for a given accuracy;
-:func:`expand` builds the expansion for a plan (any plan is valid: the residual it reports is
-its own, and the search's bounds are computed from it).
+Notation as in :mod:`neurotask.pipeline.ridge`: ``a`` alphas, ``k`` eigen-directions with
+eigenvalues ``s`` (ascending). The filter factors ``F[alpha, k] = s_k / (s_k + alpha)`` are
+smooth in both arguments, so F has a low numerical rank, and the columns of directions with
+similar eigenvalues a lower one still. :func:`plan_groups` cuts the directions into contiguous
+groups with a rank each (a plan: :class:`GroupPlan` entries), chosen to minimise the certified
+search's products for a given accuracy; :func:`expand` builds the expansion for a plan (any plan
+is valid: the residual it reports is its own, and the search's bounds are computed from it).
+How the search uses it: :mod:`neurotask.pipeline.ridge.certified`.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import threadpoolctl
@@ -29,6 +32,30 @@ GRAM_WEIGHT = 2.0
 LOOSEN_POWER = 4.0
 
 
+class GroupPlan(NamedTuple):
+    """One entry of a plan: the eigen-directions ``start:stop`` (ascending eigenvalues) and the
+    rank of their expansion. A plan is a tuple of them tiling ``0:k``."""
+
+    start: int
+    stop: int
+    rank: int
+
+
+class Group(NamedTuple):
+    """One group of an :class:`Expansion`: its columns ``start:stop`` of F, its rank r_g, and
+    ``offset``, its first column in ``Expansion.A`` (its A_g is ``A[:, offset : offset + rank]``)."""
+
+    start: int
+    stop: int
+    rank: int
+    offset: int
+
+    @property
+    def width(self) -> int:
+        """k_g, the group's number of eigen-directions."""
+        return self.stop - self.start
+
+
 @dataclass(frozen=True)
 class Expansion:
     """Block low-rank expansion of one fold's filter factors F (a, k).
@@ -39,13 +66,13 @@ class Expansion:
     spectrum (measured at BOLD5000 shape: 17% of the products of one rank-20 expansion at the
     same accuracy).
 
-    groups: ((start, stop, offset), ...), the group's columns of F and its first column in A.
+    groups: one :class:`Group` per group, in the order of the directions.
     A (a, R) float64: the groups' A_g side by side (R = total rank). B_over_s: one (r_g, k_g)
     float64 array per group (B_g / s_g). residual_sq (a, k) float32: the squared truncation
     error (F - expansion)², computed from A and B themselves.
     """
 
-    groups: tuple[tuple[int, int, int], ...]
+    groups: tuple[Group, ...]
     A: np.ndarray
     B_over_s: tuple[np.ndarray, ...]
     residual_sq: np.ndarray
@@ -57,7 +84,7 @@ class Expansion:
     @property
     def products(self) -> int:
         """Columns of E scaled and multiplied per voxel: Σ_g r_g k_g."""
-        return sum((stop - start) * b.shape[0] for (start, stop, _), b in zip(self.groups, self.B_over_s))
+        return sum(g.width * g.rank for g in self.groups)
 
 
 def _tolerances(tol, a: int) -> np.ndarray:
@@ -81,14 +108,43 @@ def _normalised_filter(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray)
 
 
 def degrees_of_freedom(eigvals: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """Effective degrees of freedom of the ridge at each alpha, ``Σ_k F[alpha, k]`` (a,)."""
+    """Effective degrees of freedom of the ridge at each alpha, ``Σ_k F[alpha, k]``.
+
+    Parameters
+    ----------
+    eigvals : (k,) float64
+        A fold's eigenvalues.
+    alphas : (a,) float64
+        The alpha grid.
+
+    Returns
+    -------
+    (a,) float64
+    """
     return (eigvals[None, :] / (eigvals[None, :] + alphas[:, None])).sum(axis=1)
 
 
 def tolerance_profile(eigvals: np.ndarray, alphas: np.ndarray, tol: float, tight_df: float) -> np.ndarray:
-    """Per-alpha tolerances (a,): ``tol`` for alphas of at most ``tight_df`` degrees of freedom,
+    """Per-alpha tolerances: ``tol`` for alphas of at most ``tight_df`` degrees of freedom,
     ``tol (df / tight_df)^LOOSEN_POWER`` (at most 1) for the weaker ones.
 
+    Parameters
+    ----------
+    eigvals : (k,) float64
+        A fold's eigenvalues.
+    alphas : (a,) float64
+        The alpha grid.
+    tol : float
+        The tight tolerance.
+    tight_df : float
+        Degrees of freedom (see :func:`degrees_of_freedom`) up to which the tolerance is tight.
+
+    Returns
+    -------
+    (a,) float64
+
+    Notes
+    -----
     The filter factors of the small alphas, nearest least squares, are the costly ones to expand:
     their transitions cross the dense low end of the spectrum. Where no voxel's CV optimum is near
     (the caller places ``tight_df`` beyond the optima it expects), a voxel's CV error is far above
@@ -113,7 +169,7 @@ def _group_edges(k: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol_bytes: bytes) -> tuple[tuple[int, int, int], ...]:
+def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol_bytes: bytes) -> tuple[GroupPlan, ...]:
     # Cached: a worker calls ridge_cv once per voxel chunk with the same folds and grid.
     # One thread: multithreaded BLAS on these small matrices was 100x slower on a loaded
     # 2-core machine (threads spinning for cores other processes hold).
@@ -121,7 +177,7 @@ def _plan_cached(eigvals_bytes: bytes, alphas_bytes: bytes, tol_bytes: bytes) ->
         return _plan(*(np.frombuffer(b, dtype=np.float64) for b in (eigvals_bytes, alphas_bytes, tol_bytes)))
 
 
-def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray) -> tuple[tuple[int, int, int], ...]:
+def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray) -> tuple[GroupPlan, ...]:
     """The least-cost groups and ranks for the tolerances ``tol`` (a,): candidate groups between
     _group_edges, the rank each needs from the eigen-decomposition of its (a, a) Gram matrix,
     then a dynamic programme over (edge, total rank)."""
@@ -163,30 +219,62 @@ def _plan(eigvals: np.ndarray, alphas: np.ndarray, tol: np.ndarray) -> tuple[tup
     total = cost[m] + GRAM_WEIGHT * np.arange(r_max + 1) ** 2
     R = int(np.argmin(total))
     if not np.isfinite(total[R]):
-        return ((0, k, min(a, k)),)
+        return (GroupPlan(0, k, min(a, k)),)
     groups, j = [], m
     while j > 0:
         i, r = back[j, R]
-        groups.append((edges[i], edges[j], int(r)))
+        groups.append(GroupPlan(edges[i], edges[j], int(r)))
         j, R = int(i), R - int(r)
     return tuple(reversed(groups))
 
 
-def plan_groups(eigvals: np.ndarray, alphas: np.ndarray, tol) -> tuple[tuple[int, int, int], ...]:
-    """Groups and ranks ((start, stop, rank), ...) for a row residual
-    ``||(F - expansion)[alpha]|| <= tol[alpha] * max_k F[alpha]`` at the least cost (see
-    _plan_cached). ``tol``: a scalar, or one tolerance per alpha (a,)."""
+def plan_groups(eigvals: np.ndarray, alphas: np.ndarray, tol) -> tuple[GroupPlan, ...]:
+    """The least-cost groups and ranks for a row residual
+    ``||(F - expansion)[alpha]|| <= tol[alpha] * max_k F[alpha]``.
+
+    Parameters
+    ----------
+    eigvals : (k,) float64
+        A fold's eigenvalues, ascending.
+    alphas : (a,) float64
+        The alpha grid.
+    tol : float or (a,) float64
+        One tolerance, or one per alpha (see :func:`tolerance_profile`).
+
+    Returns
+    -------
+    tuple of GroupPlan
+        Contiguous groups tiling ``0:k`` with their ranks (cached: see ``_plan_cached``).
+    """
     eigvals = np.ascontiguousarray(eigvals, dtype=np.float64)
     alphas = np.ascontiguousarray(alphas, dtype=np.float64)
     return _plan_cached(eigvals.tobytes(), alphas.tobytes(), _tolerances(tol, alphas.size).tobytes())
 
 
-def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: tuple[tuple[int, int, int], ...], tol=1.0) -> Expansion:
-    """The block expansion of one fold's filter factors for ``plan`` ((start, stop, rank), ...):
-    each group's rank-r truncated SVD, of the filter factors weighted by the tolerances ``tol``
-    (scalar or (a,), as given to :func:`plan_groups`; only their ratios matter). Any plan and
-    tolerances give a valid expansion: its residual, hence the certified bound, is computed from
-    the expansion itself."""
+def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: Iterable[tuple[int, int, int]], tol=1.0) -> Expansion:
+    """The block expansion of one fold's filter factors for a plan: each group's rank-r truncated
+    SVD, of the filter factors weighted by the tolerances.
+
+    Parameters
+    ----------
+    eigvals : (k,) float64
+        A fold's eigenvalues, ascending.
+    alphas : (a,) float64
+        The alpha grid.
+    plan : iterable of GroupPlan or (start, stop, rank) triples
+        Contiguous groups tiling ``0:k``, e.g. :func:`plan_groups`'s.
+    tol : float or (a,) float64
+        The tolerances the plan was made for (only their ratios matter).
+
+    Returns
+    -------
+    Expansion
+
+    Notes
+    -----
+    Any plan and tolerances give a valid expansion: its residual, hence the certified bound, is
+    computed from the expansion itself.
+    """
     eigvals = np.asarray(eigvals, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64)
     Fn, scale = _normalised_filter(eigvals, alphas, _tolerances(tol, alphas.size))
@@ -197,12 +285,13 @@ def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: tuple[tuple[int, int, 
     with threadpoolctl.threadpool_limits(1):
         for start, stop, r in plan:
             U = np.linalg.svd(Fn[:, start:stop], full_matrices=False)[0][:, :r]  # (a, r)
+            r = U.shape[1]  # at most min(a, k_g)
             B = U.T @ Fn[:, start:stop]  # (r, k_g): A_g B_g is the projection on U's span
             approx[:, start:stop] = U @ B
             A_parts.append(U * scale)
             B_parts.append(B / eigvals[None, start:stop])
-            groups.append((start, stop, offset))
+            groups.append(Group(start, stop, r, offset))
             offset += r
     residual = (Fn - approx) * scale
     return Expansion(groups=tuple(groups), A=np.concatenate(A_parts, axis=1), B_over_s=tuple(B_parts),
-                      residual_sq=(residual**2).astype(np.float32))
+                     residual_sq=(residual**2).astype(np.float32))

@@ -25,7 +25,7 @@ from distributed import Client, Future, as_completed
 
 from neurotask.pipeline.ridge import design
 from neurotask.pipeline.stats import noise_ceiling
-from neurotask.pipeline.ridge import cv as ridge
+from neurotask.pipeline import ridge
 from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.config import Config, fit_fingerprint
 from neurotask.pipeline.console import ProgressBar
