@@ -406,7 +406,7 @@ def json_schema() -> dict[str, Any]:
     schema["$defs"].update(cluster.pop("$defs"))
     schema["properties"]["cluster"] = {**cluster, "description": "how a Dask client is obtained"}
     schema["title"] = "neurotask study config"
-    return schema
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def fit_fingerprint(fit: FitSection, data: DataSection) -> dict[str, Any]:
