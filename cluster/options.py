@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from dask.utils import parse_bytes
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt,
                       TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
@@ -46,6 +46,12 @@ def expecting(what: str) -> WrapValidator:
             raise PydanticCustomError("expected", "expected {what}", {"what": what}) from None
 
     return WrapValidator(check)
+
+
+def broken(*rules: str) -> PydanticCustomError:
+    """The error of a validator whose messages name their keys in full (rules across keys);
+    a plain ValueError's message is put after the key it was raised for."""
+    return PydanticCustomError("rule", "{rule}", {"rule": "\n".join(rules)})
 
 
 def _dotted(loc: tuple) -> str:
@@ -98,8 +104,7 @@ def _line(key: str, error: Any) -> str:
 
 def error_lines(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per problem of ``error`` (raised validating ``model``), each naming its key,
-    dotted from ``prefix``: what was expected and what was given. Messages of our own
-    validators are kept as they are (they name their keys); unknown keys are listed per
+    dotted from ``prefix``: what was expected and what was given. Unknown keys are listed per
     mapping with the valid ones."""
     lines: list[str] = []
     unknown: dict[tuple, list[str]] = {}
@@ -107,8 +112,10 @@ def error_lines(error: ValidationError, model: type[BaseModel], prefix: str = ""
         loc = ((prefix,) if prefix else ()) + tuple(e["loc"])
         if e["type"] == "extra_forbidden":
             unknown.setdefault(loc[:-1], []).append(_dotted(loc))
+        elif e["type"] == "rule":
+            lines += e["ctx"]["rule"].splitlines()
         elif e["type"] == "value_error":
-            lines += e["msg"].removeprefix("Value error, ").splitlines()
+            lines.append(f"{_dotted(loc)} {e['ctx']['error']}")
         else:
             lines.append(_line(_dotted(loc), e))
     for parent, keys in unknown.items():
@@ -141,8 +148,8 @@ class LocalOptions(_Options):
     """kind ``local``: a ``distributed.LocalCluster`` on 127.0.0.1."""
 
     kind: Literal["local"] = "local"
-    n_workers: PositiveInt | None = None  # None: one worker process per core, at most 4
-    threads_per_worker: PositiveInt = 1
+    n_workers: Annotated[int, Field(ge=1)] | None = None  # None: one worker process per core, at most 4
+    threads_per_worker: Annotated[int, Field(ge=1)] = 1
     processes: bool = True
     memory_limit: Annotated[
         str | int | float | None, AfterValidator(_memory_limit),
@@ -251,7 +258,7 @@ class SlurmKeywords(BaseModel):
     @classmethod
     def _known_names(cls, value: Any) -> Any:
         if not isinstance(value, Mapping):
-            raise ValueError(f"cluster.slurm: expected a mapping of SLURMCluster options, got {_shown(value)}")
+            raise broken(f"cluster.slurm: expected a mapping of SLURMCluster options, got {_shown(value)}")
         problems = []
         for key in value:
             if key in _RESERVED:
@@ -262,8 +269,8 @@ class SlurmKeywords(BaseModel):
                 close = difflib.get_close_matches(str(key), accepted_options(), n=1)
                 problems.append(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if problems:
-            raise ValueError("cluster.slurm: " + "; ".join(problems) + ". Options are SLURMCluster keyword "
-                             "arguments: " + ", ".join(sorted(accepted_options())))
+            raise broken("cluster.slurm: " + "; ".join(problems) + ". Options are SLURMCluster keyword "
+                         "arguments: " + ", ".join(sorted(accepted_options())))
         return value
 
     def given(self) -> dict[str, Any]:
@@ -287,7 +294,7 @@ class SlurmOptions(_Options):
     def _enough_jobs(cls, value: int, info: ValidationInfo) -> int:
         low = info.data.get("minimum_jobs")
         if low is not None and value < max(1, low):
-            raise ValueError(f"cluster.maximum_jobs ({value}) must be >= 1 and >= cluster.minimum_jobs ({low})")
+            raise ValueError(f"must be >= 1 and >= cluster.minimum_jobs ({low}), got {value}")
         return value
 
     @field_validator("slurm", mode="before")
@@ -304,7 +311,7 @@ class SlurmOptions(_Options):
             problems.append("cluster.dashboard_address and cluster.slurm.scheduler_options.dashboard_address "
                             "are both set; keep one")
         if problems:
-            raise ValueError("\n".join(problems))
+            raise broken(*problems)
         return self
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, PrivateAttr,
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PrivateAttr,
                       ValidationError, field_validator, model_validator)
 
 from neurotask.cluster import ClusterConfigError
@@ -25,6 +25,7 @@ from neurotask.pipeline.tasks import task_names
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # an open interval: fdr, test sizes, confidence
 Seed = Annotated[int, Field(ge=0)]  # numpy's generators take no negative seeds
+Count = Annotated[int, Field(ge=1)]
 
 
 class _Section(BaseModel):
@@ -57,7 +58,7 @@ class SimulateSection(_Section):
     n_showings: Annotated[int, Field(ge=2)] = 4  # showings of each repeated image
     n_sessions: Annotated[int, Field(ge=1, le=20)] = 3
     n_features: Annotated[int, Field(ge=8)] = 256
-    n_latents: PositiveInt = 8  # per Taskonomy cluster, per task and shared
+    n_latents: Count = 8  # per Taskonomy cluster, per task and shared
     volume_shape: Annotated[list[Annotated[int, Field(ge=8)]], Field(min_length=3, max_length=3)] = [22, 24, 14]
     noise_voxel_fraction: Annotated[float, Field(ge=0, le=1)] = 0.4  # of non-ROI brain voxels: pure noise
     signal_variance: Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)] = [0.05, 0.6]  # noise var = 1
@@ -90,7 +91,7 @@ class DataSection(_Section):
     format: Literal["glmsingle", "release1_rois"] = "glmsingle"  # release 2.0 betas / 1.0 ROI .mat
     root: str | None = None  # the downloaded dataset's directory
     betas: str = "raw/{subject}/{subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-{session:02d}.nii.gz"
-    sessions: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], expecting("an integer >= 1 or 'auto'")] = "auto"
+    sessions: Annotated[Count | Literal["auto"], expecting("an integer >= 1 or 'auto'")] = "auto"
     brain_mask: str | None = "raw/{subject}/{subject}_brainmask.nii.gz"  # None: voxels finite in every session
     voxel_mask: str | None = None  # a user NIfTI (whole-brain or cortical) for voxels: mask
     roi_masks: str = "raw/{subject}/sub-{subject}_mask-{roi}.nii.gz"
@@ -106,7 +107,7 @@ class DataSection(_Section):
     # voxels per store chunk = one fit task. At BOLD5000's shape a worker peaks at ~0.5 GB +
     # 0.33 GB per 1000 voxels (1.2 GB at 2000), and 1000-voxel chunks cost ~4% more per voxel,
     # 500-voxel ones ~11% (docs/performance.md, memory table).
-    chunk_size: PositiveInt = 2000
+    chunk_size: Count = 2000
 
     _rois_distinct = field_validator("rois")(_distinct)
 
@@ -145,7 +146,7 @@ class FitSection(_Section):
     validation_fraction: Fraction = 0.15  # only for cv: single_split (the authors' released code)
     alphas: Annotated[Literal["paper"] | Annotated[list[PositiveFloat], Field(min_length=1)],
                       expecting("'paper' or a list of positive numbers")] = "paper"
-    n_alphas: PositiveInt = 100
+    n_alphas: Count = 100
     seed: Seed = 2019
     dtype: Literal["float32", "float64"] = "float32"
     zscore_features: bool = True
@@ -168,8 +169,8 @@ class AnalysisSection(_Section):
     # Groups the trees are cut into: 2 .. the number of tasks (checked against study.tasks);
     # auto: 4 (the paper's), or the number of tasks analysed when fewer.
     n_clusters: Annotated[Annotated[int, Field(ge=2)] | Literal["auto"], expecting("an integer >= 2 or 'auto'")] = "auto"
-    n_permutations: PositiveInt = 1000  # Mantel test
-    n_bootstrap: PositiveInt = 200  # voxel resamples for the confidence intervals
+    n_permutations: Count = 1000  # Mantel test
+    n_bootstrap: Count = 200  # voxel resamples for the confidence intervals
     seed: Seed = 0
     taskonomy_affinities: Literal["16k", "1k"] = "16k"
     ci: Fraction = 0.95
@@ -179,8 +180,8 @@ class ReportSection(_Section):
     """Figures, NIfTI maps and the HTML page (pipeline.stages.report)."""
 
     task: str | None = None  # task of the whole-brain r map (Figure 2); None: most significant voxels
-    n_slices: PositiveInt = 16  # axial slices per mosaic
-    graph_neighbours: PositiveInt = 2  # Figure 7: edges from each task to its most similar tasks
+    n_slices: Count = 16  # axial slices per mosaic
+    graph_neighbours: Count = 2  # Figure 7: edges from each task to its most similar tasks
 
     @field_validator("task")
     @classmethod
@@ -209,9 +210,9 @@ class FeaturesSection(_Section):
     images_dir: str = "Scene_Stimuli/Presented_Stimuli"  # holds {COCO,ImageNet,Scene}/<image>
     device: str = "auto"  # auto: CUDA where a worker has it, else CPU
     channels_last: Annotated[bool | Literal["auto"], expecting("true, false or 'auto'")] = "auto"  # NHWC convolutions; auto: on CPU (measured faster)
-    batch_size: PositiveInt = 16  # images per Dask task (and per store chunk)
-    min_image_side: PositiveInt = 32
-    torch_threads: Annotated[Annotated[int, Field(ge=1)] | Literal["auto"],
+    batch_size: Count = 16  # images per Dask task (and per store chunk)
+    min_image_side: Count = 32
+    torch_threads: Annotated[Count | Literal["auto"],
                              expecting("an integer >= 1 or 'auto'")] = "auto"  # auto: cores / Dask threads on the host
     retries: NonNegativeInt = 2  # per batch, before the run fails naming it
 

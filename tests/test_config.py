@@ -98,7 +98,7 @@ def test_the_config_is_immutable(tmp_path):
     ("fit", "alphas", [1.0, -2.0], "fit.alphas: expected 'paper' or a list of positive numbers, got [1.0, -2.0]"),
     ("fit", "retries", -1, "fit.retries must be >= 0, got -1"),
     ("data", "repeats", "keep", "data.repeats: expected 'exclude' or 'average', got 'keep'"),
-    ("data", "chunk_size", 0, "data.chunk_size must be > 0, got 0"),
+    ("data", "chunk_size", 0, "data.chunk_size must be >= 1, got 0"),
     ("data", "trs", [3, 6], "data.trs must be distinct TRs among 1, 2, 3, 4, 5, 34"),
     ("study", "subjects", [], "study.subjects must have at least 1 item(s), got []"),
     ("study", "subjects", ["CSI1", "CSI1"], "study.subjects has duplicates"),
@@ -112,7 +112,7 @@ def test_the_config_is_immutable(tmp_path):
      f"analysis.n_clusters must be <= the number of tasks ({len(SMALL_TASKS)}, study.tasks), got {len(SMALL_TASKS) + 1}"),
     ("analysis", "ci", 1, "analysis.ci must be < 1.0, got 1"),
     ("report", "task", "edge4d", "report.task is not a Taskonomy task: 'edge4d'"),
-    ("cluster", "n_workers", 0, "cluster.n_workers must be > 0, got 0"),
+    ("cluster", "n_workers", 0, "cluster.n_workers must be >= 1, got 0"),
     ("cluster", "kind", "kubernetes", "cluster.kind: expected 'local', 'slurm' or 'address', got 'kubernetes'"),
 ])
 def test_bad_values_name_the_key_and_file(tmp_path, capsys, section, key, value, problem):
@@ -142,7 +142,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path, capsys):
     path = write_config(tmp_path / "bad.yaml", cfg)
     problems = _problems(path)
     assert sorted(problems) == sorted([
-        "data.chunk_size must be > 0, got 0",
+        "data.chunk_size must be >= 1, got 0",
         "fit.n_folds: expected an integer, got 'seven'",
         "analysis.metric: expected 'cosine', 'pearson' or 'jaccard', got 'euclid'",
         "unknown key(s) fit.n_alpha (did you mean 'n_alphas'?); valid keys of 'fit': test_fraction, cv, n_folds, "
