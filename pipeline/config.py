@@ -18,8 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       ValidationError, field_validator, model_validator)
 
 from neurotask.cluster import ClusterConfigError
-from neurotask.cluster import options as cluster_options
-from neurotask.cluster.options import broken, error_lines, expecting
+from neurotask.cluster.options import broken, cluster_options, error_lines, expecting
+from neurotask.cluster.options import json_schema as cluster_schema
 from neurotask.pipeline.errors import ConfigError
 from neurotask.pipeline.tasks import task_names
 
@@ -31,6 +31,13 @@ Count = Annotated[int, Field(ge=1)]
 class _Section(BaseModel):
     # strict: YAML gives typed values, and "7" or true where a number goes is a mistake
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check(rules: list[tuple[bool, str]]) -> None:
+    """Raise the broken rules (each message names its keys) as one validation error."""
+    problems = [message for ok, message in rules if not ok]
+    if problems:
+        raise broken(*problems)
 
 
 def _distinct(values: list) -> list:
@@ -249,13 +256,6 @@ class FeaturesSection(_Section):
         return out
 
 
-def _check(rules: list[tuple[bool, str]]) -> None:
-    """Raise the broken rules (each message names its keys) as one validation error."""
-    problems = [message for ok, message in rules if not ok]
-    if problems:
-        raise broken(*problems)
-
-
 class Config(_Section):
     """A validated study config file, and where it is (``path``: relative paths resolve
     against its directory). Build it with :func:`load_config`."""
@@ -389,7 +389,7 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
         problems += error_lines(e, Config)
     try:
         if isinstance(raw.get("cluster"), (dict, type(None))):  # else Config reports it is no mapping
-            cluster_options.cluster_options(raw.get("cluster"))
+            cluster_options(raw.get("cluster"))
     except ClusterConfigError as e:
         problems += e.problems
     if not problems:
@@ -403,7 +403,7 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 def json_schema() -> dict[str, Any]:
     """JSON schema of a study config file, for editors (``configs/study.schema.json``)."""
     schema = Config.model_json_schema()
-    cluster = cluster_options.json_schema()
+    cluster = cluster_schema()
     schema["$defs"].update(cluster.pop("$defs"))
     schema["properties"]["cluster"] = {**cluster, "description": "how a Dask client is obtained"}
     schema["title"] = "neurotask study config"
