@@ -5,7 +5,8 @@ Kinds:
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` (see ``cluster.slurm``);
 - ``address``: an existing scheduler, e.g. ``tcp://127.0.0.1:8786`` or ``tls://...``.
 
-The dashboard link is always printed. Imports nothing else of neurotask.
+The section's keys, defaults and checks are in ``cluster.options``. The dashboard link is
+always printed. Imports nothing else of neurotask.
 """
 
 from __future__ import annotations

@@ -137,6 +137,7 @@ class _Options(BaseModel):
 
 
 def _memory_limit(value: str | float | None) -> str | float | None:
+    """What distributed reads as a worker memory limit (the field's message says what)."""
     if isinstance(value, str) and value != "auto":
         parse_bytes(value)  # ValueError for what it cannot read
     elif isinstance(value, (int, float)) and value < 0:
@@ -210,6 +211,7 @@ def accepted_options() -> frozenset[str]:
 
 
 def _positive_bytes(value: str | int) -> str | int:
+    """An amount dask-jobqueue can read (the field's message says what)."""
     if parse_bytes(value) <= 0:
         raise ValueError("not positive")
     return value
@@ -336,6 +338,6 @@ def cluster_options(section: Mapping[str, Any] | None) -> ClusterOptions:
         raise ClusterConfigError(*error_lines(e, model, prefix="cluster")) from None
 
 
-def json_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+def json_schema() -> dict[str, Any]:
     """JSON schema of the ``cluster:`` section (any of the kinds)."""
-    return TypeAdapter(ClusterOptions).json_schema(ref_template=ref_template)
+    return TypeAdapter(ClusterOptions).json_schema()
