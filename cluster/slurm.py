@@ -17,9 +17,7 @@ replaces a worker whose job died: once Dask gives the lost worker up
 
 from __future__ import annotations
 
-import difflib
 import getpass
-import inspect
 import logging
 import os
 import shutil
@@ -31,61 +29,18 @@ from typing import Any
 
 import dask
 import psutil
-from dask.utils import parse_bytes
 from dask_jobqueue import SLURMCluster
-from dask_jobqueue.core import Job, JobQueueCluster
-from dask_jobqueue.slurm import SLURMJob
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
 from neurotask.cluster.errors import ClusterConfigError
+from neurotask.cluster.options import SlurmOptions, cluster_options
 from neurotask.cluster.security import cert_directory, temporary_security
 
 logger = logging.getLogger(__name__)
 
-
-# Keys of the `cluster:` section (kind slurm) and their defaults.
-SECTION_DEFAULTS: dict[str, Any] = {
-    "kind": "slurm",
-    "tls": True,
-    "minimum_jobs": 1,
-    "maximum_jobs": 4,
-    "dashboard_address": "127.0.0.1:0",
-    "interface": None,
-    "slurm": {},
-}
-
-# SLURMCluster keywords that this module sets itself, with where the user sets them instead.
-_RESERVED = {
-    "security": "use cluster.tls (true: temporary certificates; false: no TLS)",
-    "protocol": "follows cluster.tls (tls:// or tcp://)",
-    "dashboard_address": "use cluster.dashboard_address",
-    "host": "use scheduler_options: {host: ...} or cluster.interface",
-    "n_workers": "use cluster.minimum_jobs / cluster.maximum_jobs (adaptive scaling)",
-    "asynchronous": "not configurable",
-    "loop": "not configurable",
-    "job_cls": "not configurable",
-    "scheduler_cls": "not configurable from a config file",
-    "scheduler": "not configurable",
-}
-
-# Names dask-jobqueue still accepts but has renamed.
-_DEPRECATED = {
-    "project": "account",
-    "extra": "worker_extra_args",
-    "env_extra": "job_script_prologue",
-    "job_extra": "job_extra_directives",
-    "header_skip": "job_directives_skip",
-}
-
-_LIST_OPTIONS = ("job_extra_directives", "worker_extra_args", "job_script_prologue",
-                 "job_directives_skip")
-_POSITIVE_INT_OPTIONS = ("cores", "processes", "job_cpu")
-_STR_OPTIONS = ("queue", "account", "walltime", "job_mem", "interface", "local_directory",
-                "log_directory", "shared_temp_directory", "python", "shebang", "job_name",
-                "config_name", "name", "worker_command")
 
 # Words in sbatch's refusal -> the options that most likely caused it.
 _SBATCH_HINTS = {
@@ -99,116 +54,24 @@ _SBATCH_HINTS = {
 }
 
 
-def accepted_options() -> frozenset[str]:
-    """Every keyword ``SLURMCluster`` accepts for its cluster or its jobs, minus ours."""
-    names: set[str] = set()
-    for fn in (JobQueueCluster.__init__, SLURMCluster.__init__, SLURMJob.__init__, Job.__init__):
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                names.add(p.name)
-    names.discard("self")
-    return frozenset(names - set(_RESERVED) - set(_DEPRECATED))
-
-
-def validate_section(section: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the `cluster:` section (kind slurm); return it with defaults filled in.
-
-    Raises ClusterConfigError naming the bad key(s) or value, before anything is started.
-    """
+def slurm_options(section: Mapping[str, Any] | SlurmOptions) -> SlurmOptions:
+    """The `cluster:` section (kind slurm) validated; ClusterConfigError names every bad key."""
+    if isinstance(section, SlurmOptions):
+        return section
     if not isinstance(section, Mapping):
         raise ClusterConfigError(f"cluster: expected a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(SECTION_DEFAULTS))
-    if unknown:
-        raise ClusterConfigError(
-            f"cluster: unknown key(s) {', '.join(map(repr, unknown))} for kind 'slurm'; "
-            f"allowed: {', '.join(sorted(SECTION_DEFAULTS))} "
-            "(SLURM and Dask worker options go under cluster.slurm)")
-    s = {**SECTION_DEFAULTS, **section}
-    if s["kind"] != "slurm":
-        raise ClusterConfigError(f"cluster.kind: expected 'slurm', got {s['kind']!r}")
-    if not isinstance(s["tls"], bool):
-        raise ClusterConfigError(f"cluster.tls: expected true or false, got {s['tls']!r}")
-    for key in ("minimum_jobs", "maximum_jobs"):
-        v = s[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ClusterConfigError(f"cluster.{key}: expected an integer >= 0, got {v!r}")
-    if s["maximum_jobs"] < max(1, s["minimum_jobs"]):
-        raise ClusterConfigError(
-            f"cluster.maximum_jobs ({s['maximum_jobs']}) must be >= 1 and >= "
-            f"cluster.minimum_jobs ({s['minimum_jobs']})")
-    if not isinstance(s["dashboard_address"], str):
-        raise ClusterConfigError(
-            f"cluster.dashboard_address: expected a string like '127.0.0.1:8787', "
-            f"got {s['dashboard_address']!r}")
-    if s["interface"] is not None and not isinstance(s["interface"], str):
-        raise ClusterConfigError(
-            f"cluster.interface: expected a network interface name like 'ib0', "
-            f"got {s['interface']!r}")
-    slurm = s["slurm"] if s["slurm"] is not None else {}
-    if not isinstance(slurm, Mapping):
-        raise ClusterConfigError(
-            f"cluster.slurm: expected a mapping of SLURMCluster options, "
-            f"got {type(slurm).__name__}")
-    _validate_slurm_options(slurm)
-    if s["interface"] is not None and "interface" in slurm:
-        raise ClusterConfigError(
-            "cluster.interface and cluster.slurm.interface are both set; keep one")
-    if "dashboard_address" in section and "dashboard_address" in slurm.get(
-            "scheduler_options", {}):
-        raise ClusterConfigError(
-            "cluster.dashboard_address and cluster.slurm.scheduler_options.dashboard_address "
-            "are both set; keep one")
-    s["slurm"] = dict(slurm)
-    return s
+    options = cluster_options({"kind": "slurm", **section})
+    if not isinstance(options, SlurmOptions):
+        raise ClusterConfigError(f"cluster.kind: expected 'slurm', got {options.kind!r}")
+    return options
 
 
-def _validate_slurm_options(slurm: Mapping[str, Any]) -> None:
-    accepted = accepted_options()
-    problems = []
-    for key in slurm:
-        if key in _RESERVED:
-            problems.append(f"{key!r} is set by neurotask ({_RESERVED[key]})")
-        elif key in _DEPRECATED:
-            problems.append(
-                f"{key!r} is deprecated in dask-jobqueue; use {_DEPRECATED[key]!r}")
-        elif key not in accepted:
-            close = difflib.get_close_matches(str(key), accepted, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"unknown option {key!r}{hint}")
-    if problems:
-        raise ClusterConfigError(
-            "cluster.slurm: " + "; ".join(problems)
-            + ". Options are SLURMCluster keyword arguments: "
-            + ", ".join(sorted(accepted)))
-    for key, value in slurm.items():
-        problem = _value_problem(key, value)
-        if problem:
-            raise ClusterConfigError(f"cluster.slurm.{key}: {problem}, got {value!r}")
-
-
-def _value_problem(key: str, value: Any) -> str | None:
-    if value is None:
-        return None  # None means "from Dask's config", as in dask-jobqueue itself
-    if key in _LIST_OPTIONS:
-        # A bare string would be split into characters by dask-jobqueue.
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return "expected a list of strings"
-    elif key in _POSITIVE_INT_OPTIONS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return "expected a positive integer"
-    elif key == "memory":
-        try:
-            if parse_bytes(value) <= 0:
-                return "expected a positive amount like '4GB'"
-        except (TypeError, ValueError):
-            return "expected an amount of memory like '4GB'"
-    elif key in _STR_OPTIONS:
-        if not isinstance(value, str):
-            return "expected a string"
-    elif key == "scheduler_options":
-        if not isinstance(value, Mapping):
-            return "expected a mapping of distributed.Scheduler keyword arguments"
-    return None
+def validate_section(section: Mapping[str, Any] | SlurmOptions) -> dict[str, Any]:
+    """Check the `cluster:` section (kind slurm); return it with defaults filled in, and under
+    ``slurm`` only the SLURMCluster options given. Raises ClusterConfigError naming the bad
+    key(s) or value, before anything is started."""
+    s = slurm_options(section)
+    return {**s.model_dump(exclude={"slurm"}), "slurm": s.slurm.given()}
 
 
 def _scheduler_options(s: Mapping[str, Any], config_name: str,
@@ -270,16 +133,16 @@ def _check_with_sbatch(cluster: SLURMCluster, slurm: Mapping[str, Any]) -> None:
 
 
 def start_slurm_cluster(
-    section: dict,
+    section: Mapping[str, Any] | SlurmOptions,
     *,
     check_with_sbatch: bool = True,
 ) -> tuple[SLURMCluster, Security | None]:
     """Start a Dask scheduler here and SLURM worker jobs scaled adaptively.
 
-    ``section`` is the config's ``cluster:`` mapping with kind 'slurm' (keys and defaults in
-    ``SECTION_DEFAULTS``); ``section['slurm']`` is passed through as SLURMCluster keyword
-    arguments, and only the keys given there are passed, so Dask's jobqueue config supplies
-    the rest. Every option is validated, and with ``check_with_sbatch`` the job script is
+    ``section`` is the config's ``cluster:`` mapping with kind 'slurm', or those options
+    validated (keys and defaults: ``neurotask.cluster.options.SlurmOptions``); its ``slurm``
+    mapping is passed through as SLURMCluster keyword arguments, and only the keys given
+    there are passed, so Dask's jobqueue config supplies the rest. Every option is validated, and with ``check_with_sbatch`` the job script is
     checked by ``sbatch --test-only``, before any job is submitted; problems raise
     ClusterConfigError naming the option.
 
@@ -287,7 +150,8 @@ def start_slurm_cluster(
     object the client must use (None when cluster.tls is false). It logs the
     dashboard link and, as jobs are submitted, connect and leave, their SLURM job ids.
     """
-    s = validate_section(section)
+    options = slurm_options(section)
+    s = validate_section(options)
     slurm = dict(s["slurm"])
     if shutil.which("sbatch") is None:
         raise ClusterConfigError(
@@ -301,7 +165,7 @@ def start_slurm_cluster(
         # expands '~' or '$VAR' (a literal './~' directory would appear instead).
         kwargs["log_directory"] = os.path.expandvars(os.path.expanduser(kwargs["log_directory"]))
     kwargs["scheduler_options"] = _scheduler_options(
-        s, config_name, dashboard_given="dashboard_address" in section)
+        s, config_name, dashboard_given="dashboard_address" in options.model_fields_set)
     if s["interface"] is not None:
         kwargs["interface"] = s["interface"]
     _check_interface(kwargs, config_name)

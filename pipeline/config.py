@@ -1,56 +1,93 @@
-"""Study configuration: YAML validated on load into typed dataclasses.
+"""Study configuration: a YAML file validated once, on load, by the pydantic models below.
 
-Unknown keys and wrong types are errors naming the key and the file. Relative paths are
-resolved against the directory of the config file. The ``cluster`` section is kept as a
-mapping: its options pass through to Dask/dask-jobqueue (see ``cluster/``), which validates them.
+Unknown keys, wrong types and out-of-range values are errors: :func:`load_config` raises one
+:class:`ConfigError` listing every problem of the file, each line naming the file and the key.
+Relative paths are resolved against the directory of the config file. The ``cluster`` section
+is validated by ``neurotask.cluster.options`` (the cluster package owns it) and kept as the
+mapping written, since its options pass through to Dask/dask-jobqueue. :func:`json_schema` is
+the schema of the file for editors (``configs/study.schema.json``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PrivateAttr,
+                      ValidationError, field_validator, model_validator)
 
+from neurotask.cluster import ClusterConfigError
+from neurotask.cluster.options import broken, cluster_options, error_lines, expecting
+from neurotask.cluster.options import json_schema as cluster_schema
 from neurotask.pipeline.errors import ConfigError
 from neurotask.pipeline.tasks import task_names
 
+Fraction = Annotated[float, Field(gt=0, lt=1)]  # an open interval: fdr, test sizes, confidence
+Seed = Annotated[int, Field(ge=0)]  # numpy's generators take no negative seeds
+Count = Annotated[int, Field(ge=1)]
 
-@dataclass
-class StudySection:
+
+class _Section(BaseModel):
+    # strict: YAML gives typed values, and "7" or true where a number goes is a mistake
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check(rules: list[tuple[bool, str]]) -> None:
+    """Raise the broken rules (each message names its keys) as one validation error."""
+    problems = [message for ok, message in rules if not ok]
+    if problems:
+        raise broken(*problems)
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError("has duplicates")
+    return values
+
+
+class StudySection(_Section):
     name: str = "study"
     workdir: str = "study"  # holds store.zarr, progress/, raw/ (simulated data), report/
-    subjects: list[str] = field(default_factory=lambda: ["CSI1"])
-    tasks: list[str] | Literal["all"] = "all"
+    subjects: Annotated[list[str], Field(min_length=1)] = ["CSI1"]
+    tasks: Annotated[Annotated[list[str], Field(min_length=1)] | Literal["all"],
+                     expecting("'all' or a list of task names")] = "all"
+
+    _subjects_distinct = field_validator("subjects")(_distinct)
 
 
-@dataclass
-class SimulateSection:
+class SimulateSection(_Section):
     """A synthetic study written in the real BOLD5000 file formats (pipeline.stages.simulate)."""
 
-    seed: int = 0
-    n_images: int = 1000
-    n_repeated: int = 60  # images shown more than once (BOLD5000: 113)
-    n_showings: int = 4  # showings of each repeated image
-    n_sessions: int = 3
-    n_features: int = 256
-    n_latents: int = 8  # per Taskonomy cluster, per task and shared
-    volume_shape: list[int] = field(default_factory=lambda: [22, 24, 14])
-    noise_voxel_fraction: float = 0.4  # of non-ROI brain voxels: pure noise
-    signal_variance: list[float] = field(default_factory=lambda: [0.05, 0.6])  # noise var = 1
+    seed: Seed = 0
+    n_images: Annotated[int, Field(ge=100)] = 1000
+    n_repeated: NonNegativeInt = 60  # images shown more than once (BOLD5000: 113)
+    n_showings: Annotated[int, Field(ge=2)] = 4  # showings of each repeated image
+    n_sessions: Annotated[int, Field(ge=1, le=20)] = 3
+    n_features: Annotated[int, Field(ge=8)] = 256
+    n_latents: Count = 8  # per Taskonomy cluster, per task and shared
+    volume_shape: Annotated[list[Annotated[int, Field(ge=8)]], Field(min_length=3, max_length=3)] = [22, 24, 14]
+    noise_voxel_fraction: Annotated[float, Field(ge=0, le=1)] = 0.4  # of non-ROI brain voxels: pure noise
+    signal_variance: Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)] = [0.05, 0.6]  # noise var = 1
     # For the real featurizer on a synthetic study (pipeline.features.images, pipeline.features.weights): synthetic
     # image files named like the study's images under features.images_dir, and randomly
     # initialised encoders in the official checkpoint format for features.tasks in weights_dir.
     write_images: bool = False
     write_weights: bool = False
 
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulateSection:
+        rules = [(self.n_repeated <= self.n_images, "simulate.n_repeated must be in [0, n_images]"),
+                 (self.signal_variance[0] <= self.signal_variance[1],
+                  "simulate.signal_variance must be [low, high] with 0 < low <= high")]
+        _check(rules)
+        return self
 
-@dataclass
-class DataSection:
+
+_TRS = (1, 2, 3, 4, 5, 34)
+
+
+class DataSection(_Section):
     """Where the subjects' files are and how they become ``responses/<subject>``.
 
     Path templates take {subject} (e.g. CSI1) and {n} (1); betas and events also {session}
@@ -61,16 +98,14 @@ class DataSection:
     format: Literal["glmsingle", "release1_rois"] = "glmsingle"  # release 2.0 betas / 1.0 ROI .mat
     root: str | None = None  # the downloaded dataset's directory
     betas: str = "raw/{subject}/{subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-{session:02d}.nii.gz"
-    sessions: int | Literal["auto"] = "auto"
+    sessions: Annotated[Count | Literal["auto"], expecting("an integer >= 1 or 'auto'")] = "auto"
     brain_mask: str | None = "raw/{subject}/{subject}_brainmask.nii.gz"  # None: voxels finite in every session
     voxel_mask: str | None = None  # a user NIfTI (whole-brain or cortical) for voxels: mask
     roi_masks: str = "raw/{subject}/sub-{subject}_mask-{roi}.nii.gz"
-    rois: list[str] = field(
-        default_factory=lambda: [f"{h}{r}" for h in ("LH", "RH") for r in ("EarlyVis", "LOC", "OPA", "PPA", "RSC")]
-    )
+    rois: list[str] = [f"{h}{r}" for h in ("LH", "RH") for r in ("EarlyVis", "LOC", "OPA", "PPA", "RSC")]
     voxels: Literal["brain", "rois", "mask"] = "brain"  # which voxels enter the store
     roi_mat: str = "ROIs/CSI{n}/mat/CSI{n}_ROIs_TR{tr}.mat"  # format release1_rois
-    trs: list[int] = field(default_factory=lambda: [3, 4])  # release1_rois: TR files averaged
+    trs: list[int] = [3, 4]  # release1_rois: TR files averaged
     stim_list: str = "raw/{subject}/CSI0{n}_stim_lists.txt"
     events: str | None = None  # per-run events files, cross-checked against the stimulus list
     repeats: Literal["exclude", "average"] = "exclude"
@@ -79,56 +114,91 @@ class DataSection:
     # voxels per store chunk = one fit task. At BOLD5000's shape a worker peaks at ~0.5 GB +
     # 0.33 GB per 1000 voxels (1.2 GB at 2000), and 1000-voxel chunks cost ~4% more per voxel,
     # 500-voxel ones ~11% (docs/performance.md, memory table).
-    chunk_size: int = 2000
+    chunk_size: Count = 2000
+
+    _rois_distinct = field_validator("rois")(_distinct)
+
+    @field_validator("trs")
+    @classmethod
+    def _known_trs(cls, trs: list[int]) -> list[int]:
+        if not trs or any(t not in _TRS for t in trs) or len(set(trs)) != len(trs):
+            raise ValueError(f"must be distinct TRs among {', '.join(map(str, _TRS))} "
+                             f"(34: the released TR3/TR4 average), got {trs}")
+        return trs
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSection:
+        rois1 = self.format == "release1_rois"
+        _check([
+            (self.voxels != "rois" or bool(self.rois), "data.rois is empty but data.voxels is 'rois'"),
+            (self.voxels != "mask" or self.voxel_mask is not None,
+             "data.voxels is 'mask' but data.voxel_mask is not set"),
+            (not rois1 or self.voxels == "rois",
+             "data.voxels must be 'rois' with data.format 'release1_rois' (those files hold ROI voxels only)"),
+            (not rois1 or self.voxel_order == "ijk",
+             "data.voxel_order 'authors_zyx' needs volumes; data.format 'release1_rois' has none"),
+            (not rois1 or "{tr" in self.roi_mat, "data.roi_mat must contain {tr}"),
+            (rois1 or "{session" in self.betas, "data.betas must contain {session}"),
+            (not self.rois or rois1 or "{roi" in self.roi_masks, "data.roi_masks must contain {roi}"),
+            (self.events is None or ("{session" in self.events and "{run" in self.events),
+             "data.events must contain {session} and {run}"),
+        ])
+        return self
 
 
-@dataclass
-class FitSection:
-    test_fraction: float = 0.15
+class FitSection(_Section):
+    test_fraction: Fraction = 0.15
     cv: Literal["kfold", "single_split"] = "kfold"
-    n_folds: int = 7
-    validation_fraction: float = 0.15  # only for cv: single_split (the authors' released code)
-    alphas: Literal["paper"] | list[float] = "paper"
-    n_alphas: int = 100
-    seed: int = 2019
+    n_folds: Annotated[int, Field(ge=2)] = 7  # against the number of images: checked with the data
+    validation_fraction: Fraction = 0.15  # only for cv: single_split (the authors' released code)
+    alphas: Annotated[Literal["paper"] | Annotated[list[PositiveFloat], Field(min_length=1)],
+                      expecting("'paper' or a list of positive numbers")] = "paper"
+    n_alphas: Count = 100
+    seed: Seed = 2019
     dtype: Literal["float32", "float64"] = "float32"
     zscore_features: bool = True
-    fdr: float = 0.05
-    retries: int = 2  # per chunk, before the run fails naming it
+    fdr: Fraction = 0.05
+    retries: NonNegativeInt = 2  # per chunk, before the run fails naming it
     search: Literal["certified", "exhaustive"] = "certified"  # certified: the exhaustive grid's alphas, faster
     backend: Literal["numpy", "torch"] = "numpy"
     device: str | None = None  # torch backend: "cpu", "cuda", "cuda:1"; None = cuda if torch has it, else cpu
-    n_permutations: int = 5000  # permutation test of test r (the authors' protocol); 0 = off
-    permutation_seed: int = 0
+    n_permutations: NonNegativeInt = 5000  # permutation test of test r (the authors' protocol); 0 = off
+    permutation_seed: Seed = 0
 
 
-@dataclass
-class AnalysisSection:
+class AnalysisSection(_Section):
     """Brain task structure from the fitted results (pipeline.stats.task_structure); never refits."""
 
     significance: Literal["parametric", "permutation", "stored", "none"] = "parametric"
-    fdr: float = 0.05
+    fdr: Fraction = 0.05
     metric: Literal["cosine", "pearson", "jaccard"] = "cosine"
     linkage: Literal["average", "complete", "single", "weighted", "ward"] = "average"
-    n_clusters: int = 4
-    n_permutations: int = 1000  # Mantel test
-    n_bootstrap: int = 200  # voxel resamples for the confidence intervals
-    seed: int = 0
+    # Groups the trees are cut into: 2 .. the number of tasks (checked against study.tasks);
+    # auto: 4 (the paper's), or the number of tasks analysed when fewer.
+    n_clusters: Annotated[Annotated[int, Field(ge=2)] | Literal["auto"], expecting("an integer >= 2 or 'auto'")] = "auto"
+    n_permutations: Count = 1000  # Mantel test
+    n_bootstrap: Count = 200  # voxel resamples for the confidence intervals
+    seed: Seed = 0
     taskonomy_affinities: Literal["16k", "1k"] = "16k"
-    ci: float = 0.95
+    ci: Fraction = 0.95
 
 
-@dataclass
-class ReportSection:
+class ReportSection(_Section):
     """Figures, NIfTI maps and the HTML page (pipeline.stages.report)."""
 
     task: str | None = None  # task of the whole-brain r map (Figure 2); None: most significant voxels
-    n_slices: int = 16  # axial slices per mosaic
-    graph_neighbours: int = 2  # Figure 7: edges from each task to its most similar tasks
+    n_slices: Count = 16  # axial slices per mosaic
+    graph_neighbours: Count = 2  # Figure 7: edges from each task to its most similar tasks
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in task_names():
+            raise ValueError(f"is not a Taskonomy task: {task!r}; known: {', '.join(task_names())}")
+        return task
 
 
-@dataclass
-class FeaturesSection:
+class FeaturesSection(_Section):
     """``neurotask featurize``: the feature spaces computed from the study's images.
 
     tasks, weights_dir, output, preprocessing, noise_seed and extra are read by
@@ -138,22 +208,32 @@ class FeaturesSection:
     file; images_dir, like data paths, is under data.root or else the workdir."""
 
     weights_dir: str | None = None  # the encoder checkpoints <task>_encoder-<sha256>.pth
-    tasks: list[str] | Literal["all"] = "all"  # Taskonomy tasks to featurize
+    tasks: Annotated[list[str] | Literal["all"], expecting("'all' or a list of task names")] = "all"
     output: Literal["taskbank", "normalized"] = "taskbank"
     preprocessing: Literal["task_config", "run_img_task"] = "task_config"
-    noise_seed: int = 0  # denoise's input noise, drawn per image from (seed, image name)
-    extra: list[dict] = field(default_factory=list)  # more feature spaces (torch_module, ...)
+    noise_seed: Seed = 0  # denoise's input noise, drawn per image from (seed, image name)
+    # more feature spaces (torch_module, ...); their options are checked by feature_spaces_from_config
+    extra: list[dict[str, Any]] = []
     images_dir: str = "Scene_Stimuli/Presented_Stimuli"  # holds {COCO,ImageNet,Scene}/<image>
     device: str = "auto"  # auto: CUDA where a worker has it, else CPU
-    channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto: on CPU (measured faster)
-    batch_size: int = 16  # images per Dask task (and per store chunk)
-    min_image_side: int = 32
-    torch_threads: int | Literal["auto"] = "auto"  # auto: cores / Dask threads on the host
-    retries: int = 2  # per batch, before the run fails naming it
+    channels_last: Annotated[bool | Literal["auto"], expecting("true, false or 'auto'")] = "auto"  # NHWC convolutions; auto: on CPU (measured faster)
+    batch_size: Count = 16  # images per Dask task (and per store chunk)
+    min_image_side: Count = 32
+    torch_threads: Annotated[Count | Literal["auto"],
+                             expecting("an integer >= 1 or 'auto'")] = "auto"  # auto: cores / Dask threads on the host
+    retries: NonNegativeInt = 2  # per batch, before the run fails naming it
+
+    @field_validator("extra")
+    @classmethod
+    def _not_taskonomy_names(cls, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        _check([(e.get("name") not in task_names(),
+                 f"features.extra[{i}].name {e.get('name')!r} is a Taskonomy task name; list Taskonomy tasks "
+                 "in features.tasks, or give this feature space another name") for i, e in enumerate(extra)])
+        return extra
 
     @property
     def extra_names(self) -> list[str]:
-        return [str(e.get("name")) for e in self.extra if isinstance(e, dict)]
+        return [str(e.get("name")) for e in self.extra]
 
     @property
     def space_names(self) -> list[str]:
@@ -176,17 +256,50 @@ class FeaturesSection:
         return out
 
 
-@dataclass
-class Config:
-    path: Path
-    study: StudySection
-    data: DataSection
-    fit: FitSection
+class Config(_Section):
+    """A validated study config file, and where it is (``path``: relative paths resolve
+    against its directory). Build it with :func:`load_config`."""
+
+    study: StudySection = StudySection()
+    data: DataSection = DataSection()
+    fit: FitSection = FitSection()
     simulate: SimulateSection | None = None
-    analysis: AnalysisSection = field(default_factory=AnalysisSection)
-    report: ReportSection = field(default_factory=ReportSection)
+    analysis: AnalysisSection = AnalysisSection()
+    report: ReportSection = ReportSection()
     features: FeaturesSection | None = None
-    cluster: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
+    # the mapping as written: validated by neurotask.cluster.options, passed to open_client
+    cluster: dict[str, Any] = {"kind": "local"}
+    _path: Path = PrivateAttr()
+
+    @field_validator("study", "data", "fit", "simulate", "analysis", "report", "features", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value  # `fit:` with nothing under it
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _no_cluster_is_local(cls, value: Any) -> Any:
+        return value or {"kind": "local"}
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Config:
+        known = task_names() + (self.features.extra_names if self.features else [])
+        bad = [t for t in self.tasks if t not in known]
+        n = self.analysis.n_clusters
+        _check([
+            (not bad, f"study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(known)} "
+                      "(a feature space of features.extra is a task too)"),
+            (n == "auto" or n <= len(self.tasks),
+             f"analysis.n_clusters must be <= the number of tasks ({len(self.tasks)}, study.tasks), got {n}"),
+            (self.simulate is None or not self.simulate.write_weights
+             or (self.features is not None and self.features.weights_dir is not None),
+             "simulate.write_weights needs features.weights_dir (where the random encoders go)"),
+        ])
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     @property
     def root(self) -> Path:
@@ -226,203 +339,75 @@ class Config:
         return (self.resolve(self.data.root) if self.data.root else self.workdir) / p
 
 
-# --------------------------------------------------------------------------- validation
-
-_SECTIONS = {"study": StudySection, "simulate": SimulateSection, "data": DataSection, "fit": FitSection,
-             "analysis": AnalysisSection, "report": ReportSection,
-             "features": FeaturesSection}
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against type ``tp``; return it (ints accepted where floats are)."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, where)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(tp)
-            return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is Any:
-        return value
-    elif isinstance(value, tp):
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _section(cls: type, raw: Any, name: str, file: Path) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: section '{name}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(
-            f"{file}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-            f"valid keys of '{name}': {', '.join(sorted(known))}"
-        )
-    values = {k: _convert(v, hints[k], f"{file}: {name}.{k}") for k, v in raw.items()}
-    return cls(**values)
-
-
-def _check_values(cfg: Config) -> None:
-    f = cfg.path
-    if cfg.features is not None:
-        _check_features(cfg)
-    known = task_names() + (cfg.features.extra_names if cfg.features else [])
-    bad = [t for t in cfg.tasks if t not in known]
-    if bad:
-        raise ConfigError(f"{f}: study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(known)} "
-                          "(a feature space of features.extra is a task too)")
-    if not cfg.study.subjects:
-        raise ConfigError(f"{f}: study.subjects is empty")
-    if len(set(cfg.study.subjects)) != len(cfg.study.subjects):
-        raise ConfigError(f"{f}: study.subjects has duplicates")
-    checks = [
-        (0 < cfg.fit.test_fraction < 1, "fit.test_fraction must be in (0, 1)"),
-        (0 < cfg.fit.validation_fraction < 1, "fit.validation_fraction must be in (0, 1)"),
-        (cfg.fit.n_folds >= 2, "fit.n_folds must be >= 2"),
-        (cfg.fit.n_alphas >= 1, "fit.n_alphas must be >= 1"),
-        (0 < cfg.fit.fdr < 1, "fit.fdr must be in (0, 1)"),
-        (cfg.fit.retries >= 0, "fit.retries must be >= 0"),
-        (cfg.fit.n_permutations >= 0, "fit.n_permutations must be >= 0 (0 turns the test off)"),
-        (cfg.data.chunk_size >= 1, "data.chunk_size must be >= 1"),
-        (cfg.fit.alphas == "paper" or all(a > 0 for a in cfg.fit.alphas), "fit.alphas must be positive"),
-        (cfg.data.sessions == "auto" or cfg.data.sessions >= 1, "data.sessions must be >= 1 or 'auto'"),
-        (0 < cfg.analysis.fdr < 1, "analysis.fdr must be in (0, 1)"),
-        (cfg.analysis.n_clusters >= 2, "analysis.n_clusters must be >= 2"),
-        (cfg.analysis.n_permutations >= 1, "analysis.n_permutations must be >= 1"),
-        (cfg.analysis.n_bootstrap >= 1, "analysis.n_bootstrap must be >= 1"),
-        (0 < cfg.analysis.ci < 1, "analysis.ci must be in (0, 1)"),
-        (cfg.report.task is None or cfg.report.task in task_names(),
-         f"report.task: unknown task {cfg.report.task!r}; known: {', '.join(task_names())}"),
-        (cfg.report.n_slices >= 1, "report.n_slices must be >= 1"),
-        (cfg.report.graph_neighbours >= 1, "report.graph_neighbours must be >= 1"),
-    ]
-    d = cfg.data
-    checks += [
-        (len(set(d.rois)) == len(d.rois), "data.rois has duplicates"),
-        (d.voxels != "rois" or bool(d.rois), "data.rois is empty but data.voxels is 'rois'"),
-        (d.voxels != "mask" or d.voxel_mask is not None, "data.voxels is 'mask' but data.voxel_mask is not set"),
-        (bool(d.trs) and all(t in (1, 2, 3, 4, 5, 34) for t in d.trs) and len(set(d.trs)) == len(d.trs),
-         f"data.trs must be distinct TRs among 1, 2, 3, 4, 5, 34 (34: the released TR3/TR4 average), got {d.trs}"),
-        (d.format != "release1_rois" or d.voxels == "rois",
-         "data.voxels must be 'rois' with data.format 'release1_rois' (those files hold ROI voxels only)"),
-        (d.format != "release1_rois" or d.voxel_order == "ijk",
-         "data.voxel_order 'authors_zyx' needs volumes; data.format 'release1_rois' has none"),
-        (d.format != "release1_rois" or "{tr" in d.roi_mat, "data.roi_mat must contain {tr}"),
-        (d.format != "glmsingle" or "{session" in d.betas, "data.betas must contain {session}"),
-        (not d.rois or d.format != "glmsingle" or "{roi" in d.roi_masks, "data.roi_masks must contain {roi}"),
-        (d.events is None or ("{session" in d.events and "{run" in d.events),
-         "data.events must contain {session} and {run}"),
-    ]
-    if cfg.simulate is not None:
-        s = cfg.simulate
-        checks += [
-            (len(s.volume_shape) == 3 and min(s.volume_shape) >= 8, "simulate.volume_shape must be 3 sizes >= 8"),
-            (s.n_images >= 100, "simulate.n_images must be >= 100"),
-            (0 <= s.n_repeated <= s.n_images, "simulate.n_repeated must be in [0, n_images]"),
-            (s.n_showings >= 2, "simulate.n_showings must be >= 2"),
-            (1 <= s.n_sessions <= 20, "simulate.n_sessions must be in [1, 20]"),
-            (s.n_features >= 8, "simulate.n_features must be >= 8"),
-            (0 <= s.noise_voxel_fraction <= 1, "simulate.noise_voxel_fraction must be in [0, 1]"),
-            (len(s.signal_variance) == 2 and 0 < s.signal_variance[0] <= s.signal_variance[1],
-             "simulate.signal_variance must be [low, high] with 0 < low <= high"),
-            (not s.write_weights or (cfg.features is not None and cfg.features.weights_dir is not None),
-             "simulate.write_weights needs features.weights_dir (where the random encoders go)"),
-        ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{f}: {message}")
-
-
-def _check_features(cfg: Config) -> None:
-    """The features section's values, and its feature spaces built (nothing loaded) so that
-    a misconfigured space is reported at load time, naming the file and the key."""
-    f, feat = cfg.path, cfg.features
-    checks = [
-        (feat.batch_size >= 1, "features.batch_size must be >= 1"),
-        (feat.min_image_side >= 1, "features.min_image_side must be >= 1"),
-        (feat.retries >= 0, "features.retries must be >= 0"),
-        (feat.torch_threads == "auto" or feat.torch_threads >= 1, "features.torch_threads must be >= 1 or 'auto'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{f}: {message}")
-    for i, e in enumerate(feat.extra):
-        if e.get("name") in task_names():
-            raise ConfigError(f"{f}: features.extra[{i}].name {e.get('name')!r} is a Taskonomy task name; "
-                              "list Taskonomy tasks in features.tasks, or give this feature space another name")
-    from neurotask.pipeline.features.spaces import FeatureSpaceError, feature_spaces_from_config  # imports torch
-
-    try:
-        feature_spaces_from_config(feat.spaces_mapping(cfg.resolve))
-    except FeatureSpaceError as e:
-        raise ConfigError(f"{f}: {e}") from None
-
-
-def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read and validate a study config. ``overrides`` maps section -> key -> value."""
-    path = Path(path).expanduser().resolve()
+def _read(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; ConfigError for anything that is not a YAML mapping."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file, so not a YAML config (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _feature_space_problems(cfg: Config) -> list[str]:
+    """The features section's spaces built (nothing loaded), so that a misconfigured space is
+    reported at load time; their options are the feature-space code's to check."""
+    if cfg.features is None:
+        return []
+    from neurotask.pipeline.features.spaces import FeatureSpaceError, feature_spaces_from_config  # imports torch
+
+    try:
+        feature_spaces_from_config(cfg.features.spaces_mapping(cfg.resolve))
+    except FeatureSpaceError as e:
+        return [str(e)]
+    return []
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read and validate a study config. ``overrides`` maps section -> key -> value.
+
+    Raises ConfigError listing every problem of the file, one line each: the file, the key,
+    what was expected and what was given."""
+    path = Path(path).expanduser().resolve()
+    raw = _read(path)
     for section, values in (overrides or {}).items():
-        raw.setdefault(section, {})
-        raw[section] = {**(raw[section] or {}), **values}
-    known = set(_SECTIONS) | {"cluster"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    cluster = raw.get("cluster") or {"kind": "local"}
-    if not isinstance(cluster, dict):
-        raise ConfigError(f"{path}: section 'cluster' must be a mapping")
-    cfg = Config(
-        path=path,
-        study=_section(StudySection, raw.get("study"), "study", path),
-        data=_section(DataSection, raw.get("data"), "data", path),
-        fit=_section(FitSection, raw.get("fit"), "fit", path),
-        simulate=_section(SimulateSection, raw["simulate"], "simulate", path) if "simulate" in raw else None,
-        features=_section(FeaturesSection, raw["features"], "features", path) if "features" in raw else None,
-        cluster=dict(cluster),
-        analysis=_section(AnalysisSection, raw.get("analysis"), "analysis", path),
-        report=_section(ReportSection, raw.get("report"), "report", path),
-    )
-    _check_values(cfg)
+        current = raw.get(section) or {}
+        raw[section] = {**current, **values} if isinstance(current, dict) else current
+    problems: list[str] = []
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        problems += error_lines(e, Config)
+    try:
+        if isinstance(raw.get("cluster"), (dict, type(None))):  # else Config reports it is no mapping
+            cluster_options(raw.get("cluster"))
+    except ClusterConfigError as e:
+        problems += e.problems
+    if not problems:
+        cfg._path = path
+        problems += _feature_space_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     return cfg
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of a study config file, for editors (``configs/study.schema.json``)."""
+    schema = Config.model_json_schema()
+    cluster = cluster_schema()
+    schema["$defs"].update(cluster.pop("$defs"))
+    schema["properties"]["cluster"] = {**cluster, "description": "how a Dask client is obtained"}
+    schema["title"] = "neurotask study config"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def fit_fingerprint(fit: FitSection, data: DataSection) -> dict[str, Any]:

@@ -76,8 +76,7 @@ def test_ingest_exclude_and_average(simulated, tmp_path):
     assert reps.shape == (cfg.simulate.n_showings, cfg.simulate.n_repeated, resp.sizes["voxel"])
     # 'average': same images, repeated ones averaged over their showings
     cfg_avg = load_config(write_config(tmp_path / "a.yaml", small_config_dict(
-        cfg.workdir, study={"subjects": ["CSI1"]}, data={"repeats": "average"})))
-    cfg_avg.study.workdir = str(tmp_path / "avg")
+        tmp_path / "avg", study={"subjects": ["CSI1"]}, data={"repeats": "average"})))
     import shutil
     shutil.copytree(cfg.workdir / "raw", tmp_path / "avg" / "raw")
     ingest(cfg_avg)

@@ -56,7 +56,7 @@ def test_bad_slurm_options_are_named(slurm, named):
 
 
 @pytest.mark.parametrize("section, named", [
-    ({"kind": "slurm", "maximum_job": 3}, "'maximum_job'"),
+    ({"kind": "slurm", "maximum_job": 3}, "cluster.maximum_job "),
     ({"kind": "slurm", "tls": "yes"}, "cluster.tls"),
     ({"kind": "slurm", "minimum_jobs": 3, "maximum_jobs": 2}, "cluster.maximum_jobs"),
     ({"kind": "slurm", "interface": "lo", "slurm": {"interface": "ib0"}}, "cluster.interface"),

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 
 import numpy as np
 import xarray as xr
@@ -121,7 +120,7 @@ def load_inputs(cfg: Config
 
 def settings(cfg: Config) -> dict:
     """The analysis keyword arguments of :func:`pipeline.stats.task_structure.analyse` from the config."""
-    return asdict(cfg.analysis)
+    return cfg.analysis.model_dump()
 
 
 def input_fingerprint(results: dict[str, xr.Dataset], rois: dict[str, xr.Dataset] | None, kwargs: dict) -> str:
@@ -173,9 +172,8 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
     if len(tasks) < 2:
         raise AnalysisStageError(f"task similarity needs at least 2 tasks; the study has {tasks}")
     kwargs = settings(cfg)
-    if kwargs["n_clusters"] > len(tasks):
-        logger.info(f"analysis: n_clusters {kwargs['n_clusters']} > {len(tasks)} tasks; the trees are cut into {len(tasks)}")
-        kwargs["n_clusters"] = len(tasks)
+    if kwargs["n_clusters"] == "auto":  # 4, or fewer tasks (a number is checked by config and analyse)
+        kwargs["n_clusters"] = min(4, len(tasks))
     fingerprint = input_fingerprint(results, rois, kwargs)
     store = StudyStore(cfg.store_path)
     if store.has(ANALYSIS_GROUP) and not overwrite:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -174,7 +173,7 @@ def simulate_study(cfg: Config) -> dict:
     store.create()
     progress = Progress(cfg.workdir / "progress", store.store_id)
     files = {k: getattr(cfg.data, k) for k in ("root", "betas", "brain_mask", "roi_masks", "stim_list", "rois")}
-    fingerprint = hashlib.sha256(json.dumps([asdict(sim), files], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([sim.model_dump(), files], sort_keys=True).encode()).hexdigest()[:16]
     record = progress.read("simulate", "settings")
     if record and record.get("fingerprint") != fingerprint:
         raise NeurotaskError(f"{cfg.workdir} holds a study simulated with other settings; use a new "
