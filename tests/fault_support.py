@@ -22,7 +22,6 @@ from neurotask.pipeline.stages.fit import fit_unit as _real_fit_unit
 from neurotask.storage import RESULT_VARS, Progress, StudyStore
 
 REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 SUBJECTS = ["CSI1", "CSI2"]
 TASKS = ["edge2d", "rgb2sfnorm", "class_1000", "autoencoder"]
 
@@ -125,18 +124,31 @@ def check_marker_records(workdir: Path, found: dict, jobs: set | None) -> None:
 # ------------------------------------------------------------------ a driver process to kill
 
 def neurotask_env(extra: dict | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), str(HERE)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    env.pop("NEUROTASK_FAULT_UNIT", None)
+    """This process's environment as a user's shell has it: no PYTHONPATH (the installed
+    neurotask is found by itself), no injected fault; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NEUROTASK_FAULT_UNIT")}
     env.update(extra or {})
     return env
 
 
-def start_neurotask(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """`neurotask ARGS` in a new session (its own process group), output to ``log``."""
+def neurotask_command() -> list[str]:
+    """The installed `neurotask` console script of this environment."""
+    script = Path(sys.executable).parent / "neurotask"
+    found = str(script) if script.is_file() else shutil.which("neurotask")
+    assert found, f"no installed `neurotask` command beside {sys.executable} or on PATH"
+    return [found]
+
+
+def start_neurotask(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+                    command: list[str] | None = None) -> subprocess.Popen:
+    """`neurotask ARGS` in a new session (its own process group), output to ``log``, started as
+    a user starts it: the installed command (or ``command``), from ``cwd`` (default: the log's
+    folder), which must lie outside the checkout."""
+    cwd = Path(cwd or log.parent).resolve()
+    assert cwd != REPO and REPO not in cwd.parents, f"{cwd} is inside the checkout {REPO}"
     out = open(log, "w")
     try:
-        return subprocess.Popen([sys.executable, "-m", "neurotask", *args], cwd=REPO,
+        return subprocess.Popen([*(command or neurotask_command()), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, env=env or neurotask_env(),
                                 start_new_session=True)
     finally:

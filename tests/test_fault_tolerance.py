@@ -35,7 +35,8 @@ from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError
 from neurotask.pipeline.stages.fit import fit
 from neurotask.pipeline.stages.status import status_lines
-from slurm_support import slurm_skip_reason, small_section, squeue_ids, unique_job_name, wait_until_gone
+from slurm_support import (ship_to_workers, slurm_skip_reason, small_section, squeue_ids,
+                           unique_job_name, wait_until_gone)
 
 
 
@@ -277,9 +278,10 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
     retries = 2
     if kind == "slurm":
         job_name = unique_job_name()
-        cluster = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
         # Only the worker jobs get the fault, through the job script.
-        cluster["slurm"]["job_script_prologue"].append(f"export {neurotask.pipeline.stages.fit.FAULT_ENV}={fault}")
+        prologue = [f"export {neurotask.pipeline.stages.fit.FAULT_ENV}={fault}"]
+        cluster = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2,
+                                slurm={"job_script_prologue": prologue})
         cfg_path = fs.write_config(tmp_path / "study.yaml", study, subjects=subjects, tasks=tasks,
                                    cluster=cluster, fit={"retries": retries})
         log = tmp_path / "driver.log"
@@ -389,6 +391,7 @@ def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
             cluster, security = start_slurm_cluster(section)
             try:
                 client = connect_client(cluster, security)
+                ship_to_workers(client, fs)  # journaled_fit_unit, to the replacement too
                 client.wait_for_workers(2, timeout=120)
                 with ThreadPoolExecutor(1) as pool:
                     running = pool.submit(fit, cfg, client)
