@@ -67,6 +67,19 @@ def copy_study(prepared: Path, dest: Path) -> Path:
     return dest
 
 
+def fit_reference(prepared: Path, root: Path, client) -> dict[str, Any]:
+    """Results of an undisturbed in-process fit of a copy of the prepared study on ``client``
+    (a LocalCluster), the reference every other fit is compared with bit for bit."""
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.stages.fit import fit
+
+    workdir = copy_study(prepared, root / "study")
+    report = fit(load_config(write_config(root / "reference.yaml", workdir)), client)
+    total = sum(chunk_count(workdir, s) for s in SUBJECTS) * len(TASKS)
+    assert (report.computed, report.failed) == (total, []), report
+    return results(workdir)
+
+
 def chunk_count(workdir: Path, subject: str) -> int:
     resp = StudyStore(workdir / "store.zarr").responses(subject)
     return -(-resp.sizes["voxel"] // int(resp.attrs["chunk_size"]))
