@@ -129,6 +129,7 @@ def test_docs_show_the_example_cluster_section():
     assert yaml.safe_load(block)["cluster"] == load_config(fs.REPO / "configs" / "slurm.yaml").cluster
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_log_directory_expands_home_and_variables(
@@ -150,6 +151,7 @@ def test_log_directory_expands_home_and_variables(
 # ------------------------------------------------------------------ growing a study; status
 
 
+@pytest.mark.slow
 def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
         study, reference, units_per_pair, local_client, tmp_path):
     first = load_config(fs.write_config(tmp_path / "first.yaml", study, subjects=["CSI1"],
@@ -215,6 +217,7 @@ def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
 # ------------------------------------------------------------------ driver killed mid-fit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", pytest.param("slurm", marks=needs_slurm)])
 def test_killed_driver_rerun_does_only_missing_units(kind, study, reference, units_per_pair, local_client,
                                                      tmp_path):
@@ -267,6 +270,7 @@ def test_killed_driver_rerun_does_only_missing_units(kind, study, reference, uni
 # ------------------------------------------------------------------ a chunk that always fails
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", pytest.param("slurm", marks=needs_slurm)])
 def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, reference, units_per_pair,
                                                              local_client, tmp_path):
@@ -348,6 +352,7 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
 # ------------------------------------------------------------------ SLURM workers
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_fit_on_slurm_equals_local_fit(
@@ -372,6 +377,7 @@ def test_fit_on_slurm_equals_local_fit(
     fs.check_marker_records(study, found, submitted)  # each chunk names the job that wrote it
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(

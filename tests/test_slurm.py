@@ -120,6 +120,7 @@ def _wait_for(predicate, timeout: float, what: str):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -131,6 +132,7 @@ def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     assert squeue_ids(job_name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -144,6 +146,7 @@ def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
     assert squeue_ids(job_name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_missing_network_interface_is_named(slurm_node, tmp_path):
     section = small_section(tmp_path, unique_job_name(), interface="no-such-nic0")
@@ -151,6 +154,7 @@ def test_missing_network_interface_is_named(slurm_node, tmp_path):
         start_slurm_cluster(section)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -173,6 +177,7 @@ def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
             start_slurm_cluster(section)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_computation_runs_in_slurm_jobs_over_tls(tls_cluster):
     cluster, security, client, logs, job_name = tls_cluster
@@ -197,6 +202,7 @@ def test_computation_runs_in_slurm_jobs_over_tls(tls_cluster):
     assert any(m.startswith("Dask dashboard: http://127.0.0.1:") for m in logs)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_client_without_the_certificate_cannot_connect(tls_cluster):
     cluster, security, client, logs, job_name = tls_cluster
@@ -218,6 +224,7 @@ def _listening_ips(port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_dashboard_binds_to_localhost_only(tls_cluster):
     cluster, *_ = tls_cluster
@@ -235,6 +242,7 @@ def test_dashboard_binds_to_localhost_only(tls_cluster):
             socket.create_connection((ip, port), timeout=3).close()
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node, tmp_path, logs):
     job_name = unique_job_name()
@@ -280,6 +288,7 @@ def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node,
             _close(cluster, client, job_name)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_failing_chunk_is_retried_a_bounded_number_of_times(tls_cluster, tmp_path):
     cluster, security, client, logs, job_name = tls_cluster
@@ -293,6 +302,7 @@ def test_failing_chunk_is_retried_a_bounded_number_of_times(tls_cluster, tmp_pat
     assert set(lines) <= set(squeue_ids(job_name))
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_killed_driver_leaves_no_worker_jobs_behind(slurm_node, tmp_path):
     """SIGKILL of the process running the scheduler: its workers lose the scheduler, close,
