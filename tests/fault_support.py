@@ -213,7 +213,8 @@ def kill_group(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def set_env(name: str, value: str | None) -> None:
-    """Set (or with None, remove) an environment variable; run on workers by client.run."""
+    """Set (or with None, remove) an environment variable; run on workers by client.run
+    (LocalCluster workers here: see the note on the journal below)."""
     if value is None:
         os.environ.pop(name, None)
     else:
@@ -221,6 +222,9 @@ def set_env(name: str, value: str | None) -> None:
 
 
 # ------------------------------------------------------------------ a journal of unit executions
+# Run by the workers: LocalCluster workers import this module by name (a spawned worker gets the
+# test process's sys.path, tests/ included); SLURM workers, which start as users' do, only once
+# it is shipped to them (slurm_support.ship_to_workers).
 
 GATE_EVENT = "neurotask-test-gate"
 
