@@ -69,12 +69,7 @@ def local_client():
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory, units_per_pair, local_client) -> dict:
     """Results of an undisturbed fit on a LocalCluster of 2 worker processes."""
-    workdir = fs.copy_study(prepared, tmp_path_factory.mktemp("reference") / "study")
-    cfg = load_config(fs.write_config(workdir.parent / "reference.yaml", workdir))
-    report = fit(cfg, local_client)
-    assert report.computed == len(fs.SUBJECTS) * len(fs.TASKS) * units_per_pair
-    assert not report.failed
-    return fs.results(workdir)
+    return fs.fit_reference(prepared, tmp_path_factory.mktemp("reference"), local_client)
 
 
 @pytest.fixture
