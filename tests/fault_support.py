@@ -22,7 +22,6 @@ from neurotask.pipeline.stages.fit import fit_unit as _real_fit_unit
 from neurotask.storage import RESULT_VARS, Progress, StudyStore
 
 REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 SUBJECTS = ["CSI1", "CSI2"]
 TASKS = ["edge2d", "rgb2sfnorm", "class_1000", "autoencoder"]
 
@@ -66,6 +65,19 @@ def copy_study(prepared: Path, dest: Path) -> Path:
     """A copy of an ingested, unfitted study (same store id: the markers stay meaningful)."""
     shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("staging"))
     return dest
+
+
+def fit_reference(prepared: Path, root: Path, client) -> dict[str, Any]:
+    """Results of an undisturbed in-process fit of a copy of the prepared study on ``client``
+    (a LocalCluster), the reference every other fit is compared with bit for bit."""
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.stages.fit import fit
+
+    workdir = copy_study(prepared, root / "study")
+    report = fit(load_config(write_config(root / "reference.yaml", workdir)), client)
+    total = sum(chunk_count(workdir, s) for s in SUBJECTS) * len(TASKS)
+    assert (report.computed, report.failed) == (total, []), report
+    return results(workdir)
 
 
 def chunk_count(workdir: Path, subject: str) -> int:
@@ -125,18 +137,31 @@ def check_marker_records(workdir: Path, found: dict, jobs: set | None) -> None:
 # ------------------------------------------------------------------ a driver process to kill
 
 def neurotask_env(extra: dict | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), str(HERE)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    env.pop("NEUROTASK_FAULT_UNIT", None)
+    """This process's environment as a user's shell has it: no PYTHONPATH (the installed
+    neurotask is found by itself), no injected fault; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NEUROTASK_FAULT_UNIT")}
     env.update(extra or {})
     return env
 
 
-def start_neurotask(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """`neurotask ARGS` in a new session (its own process group), output to ``log``."""
+def neurotask_command() -> list[str]:
+    """The installed `neurotask` console script of this environment."""
+    script = Path(sys.executable).parent / "neurotask"
+    found = str(script) if script.is_file() else shutil.which("neurotask")
+    assert found, f"no installed `neurotask` command beside {sys.executable} or on PATH"
+    return [found]
+
+
+def start_neurotask(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+                    command: list[str] | None = None) -> subprocess.Popen:
+    """`neurotask ARGS` in a new session (its own process group), output to ``log``, started as
+    a user starts it: the installed command (or ``command``), from ``cwd`` (default: the log's
+    folder), which must lie outside the checkout."""
+    cwd = Path(cwd or log.parent).resolve()
+    assert cwd != REPO and REPO not in cwd.parents, f"{cwd} is inside the checkout {REPO}"
     out = open(log, "w")
     try:
-        return subprocess.Popen([sys.executable, "-m", "neurotask", *args], cwd=REPO,
+        return subprocess.Popen([*(command or neurotask_command()), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, env=env or neurotask_env(),
                                 start_new_session=True)
     finally:
@@ -188,7 +213,8 @@ def kill_group(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def set_env(name: str, value: str | None) -> None:
-    """Set (or with None, remove) an environment variable; run on workers by client.run."""
+    """Set (or with None, remove) an environment variable; run on workers by client.run
+    (LocalCluster workers here: see the note on the journal below)."""
     if value is None:
         os.environ.pop(name, None)
     else:
@@ -196,6 +222,9 @@ def set_env(name: str, value: str | None) -> None:
 
 
 # ------------------------------------------------------------------ a journal of unit executions
+# Run by the workers: LocalCluster workers import this module by name (a spawned worker gets the
+# test process's sys.path, tests/ included); SLURM workers, which start as users' do, only once
+# it is shipped to them (slurm_support.ship_to_workers).
 
 GATE_EVENT = "neurotask-test-gate"
 

@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import ModuleType
+
+from distributed import Client
+from distributed.diagnostics.plugin import UploadFile
 
 _names = itertools.count()
-HERE = Path(__file__).resolve().parent
 
 
 def slurm_skip_reason() -> str | None:
@@ -74,8 +77,6 @@ def small_section(tmp_path: Path, job_name: str, **overrides) -> dict:
             "death_timeout": 30,
             "log_directory": str(tmp_path / "slurm-logs"),
             "shared_temp_directory": str(certs),
-            # Workers unpickle the task functions below by importing this module.
-            "job_script_prologue": [f"export PYTHONPATH={HERE}${{PYTHONPATH:+:$PYTHONPATH}}"],
         },
     }
     slurm = {**section["slurm"], **overrides.pop("slurm", {})}
@@ -84,7 +85,23 @@ def small_section(tmp_path: Path, job_name: str, **overrides) -> dict:
     return section
 
 
+def ship_to_workers(client: Client, module: ModuleType) -> None:
+    """Make a test module importable on every worker of ``client``, present and future.
+
+    A SLURM worker runs the installed neurotask with no PYTHONPATH (as users run it), so it
+    cannot import the test-only task functions of tests/ by module name. Dask's UploadFile
+    worker plugin copies the module's file into each worker's local directory (which the worker
+    puts first on sys.path) and, being a registered plugin, into each worker that joins later
+    (a replacement job). Not cloudpickle.register_pickle_by_value: distributed pickles a
+    submitted task as a whole with plain pickle, which ignores that registry (only an object
+    defined in the registered module itself, as in ``client.run(f)``, goes by value).
+    ``load=False``: nothing imports (or, in this process, reloads) the module until a task
+    needs it."""
+    client.register_plugin(UploadFile(module.__file__, load=False), name=f"ship-{module.__name__}")
+
+
 # ------------------------------------------------ task functions run by the SLURM workers
+# (shipped to the workers with ship_to_workers)
 
 def job_id_here() -> str:
     """The SLURM job this worker process runs in."""
@@ -113,7 +130,9 @@ def fail_and_count(attempts_file: str) -> None:
 # ------------------------------------------------ a driver process the tests can SIGKILL
 
 def _drive(section_json: str) -> None:
-    """Start a SLURM cluster from a JSON section, print READY and the job ids, then idle."""
+    """Start a SLURM cluster from a JSON section, print READY and the job ids, then idle.
+    Run as a script (``python slurm_support.py SECTION``): it needs only the installed
+    neurotask, no PYTHONPATH."""
     import json
 
     from neurotask.cluster.slurm import connect_client, start_slurm_cluster, worker_job_ids

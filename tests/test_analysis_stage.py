@@ -18,6 +18,8 @@ from neurotask.pipeline.tasks import task_names
 from neurotask.storage import StudyStore
 from analysis_fixtures import analysis_config_dict, analysis_study, snapshot, write_config  # noqa: F401
 
+pytestmark = pytest.mark.slow  # every test uses analysis_study, one whole `neurotask run`
+
 
 @pytest.fixture()
 def study_copy(analysis_study, tmp_path):

@@ -35,7 +35,8 @@ from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError
 from neurotask.pipeline.stages.fit import fit
 from neurotask.pipeline.stages.status import status_lines
-from slurm_support import slurm_skip_reason, small_section, squeue_ids, unique_job_name, wait_until_gone
+from slurm_support import (ship_to_workers, slurm_skip_reason, small_section, squeue_ids,
+                           unique_job_name, wait_until_gone)
 
 
 
@@ -68,12 +69,7 @@ def local_client():
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory, units_per_pair, local_client) -> dict:
     """Results of an undisturbed fit on a LocalCluster of 2 worker processes."""
-    workdir = fs.copy_study(prepared, tmp_path_factory.mktemp("reference") / "study")
-    cfg = load_config(fs.write_config(workdir.parent / "reference.yaml", workdir))
-    report = fit(cfg, local_client)
-    assert report.computed == len(fs.SUBJECTS) * len(fs.TASKS) * units_per_pair
-    assert not report.failed
-    return fs.results(workdir)
+    return fs.fit_reference(prepared, tmp_path_factory.mktemp("reference"), local_client)
 
 
 @pytest.fixture
@@ -128,6 +124,7 @@ def test_docs_show_the_example_cluster_section():
     assert yaml.safe_load(block)["cluster"] == load_config(fs.REPO / "configs" / "slurm.yaml").cluster
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_log_directory_expands_home_and_variables(
@@ -149,6 +146,7 @@ def test_log_directory_expands_home_and_variables(
 # ------------------------------------------------------------------ growing a study; status
 
 
+@pytest.mark.slow
 def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
         study, reference, units_per_pair, local_client, tmp_path):
     first = load_config(fs.write_config(tmp_path / "first.yaml", study, subjects=["CSI1"],
@@ -214,6 +212,7 @@ def test_added_subject_and_task_fit_only_new_pairs_and_status_shows_them(
 # ------------------------------------------------------------------ driver killed mid-fit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", pytest.param("slurm", marks=needs_slurm)])
 def test_killed_driver_rerun_does_only_missing_units(kind, study, reference, units_per_pair, local_client,
                                                      tmp_path):
@@ -266,6 +265,7 @@ def test_killed_driver_rerun_does_only_missing_units(kind, study, reference, uni
 # ------------------------------------------------------------------ a chunk that always fails
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", pytest.param("slurm", marks=needs_slurm)])
 def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, reference, units_per_pair,
                                                              local_client, tmp_path):
@@ -277,9 +277,10 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
     retries = 2
     if kind == "slurm":
         job_name = unique_job_name()
-        cluster = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2)
         # Only the worker jobs get the fault, through the job script.
-        cluster["slurm"]["job_script_prologue"].append(f"export {neurotask.pipeline.stages.fit.FAULT_ENV}={fault}")
+        prologue = [f"export {neurotask.pipeline.stages.fit.FAULT_ENV}={fault}"]
+        cluster = small_section(tmp_path, job_name, minimum_jobs=2, maximum_jobs=2,
+                                slurm={"job_script_prologue": prologue})
         cfg_path = fs.write_config(tmp_path / "study.yaml", study, subjects=subjects, tasks=tasks,
                                    cluster=cluster, fit={"retries": retries})
         log = tmp_path / "driver.log"
@@ -346,6 +347,7 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
 # ------------------------------------------------------------------ SLURM workers
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_fit_on_slurm_equals_local_fit(
@@ -370,6 +372,7 @@ def test_fit_on_slurm_equals_local_fit(
     fs.check_marker_records(study, found, submitted)  # each chunk names the job that wrote it
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(_NO_SLURM is not None, reason=str(_NO_SLURM))
 def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
@@ -389,6 +392,7 @@ def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
             cluster, security = start_slurm_cluster(section)
             try:
                 client = connect_client(cluster, security)
+                ship_to_workers(client, fs)  # journaled_fit_unit, to the replacement too
                 client.wait_for_workers(2, timeout=120)
                 with ThreadPoolExecutor(1) as pool:
                     running = pool.submit(fit, cfg, client)

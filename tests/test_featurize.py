@@ -161,6 +161,7 @@ def test_study_images_are_the_stimulus_list_images_once_in_order(tmp_path, weigh
 # ---------------------------------------------------------------- the orchestrated run
 
 
+@pytest.mark.slow
 def test_stored_features_equal_extract_batch_run_directly(featurized):
     cfg = load_config(featurized)
     got, want = stored(cfg), direct_features(cfg, batch_size=4)
@@ -181,6 +182,7 @@ def test_stored_features_equal_extract_batch_run_directly(featurized):
         assert progress.is_done(COMPLETE, name)
 
 
+@pytest.mark.slow
 def test_rerun_does_nothing_and_an_added_space_is_computed_alone(featurized, tmp_path, client):
     shutil.copytree(featurized.parent, tmp_path, dirs_exist_ok=True)
     raw = yaml.safe_load(featurized.read_text())
@@ -202,6 +204,7 @@ def test_rerun_does_nothing_and_an_added_space_is_computed_alone(featurized, tmp
     assert StudyStore(cfg.store_path).read_features("wider_conv").shape == (10, 24)
 
 
+@pytest.mark.slow
 def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, client, featurized):
     cfg = load_config(image_study(tmp_path, weights))
     client.run(lambda: os.environ.__setitem__(FAULT_ENV, "1"))  # batch 1 writes its first space, then fails
@@ -225,6 +228,7 @@ def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, cli
         np.testing.assert_array_equal(values, ref[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, client, featurized):
     """SIGKILL `neurotask featurize` (driver and its local worker) once a batch is done; the
     rerun computes only unmarked (space, batch) pairs, and the features equal an
@@ -260,6 +264,7 @@ def _nothing_done(cfg) -> None:
     assert not (cfg.workdir / "progress" / STAGE).exists()
 
 
+@pytest.mark.slow
 def test_missing_weights_fail_before_any_work_listing_every_task(tmp_path, weights, client, capsys):
     partial = tmp_path / "weights"
     partial.mkdir()
@@ -280,6 +285,7 @@ def test_missing_weights_fail_before_any_work_listing_every_task(tmp_path, weigh
     assert err.startswith("neurotask: error:") and "rgb2depth" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_images_are_reported_by_name(tmp_path, weights, client):
     path = image_study(tmp_path, weights, n_images=12, min_image_side=64)
     cfg = load_config(path)
@@ -314,6 +320,7 @@ def test_bad_images_are_reported_by_name(tmp_path, weights, client):
         assert (cmyk.mode, grey.mode) == ("CMYK", "L")
 
 
+@pytest.mark.slow
 def test_unavailable_device_fails_before_any_work(tmp_path, weights, client):
     if torch.cuda.is_available():
         pytest.skip("this check needs a machine without CUDA")
@@ -323,6 +330,7 @@ def test_unavailable_device_fails_before_any_work(tmp_path, weights, client):
     _nothing_done(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_features_equal_the_cpu_features(featurized, tmp_path, weights, client):
     # Runs where a GPU is (scripts/gpu_check): true float32 on the card, so the features agree
@@ -336,6 +344,7 @@ def test_cuda_features_equal_the_cpu_features(featurized, tmp_path, weights, cli
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
+@pytest.mark.slow
 def test_other_stored_features_are_refused_and_overwrite_replaces_them(tmp_path, weights, client):
     cfg = load_config(image_study(tmp_path, weights, tasks=[]))
     store = StudyStore(cfg.store_path)
@@ -355,6 +364,7 @@ def test_other_stored_features_are_refused_and_overwrite_replaces_them(tmp_path,
 # ---------------------------------------------------------------- threads and config
 
 
+@pytest.mark.slow
 def test_torch_threads_times_tasks_fit_the_cores(client):
     threads = torch_threads_per_worker(client)
     info = client.scheduler_info()["workers"]
@@ -399,6 +409,7 @@ def test_extra_feature_spaces_are_study_tasks(tmp_path, weights):
 # ---------------------------------------------------------------- the demo config, end to end
 
 
+@pytest.mark.slow
 def test_featurize_demo_config_runs_end_to_end(tmp_path, capsys):
     """configs/featurize_demo.yaml: simulate (images and random encoders in the official
     format) -> featurize with the real encoders -> ingest -> fit, results for every task."""

@@ -19,6 +19,8 @@ from neurotask.pipeline.tasks import task_cluster
 from neurotask.storage import Progress, StudyStore
 from neurotask.cluster import open_client
 
+pytestmark = pytest.mark.slow  # every test uses small_study, one whole `neurotask run`
+
 
 def test_results_are_labelled_and_complete(small_study):
     cfg = load_config(small_study)

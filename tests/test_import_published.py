@@ -62,6 +62,7 @@ def test_locate_sources_understands_both_layouts_and_names_what_is_missing(layou
         locate_sources(tmp_path / "nope", ["CSI1"])
 
 
+@pytest.mark.slow
 def test_import_of_the_authors_layout_then_analysis_and_report(layout_dir, tmp_path, capsys):
     results, masks = layout_dir
     config = study(tmp_path, ["CSI1"], n_clusters=2)
@@ -131,6 +132,7 @@ def test_import_refuses_unsafe_pickles(tmp_path, capsys):
     assert not StudyStore(load_config(config).store_path).has("results/CSI1")
 
 
+@pytest.mark.slow
 def test_the_paper_reproduced_through_the_store_on_all_three_subjects(tmp_path):
     """Import the three subjects' published results, run the analysis stage: curvature has no
     significant voxel in any subject; the 3D tasks and the two classification tasks form

@@ -62,12 +62,14 @@ def open_in_chromium(chromium: Path, page: Path, profile: Path) -> dict:
     return json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"'))
 
 
+@pytest.mark.slow
 def test_run_ends_with_the_report(analysis_study):
     index = analysis_study.workdir / "report" / "index.html"
     assert index.is_file()
     assert analysis_study.output.rstrip().splitlines()[-1].endswith(f"report: {index}")
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_every_image_loaded(analysis_study, chromium, tmp_path):
     # self-contained: the folder copied elsewhere works (the page itself needs nothing beside it)
     copy = tmp_path / "copied_report"
@@ -85,6 +87,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(analysis_study, chro
     assert found["height"] > 3000 and "neurotask report" in found["title"]
 
 
+@pytest.mark.slow
 def test_report_page_holds_the_statistics_and_provenance(analysis_study):
     cfg = load_config(analysis_study.config)
     report = analysis_study.workdir / "report"
@@ -117,6 +120,7 @@ def test_report_page_holds_the_statistics_and_provenance(analysis_study):
         assert (report / "figures" / f"{svg}.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.slow
 def test_nifti_maps_put_every_voxel_back_in_its_place(analysis_study):
     cfg = load_config(analysis_study.config)
     a = read_analysis(cfg)

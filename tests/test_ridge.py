@@ -67,6 +67,7 @@ def _sklearn_reference(X, Y, splits, alphas):
     return errors, best, pred
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cv", ["kfold", "single_split"])
 @pytest.mark.parametrize("shape", [(180, 25), (60, 90)])  # n_fit > p (Gram) and n_fit < p (kernel)
 def test_matches_sklearn_ridge_float64(cv, shape):
@@ -214,6 +215,7 @@ def test_certified_search_equals_exhaustive(seed):
     np.testing.assert_allclose(cert.cv_error, full.cv_error, rtol=5e-2)
 
 
+@pytest.mark.slow
 def test_certified_search_equals_exhaustive_on_strong_signals():
     # SNR 100 to 10^4: optima at weak regularisation, where the tolerance profile must tighten
     # (a batch's profile follows its located optima); mixed batches, one all-signal batch.
@@ -256,6 +258,7 @@ def _plan(s, alphas, plan):
     return expansion.plan_groups(s, alphas, plan)
 
 
+@pytest.mark.slow
 def test_certified_bounds_enclose_the_exact_errors():
     X, Y = _realistic(v=200, seed=4)
     alphas = ridge.paper_alphas(X.shape[1])
@@ -288,6 +291,7 @@ def test_certified_bounds_enclose_the_exact_errors():
                 np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_product_and_direct_forms_agree(dtype):
     # Two routes to the same eigen-coefficients: the folds' shared cross-products (chosen when

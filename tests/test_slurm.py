@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import dask
 import dask.array as da
@@ -31,9 +30,9 @@ from neurotask.cluster.slurm import (ClusterConfigError, connect_client, start_s
                            validate_section, worker_job_ids)
 import slurm_support
 from conftest import collect_logs
-from slurm_support import (fail_and_count, job_id_here, slurm_skip_reason, small_section,
-                           square_after_replacement, squeue_ids, squeue_state, unique_job_name,
-                           wait_until_gone)
+from slurm_support import (fail_and_count, job_id_here, ship_to_workers, slurm_skip_reason,
+                           small_section, square_after_replacement, squeue_ids, squeue_state,
+                           unique_job_name, wait_until_gone)
 
 
 # ---------------------------------------------------------------- checks needing no SLURM
@@ -105,6 +104,7 @@ def tls_cluster(slurm_node, tmp_path_factory):
         client = None
         try:
             client = connect_client(cluster, security)
+            ship_to_workers(client, slurm_support)  # job_id_here, fail_and_count
             client.wait_for_workers(1, timeout=90)
             print(f"\n[slurm] first worker connected {time.monotonic() - t0:.1f} s after start")
             yield cluster, security, client, logs, job_name
@@ -120,6 +120,7 @@ def _wait_for(predicate, timeout: float, what: str):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -131,6 +132,7 @@ def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     assert squeue_ids(job_name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -144,6 +146,7 @@ def test_option_refused_by_slurm_fails_before_any_job(slurm_node, tmp_path):
     assert squeue_ids(job_name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_missing_network_interface_is_named(slurm_node, tmp_path):
     section = small_section(tmp_path, unique_job_name(), interface="no-such-nic0")
@@ -151,6 +154,7 @@ def test_missing_network_interface_is_named(slurm_node, tmp_path):
         start_slurm_cluster(section)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
     job_name = unique_job_name()
@@ -173,6 +177,7 @@ def test_dask_jobqueue_config_supplies_options_not_given(slurm_node, tmp_path):
             start_slurm_cluster(section)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_computation_runs_in_slurm_jobs_over_tls(tls_cluster):
     cluster, security, client, logs, job_name = tls_cluster
@@ -197,6 +202,7 @@ def test_computation_runs_in_slurm_jobs_over_tls(tls_cluster):
     assert any(m.startswith("Dask dashboard: http://127.0.0.1:") for m in logs)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_client_without_the_certificate_cannot_connect(tls_cluster):
     cluster, security, client, logs, job_name = tls_cluster
@@ -218,6 +224,7 @@ def _listening_ips(port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_dashboard_binds_to_localhost_only(tls_cluster):
     cluster, *_ = tls_cluster
@@ -235,6 +242,7 @@ def test_dashboard_binds_to_localhost_only(tls_cluster):
             socket.create_connection((ip, port), timeout=3).close()
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node, tmp_path, logs):
     job_name = unique_job_name()
@@ -246,6 +254,7 @@ def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node,
         client = None
         try:
             client = connect_client(cluster, security)
+            ship_to_workers(client, slurm_support)  # to the replacement too
             futures = client.map(square_after_replacement, range(40))
             client.wait_for_workers(2, timeout=90)
             _wait_for(lambda: sum(f.done() for f in futures) >= 4, 60, "the first results")
@@ -279,6 +288,7 @@ def test_scancelled_worker_job_is_replaced_and_computation_completes(slurm_node,
             _close(cluster, client, job_name)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_failing_chunk_is_retried_a_bounded_number_of_times(tls_cluster, tmp_path):
     cluster, security, client, logs, job_name = tls_cluster
@@ -292,18 +302,18 @@ def test_failing_chunk_is_retried_a_bounded_number_of_times(tls_cluster, tmp_pat
     assert set(lines) <= set(squeue_ids(job_name))
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_killed_driver_leaves_no_worker_jobs_behind(slurm_node, tmp_path):
     """SIGKILL of the process running the scheduler: its workers lose the scheduler, close,
     and their SLURM jobs end by themselves (nothing keeps holding the allocation)."""
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=1, maximum_jobs=1)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    # As a user's script runs: the installed neurotask only, started outside the checkout.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     driver = subprocess.Popen([sys.executable, slurm_support.__file__, json.dumps(section)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, start_new_session=True)
+                              env=env, cwd=tmp_path, start_new_session=True)
     try:
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)

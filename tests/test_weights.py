@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurotask.pipeline.features.encoders import build_encoder
+from neurotask.pipeline.features.encoders import build_encoder, task_in_channels
 from neurotask.pipeline.tasks import task_info, task_names
 from neurotask.pipeline.features.weights import (OFFICIAL_ENCODER_SHA256, WEIGHTS_URL_TEMPLATE, WeightsError, check_weights,
                               checkpoint_filename, find_checkpoint, load_state_dict, load_taskonomy_encoder,
-                              name_digest, official_url, verify_checkpoint, write_random_checkpoints)
+                              name_digest, official_filename, official_url, verify_checkpoint, write_random_checkpoints)
 
 TASKS = ["colorization", "rgb2sfnorm"]
 
@@ -63,10 +63,30 @@ def test_random_checkpoints_use_the_official_format(written):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any written file, not mkstemp's 0600
 
 
-def test_random_checkpoints_load_into_the_port_for_rgb_tasks(written):
-    port = pytest.importorskip("visualpriors.taskonomy_network").TaskonomyEncoder()
-    ckpt = torch.load(written["rgb2sfnorm"], map_location="cpu", weights_only=True)
-    port.load_state_dict(ckpt["state_dict"], strict=True)
+@pytest.mark.slow  # 20 checkpoints of 95 MB
+def test_random_checkpoints_load_into_the_port_for_rgb_tasks(written, tmp_path):
+    """Every RGB task's random checkpoint (every task but colorization) has the file name the
+    visualpriors port gives that task's weights and loads into the port's encoder strictly,
+    every tensor as written; colorization's (one input channel) does not fit it."""
+    port_module = pytest.importorskip("visualpriors.taskonomy_network")
+    rgb = [t for t in task_names() if task_in_channels(t) == 3]
+    assert "colorization" not in rgb and len(rgb) == len(task_names()) - 1 == 20
+    port_files = set(port_module.TASKONOMY_PRETRAINED_WEIGHT_FILES)
+    for task in rgb:
+        path = write_random_checkpoints(tmp_path, [task], seed=0)[task]
+        assert official_filename(task) in port_files, task
+        assert path.name.split("-")[0] == official_filename(task).split("-")[0], (task, path.name)
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        port = port_module.TaskonomyEncoder()
+        incompatible = port.load_state_dict(state, strict=True)
+        assert (incompatible.missing_keys, incompatible.unexpected_keys) == ([], []), task
+        loaded = port.state_dict()
+        assert set(loaded) == set(state), task
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), task
+        path.unlink()  # keep one at a time on disk
+    gray = torch.load(written["colorization"], map_location="cpu", weights_only=True)["state_dict"]
+    with pytest.raises(RuntimeError, match="conv1.weight"):
+        port_module.TaskonomyEncoder().load_state_dict(gray, strict=True)
 
 
 def test_writing_again_keeps_verified_files_and_is_reproducible(written, weights_dir, tmp_path):
