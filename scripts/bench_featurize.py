@@ -27,8 +27,8 @@ Reported: images/s of each, the overhead of ours against plain (target <= 10%) a
 largest feature difference. Performance is a ratio measured in one run on one machine, never
 an absolute claim.
 
-    PYTHONPATH=$PWD python scripts/bench_featurize.py              # 4 + 8 images x 21 encoders
-    PYTHONPATH=$PWD python scripts/bench_featurize.py --mode dask --images 16 --batch-size 8 --repeats 3
+    .venv/bin/python scripts/bench_featurize.py              # 4 + 8 images x 21 encoders
+    .venv/bin/python scripts/bench_featurize.py --mode dask --images 16 --batch-size 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 

@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neurotask.pipeline import ridge  # noqa: E402
 
