@@ -144,7 +144,8 @@ RESULT_VARIABLES: dict[str, Variable] = {
     "r2": Variable(_TV, np.float32, np.nan, "1", "coefficient of determination of test-set predictions"),
     "alpha": Variable(_TV, np.float64, np.nan, "1", "ridge penalty chosen by cross-validation"),
     "pvalue": Variable(_TV, np.float64, np.nan, "1", "parametric p-value of the test-set correlation"),
-    "qvalue": Variable(_TV, np.float64, np.nan, "1", "Benjamini-Hochberg q-value of pvalue across the subject's voxels"),
+    "qvalue": Variable(_TV, np.float64, np.nan, "1",
+                       "Benjamini-Hochberg q-value of pvalue across the subject's voxels"),
     "significant": Variable(_TV, bool, False, "1", "qvalue below the fit's FDR level"),
 }
 PERMUTATION_VARIABLES: dict[str, Variable] = {

@@ -208,7 +208,8 @@ class StudyStore:
         if voxel_ijk.shape != (v, 3):
             raise StoreError(f"{responses_group(subject)}: voxel_ijk has shape {voxel_ijk.shape}, expected ({v}, 3)")
         template = da.zeros((n, v), chunks=(n, chunk_size), dtype=np.float32)
-        coords: dict[str, Any] = {"image": coordinate("image", "image", strings(images)), **voxel_coords(voxel_ijk, roi)}
+        coords: dict[str, Any] = {"image": coordinate("image", "image", strings(images)),
+                                  **voxel_coords(voxel_ijk, roi)}
         for name, values in (image_coords or {}).items():
             coords[name] = coordinate(name, "image", np.asarray(values))
         data = {"responses": xr.Variable(RESPONSES.dims, template, attrs=dict(RESPONSES.attrs, units=units))}

@@ -1,10 +1,14 @@
 """End to end: simulate -> ingest -> fit on Dask, the planted structure recovered, resume after
 a kill, and the fit's refusals of inconsistent input."""
 
+import pickle
 import shutil
+import warnings
+from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from conftest import SMALL_TASKS, small_config_dict, write_config
 from fault_support import kill_after_markers
@@ -15,7 +19,7 @@ from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError
 from neurotask.pipeline.stages.simulate import ROI_DRIVER
-from neurotask.pipeline.tasks import task_cluster
+from neurotask.pipeline.tasks import task_cluster, task_info
 from neurotask.pipeline.stages.fit_spec import FitSpec
 from neurotask.storage import StudyStore
 from neurotask.cluster import open_client
@@ -30,12 +34,38 @@ def test_results_are_labelled_and_complete(small_study):
         assert set(res.data_vars) >= {"r", "r2", "alpha", "pvalue", "qvalue", "significant"}
         assert {"voxel_i", "voxel_j", "voxel_k", "roi"} <= set(res.coords)
         assert res.attrs["volume_shape"] == cfg.simulate.volume_shape
+        assert list(res["task_label"].values) == [task_info(t).label for t in SMALL_TASKS]
+        assert all(res[name].attrs["units"] and res[name].attrs["long_name"] for name in res.data_vars)
+        with warnings.catch_warnings():  # consolidated metadata: opened as any xarray user would
+            warnings.simplefilter("error")
+            xr.open_zarr(str(cfg.store_path), group=f"results/{subject}").load()
         # every voxel fitted: only the constant voxel has an undefined r
         assert int(np.isnan(res["r"].values).any(0).sum()) == 1
-        assert np.isin(res["alpha"].values, fit.alpha_grid(FitSpec.from_section(cfg.fit), cfg.simulate.n_features)).all()
+        grid = fit.alpha_grid(FitSpec.from_section(cfg.fit), cfg.simulate.n_features)
+        assert np.isin(res["alpha"].values, grid).all()
         q, sig = stats.fdr_bh(res["pvalue"].values[0], cfg.fit.fdr)
         np.testing.assert_allclose(res["qvalue"].values[0], q)
         np.testing.assert_array_equal(res["significant"].values[0], sig)
+
+
+def test_fit_spec_fingerprint_is_what_existing_stores_hold(tmp_path):
+    """The fingerprint stored with results keeps its keys and values, so stores fitted before
+    the spec existed still match; the spec is immutable and travels to workers as it is."""
+    spec = FitSpec.from_section(load_config(write_config(tmp_path / "a.yaml", small_config_dict(tmp_path))).fit)
+    assert spec.fingerprint() == {"test_fraction": 0.15, "cv": "kfold", "n_folds": 5, "alphas": "paper",
+                                  "n_alphas": 20, "seed": 2019, "dtype": "float32", "zscore_features": True,
+                                  "n_permutations": 200, "permutation_seed": 0}
+    other = small_config_dict(tmp_path, fit={"cv": "single_split", "alphas": [10, 1.5], "n_permutations": 0})
+    single = FitSpec.from_section(load_config(write_config(tmp_path / "b.yaml", other)).fit)
+    assert single.fingerprint() == {"test_fraction": 0.15, "cv": "single_split", "n_folds": 5,
+                                    "validation_fraction": 0.15, "alphas": [10.0, 1.5], "n_alphas": 20, "seed": 2019,
+                                    "dtype": "float32", "zscore_features": True, "n_permutations": 0,
+                                    "permutation_seed": 0}
+    assert not single.permutation and spec.permutation
+    np.testing.assert_array_equal(fit.alpha_grid(single, 48), [1.5, 10.0])
+    with pytest.raises(FrozenInstanceError):
+        spec.seed = 1  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(spec)) == spec
 
 
 def test_orchestrated_fit_equals_the_engine_alone(small_study):

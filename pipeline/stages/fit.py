@@ -194,7 +194,8 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
                        "run `neurotask featurize` (or `simulate` for a synthetic study) first")
     # Features of an interrupted featurize have unwritten (NaN) rows: never fit on them.
-    incomplete = [t for t in cfg.tasks if "featurize" in store.feature_attrs(t) and not progress.is_done(Stage.FEATURIZED, t)]
+    incomplete = [t for t in cfg.tasks
+                  if "featurize" in store.feature_attrs(t) and not progress.is_done(Stage.FEATURIZED, t)]
     if incomplete:
         raise FitError(f"{cfg.store_path}: features of {', '.join(incomplete)} are incomplete (featurize was "
                        "interrupted); rerun `neurotask featurize`")
