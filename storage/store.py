@@ -265,6 +265,8 @@ class StudyStore:
         resp = self.responses(subject)
         chunk = int(resp.attrs["chunk_size"])
         v = resp.sizes["voxel"]
+        if len(task_labels) != len(tasks):
+            raise StoreError(f"{group}: {len(task_labels)} task labels for {len(tasks)} tasks")
         labels = dict(zip(tasks, task_labels))
         if self.has(group):
             existing = self._open(group)

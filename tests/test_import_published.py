@@ -175,9 +175,10 @@ def test_imported_results_have_the_layout_of_fitted_ones(tmp_path):
          "significant": (("task", "voxel"), rng.random((2, v)) > 0.5)},
         coords={"task": tasks, "i": ("voxel", ijk[:, 0]), "j": ("voxel", ijk[:, 1]), "k": ("voxel", ijk[:, 2]),
                 "roi": ("voxel", ["LHPPA", "", "", "RHLOC"])})
-    imported = to_store_layout(published, "CSI1", shape_ijk=(4, 3, 3), source="test")
     store = StudyStore(tmp_path / "store.zarr")
     store.create()
+    store.write_dataset("results/CSI2", to_store_layout(published, "CSI2", shape_ijk=(4, 3, 3), source="test"))
+    imported = store.results("CSI2")
     store.init_responses("CSI1", ["a.jpg", "b.jpg"], ijk, ["LHPPA", "", "", "RHLOC"], 2, {})
     store.ensure_results("CSI1", tasks, {}, task_labels=[task_info(t).label for t in tasks], permutation=True)
     fitted = store.results("CSI1")
