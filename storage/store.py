@@ -87,8 +87,10 @@ class StudyStore:
             raise StoreError(f"{self.path}: '{group}' is not in the store")
         # chunks=None: lazily indexed NumPy-backed arrays, no Dask. Reads then happen in the
         # calling process (a worker reads its own chunk), never as tasks on an active cluster.
-        # consolidated=None: stores written before metadata were consolidated still open.
-        return xr.open_zarr(str(self.path), group=group, zarr_format=3, chunks=None)
+        try:
+            return xr.open_zarr(str(self.path), group=group, consolidated=True, zarr_format=3, chunks=None)
+        except (ValueError, KeyError):  # a store written before its metadata were consolidated
+            return xr.open_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, chunks=None)
 
     def _write(self, ds: xr.Dataset, group: str, **kwargs: Any) -> Any:
         """Write ``ds`` to ``group``; a write that changes metadata (anything but a region

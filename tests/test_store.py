@@ -111,6 +111,17 @@ def test_consolidated_metadata_open_every_group_without_a_warning(tmp_path):
     assert "analysis/test" not in consolidated.flattened_metadata and "results/CSI1" in consolidated.flattened_metadata
 
 
+def test_a_store_written_before_consolidation_still_opens_quietly(tmp_path):
+    path = tmp_path / "store.zarr"
+    zarr.open_group(str(path), mode="a", zarr_format=3).attrs["store_id"] = "old"
+    old = xr.Dataset({"features": (("image", "feature"), np.ones((3, 2), np.float32))},
+                     coords={"image": np.array(["a", "b", "c"], dtype=object)})
+    old.to_zarr(str(path), group="features/edge2d", consolidated=False, zarr_format=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(StudyStore(path).read_features("edge2d").values, np.ones((3, 2)))
+
+
 def test_every_stored_variable_says_what_it_is(tmp_path):
     s = _study(tmp_path)
     for group in ("features/edge2d", "responses/CSI1", "results/CSI1"):
