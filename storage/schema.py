@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-STORE_DIR = "store.zarr"  # both beside each other in a study's workdir
-PROGRESS_DIR = "progress"
+PROGRESS_DIR = "progress"  # beside store.zarr in a study's workdir
 
 
 # --------------------------------------------------------------------------- group paths
@@ -185,7 +184,6 @@ COORDINATES: dict[str, dict[str, str]] = {
     "n_showings": {"units": "1", "long_name": "showings averaged into the image's response"},
     "repeated_image": {"long_name": "stimulus image shown more than once"},
 }
-VOXEL_COORDS = ("voxel_i", "voxel_j", "voxel_k", "roi")
 
 
 def strings(values: Sequence[str]) -> np.ndarray:
