@@ -115,7 +115,7 @@ def run_fit(cfg, client) -> dict:
 
     before = client.run(_worker_usage)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = fit(cfg, client, overwrite=True, log=lambda m: None)
+    report = fit(cfg, client, overwrite=True)
     seconds = time.perf_counter() - t0
     after = client.run(_worker_usage)
     worker_cpu = sum(after[w]["cpu"] - before[w]["cpu"] for w in after)
@@ -172,7 +172,7 @@ def main() -> None:
               f"{args.threads_per_worker} thread(s); engine alone with {cores} BLAS thread(s)", flush=True)
         runs: dict[str, list[dict]] = {"engine": [], "fit": []}
         t0 = time.perf_counter()
-        with open_client(cfg.cluster, log=lambda m: None) as client:
+        with open_client(cfg.cluster) as client:
             start_s = time.perf_counter() - t0
             _warm_up(args.device)
             client.run(_warm_up, args.device)
