@@ -42,5 +42,10 @@ def task_info(name: str) -> TaskInfo:
     raise KeyError(f"unknown Taskonomy task {name!r}; known: {', '.join(task_names())}")
 
 
+def task_label(name: str) -> str:
+    """A task's display label; another feature space (features.extra) is labelled by its name."""
+    return task_info(name).label if name in task_names() else name
+
+
 def task_cluster(name: str) -> str:
     return task_info(name).cluster

@@ -6,8 +6,8 @@ paper's 100 alphas, 7 folds), built by ``bench_ridge.make_problem`` and written 
 store (features/<task>, responses/<subject> in chunks of ``--chunk`` voxels).
 
 - ``engine``: in this process, with as many BLAS threads as the cluster has cores in all,
-  from arrays already in memory: the design's z-scoring, ``ridge.prepare``, then for each chunk
-  ``ridge.ridge_cv`` and ``stats.test_scores`` (the arithmetic a fit task does, and no more);
+  from arrays already in memory: ``fit.decompose_design`` (z-scoring, ``ridge.prepare``), then
+  ``fit.fit_voxels`` for each chunk (the arithmetic a fit task does, and no more);
 - ``fit``: ``pipeline.stages.fit.fit`` (what ``neurotask fit`` runs) on a LocalCluster of
   ``--workers`` x ``--threads-per-worker``: the decomposition task, one task per chunk reading
   its chunk from Zarr and writing its results region and progress marker, the FDR pass.
@@ -36,12 +36,11 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_ridge's problem generator
 
 from bench_ridge import _device_name, make_problem  # noqa: E402
-from neurotask.pipeline import ridge
-from neurotask.pipeline.stats import scores as stats  # noqa: E402
+from neurotask.pipeline import ridge  # noqa: E402
+from neurotask.storage import ChunkPlan  # noqa: E402
 
 TASK, SUBJECT = "rgb2depth", "CSI1"
 
@@ -71,8 +70,8 @@ def build_study(workdir: Path, args) -> tuple[Path, np.ndarray, np.ndarray]:
     v = args.voxels
     ijk = np.stack([np.arange(v) % 100, (np.arange(v) // 100) % 100, np.arange(v) // 10000], axis=1)
     store.init_responses(SUBJECT, images, ijk, ["other"] * v, args.chunk, {"voxel_space": "volume"})
-    for a in range(0, v, args.chunk):
-        store.write_responses(SUBJECT, slice(a, min(a + args.chunk, v)), Y[:, a:a + args.chunk])
+    for voxels in ChunkPlan(v, args.chunk):
+        store.write_responses(SUBJECT, voxels, Y[:, voxels])
     return path, X, Y
 
 
@@ -80,22 +79,19 @@ def run_engine(cfg, X: np.ndarray, Y: np.ndarray) -> dict:
     """The fit's arithmetic alone, in this process (BLAS threads set by the caller): the same
     decomposition and engine options as ``neurotask fit``, no store, no Dask. Also returns the
     first chunk's alphas and test r, to check the stored results against."""
-    from neurotask.pipeline.stages.fit import alpha_grid, decompose_design, engine_options
+    from neurotask.pipeline.stages.fit import alpha_grid, decompose_design, fit_voxels
+    from neurotask.pipeline.stages.fit_spec import FitSpec
 
+    spec = FitSpec.from_section(cfg.fit)
     t0, c0 = time.perf_counter(), time.process_time()
-    dec = decompose_design(X, cfg)
-    alphas = alpha_grid(cfg, X.shape[1])
+    dec = decompose_design(spec, X)
+    alphas = alpha_grid(spec, X.shape[1])
     prep = time.perf_counter() - t0
-    chunk, first = cfg.data.chunk_size, None
-    for a in range(0, Y.shape[1], chunk):
-        Yc = Y[:, a:a + chunk]
-        res = ridge.ridge_cv(dec, Yc, alphas, **engine_options(cfg))
-        y_test = Yc[dec.final.eval_rows]
-        r = stats.test_scores(y_test, res.test_prediction)["r"]
-        if cfg.fit.n_permutations:
-            stats.permutation_test(y_test, res.test_prediction, cfg.fit.n_permutations, cfg.fit.permutation_seed)
+    first = None
+    for voxels in ChunkPlan(Y.shape[1], cfg.data.chunk_size):
+        values = fit_voxels(spec, dec, Y[:, voxels], alphas)
         if first is None:
-            first = {"alpha": res.alpha, "r": r}
+            first = {"alpha": values["alpha"], "r": values["r"]}
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "prepare_seconds": prep,
             "first_chunk": first}
 
@@ -118,7 +114,7 @@ def run_fit(cfg, client) -> dict:
 
     before = client.run(_worker_usage)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = fit(cfg, client, overwrite=True, log=lambda m: None)
+    report = fit(cfg, client, overwrite=True)
     seconds = time.perf_counter() - t0
     after = client.run(_worker_usage)
     worker_cpu = sum(after[w]["cpu"] - before[w]["cpu"] for w in after)
@@ -175,7 +171,7 @@ def main() -> None:
               f"{args.threads_per_worker} thread(s); engine alone with {cores} BLAS thread(s)", flush=True)
         runs: dict[str, list[dict]] = {"engine": [], "fit": []}
         t0 = time.perf_counter()
-        with open_client(cfg.cluster, log=lambda m: None) as client:
+        with open_client(cfg.cluster) as client:
             start_s = time.perf_counter() - t0
             _warm_up(args.device)
             client.run(_warm_up, args.device)

@@ -1,6 +1,6 @@
 """Progress markers: which units of work are finished, beside the store.
 
-A marker is a small JSON file written atomically (temporary file + rename) *after* the unit's
+A marker is a small JSON file written atomically and durably (``storage.atomic``) *after* the unit's
 data are in the store, so a unit killed half-way is never marked done. Each marker carries the
 id of the store it refers to: markers left over from a deleted or recreated store are ignored.
 Layout: ``<progress dir>/<stage>/<part>/.../<unit>.json``.
@@ -12,13 +12,16 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from neurotask.storage.atomic import write_json_atomic
+
 
 class Progress:
+    """The markers under ``directory`` that vouch for units of the store ``store_id``."""
+
     def __init__(self, directory: str | Path, store_id: str):
         self.directory = Path(directory)
         self.store_id = store_id
@@ -27,16 +30,9 @@ class Progress:
         return self.directory.joinpath(*parts[:-1], f"{parts[-1]}.json")
 
     def mark_done(self, *parts: str, info: dict[str, Any] | None = None) -> None:
-        path = self._path(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"store_id": self.store_id, "finished": time.time(), "host": socket.gethostname(),
                   "pid": os.getpid(), **(info or {})}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")  # not *.json
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(self._path(*parts), record)
 
     def read(self, *parts: str) -> dict[str, Any] | None:
         """The marker's record, or None when the unit is not (validly) finished."""

@@ -1,17 +1,13 @@
 """The study store: one Zarr (v3) hierarchy per study, read and written through xarray.
 
-Layout::
+Its layout, variables and chunking are those of :mod:`storage.schema`. Every write after
+creation is a region write of whole chunks, so concurrent workers never touch the same Zarr
+chunk. Whether a chunk is *finished* is recorded separately (``storage.progress``, in the
+study's progress directory beside the store), after its data are written.
 
-    features/<task>       features   (image, feature)  float32
-    responses/<subject>   responses  (image, voxel)    float32, chunked (all images, chunk_size)
-                          coords: image (name), voxel (index), voxel_i/j/k, roi; attrs: geometry
-    results/<subject>     r, r2, alpha, pvalue, qvalue, significant   (task, voxel)
-                          chunked (1 task, chunk_size): one fit unit writes exactly one chunk
-    analysis/...          written by the analysis stage
-
-Every write after creation is a region write of whole chunks, so concurrent workers never touch
-the same Zarr chunk. Whether a chunk is *finished* is recorded separately (``storage.progress``),
-after its data are written.
+Metadata are consolidated at the root after every write that changes them (only drivers make
+those: creating, appending, replacing or removing a group), so ``xr.open_zarr(path,
+group=...)`` reads one file; region writes of data (workers) leave them as they are.
 """
 
 from __future__ import annotations
@@ -19,40 +15,33 @@ from __future__ import annotations
 import shutil
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
-# Per (task, voxel). Permutation variables exist when the fit ran the permutation test.
-RESULT_VARS = ("r", "r2", "alpha", "pvalue", "qvalue", "significant")
-PERMUTATION_VARS = ("pvalue_perm", "qvalue_perm", "significant_perm")
-# Per voxel, the same for every task: the noise ceiling from repeated images.
-CEILING_VARS = ("ncsnr", "noise_ceiling_r", "noise_ceiling_r2")
-_FLOAT64 = {"alpha", "pvalue", "qvalue", "pvalue_perm", "qvalue_perm", "ncsnr", "noise_ceiling_r", "noise_ceiling_r2"}
-VOXEL_COORDS = ("voxel_i", "voxel_j", "voxel_k", "roi")
-
-# xarray warns that zarr v3 consolidated metadata is not part of the spec; we never use it.
-warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+from neurotask.storage import schema
+from neurotask.storage.progress import Progress
+from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES,
+                                      ChunkPlan, coordinate, features_group, responses_group, results_group, strings,
+                                      voxel_coords)
 
 
 class StoreError(Exception):
     """The store lacks something a stage needs, or holds data incompatible with the request."""
 
 
-def _strings(values: Iterable[str]) -> np.ndarray:
-    # Object arrays of str become Zarr v3 variable-length UTF-8 strings (a specified type).
-    return np.array(list(values), dtype=object)
-
-
 class StudyStore:
-    """A study's Zarr store at ``path`` (a directory ending in ``.zarr``)."""
+    """A study's Zarr store at ``path`` (a directory ending in ``.zarr``) and the study's
+    progress directory beside it (``<workdir>/progress``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._store_id: str | None = None  # read once: a store's id never changes
 
     # ------------------------------------------------------------------ basics
 
@@ -66,12 +55,23 @@ class StudyStore:
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         root.attrs["store_id"] = uuid.uuid4().hex
         root.attrs["layout"] = "neurotask-1"
+        self._consolidate()
 
     @property
     def store_id(self) -> str:
-        if not self.exists():
-            raise StoreError(f"no study store at {self.path}")
-        return zarr.open_group(str(self.path), mode="r").attrs["store_id"]
+        if self._store_id is None:
+            if not self.exists():
+                raise StoreError(f"no study store at {self.path}")
+            self._store_id = str(zarr.open_group(str(self.path), mode="r").attrs["store_id"])
+        return self._store_id
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.path.parent / PROGRESS_DIR
+
+    def progress(self) -> Progress:
+        """The progress markers of this store (raises StoreError if there is no store)."""
+        return Progress(self.progress_dir, self.store_id)
 
     def has(self, group: str) -> bool:
         return (self.path / group / "zarr.json").is_file()
@@ -87,16 +87,32 @@ class StudyStore:
             raise StoreError(f"{self.path}: '{group}' is not in the store")
         # chunks=None: lazily indexed NumPy-backed arrays, no Dask. Reads then happen in the
         # calling process (a worker reads its own chunk), never as tasks on an active cluster.
-        return xr.open_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, chunks=None)
+        try:
+            return xr.open_zarr(str(self.path), group=group, consolidated=True, zarr_format=3, chunks=None)
+        except (ValueError, KeyError):  # a store written before its metadata were consolidated
+            return xr.open_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, chunks=None)
 
     def _write(self, ds: xr.Dataset, group: str, **kwargs: Any) -> Any:
-        return ds.to_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, **kwargs)
+        """Write ``ds`` to ``group``; a write that changes metadata (anything but a region
+        write) is followed by the root's consolidation."""
+        out = ds.to_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, **kwargs)
+        if "region" not in kwargs:
+            self._consolidate()
+        return out
+
+    def _consolidate(self) -> None:
+        with warnings.catch_warnings():
+            # zarr: consolidated metadata are not yet part of the v3 spec (zarr-python and
+            # xarray read them; other readers ignore them and read each group's own metadata).
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
 
     def remove(self, group: str) -> None:
         """Delete a group (explicit user request only, e.g. --overwrite)."""
         target = self.path / group
         if target.is_dir():
             shutil.rmtree(target)
+            self._consolidate()
 
     # ------------------------------------------------------------------ features
 
@@ -104,22 +120,23 @@ class StudyStore:
         """features (n_images, n_features) for the named images; replaces ``features/<task>``."""
         features = np.asarray(features, dtype=np.float32)
         if features.shape[0] != len(images):
-            raise StoreError(f"features/{task}: {features.shape[0]} rows for {len(images)} images")
+            raise StoreError(f"{features_group(task)}: {features.shape[0]} rows for {len(images)} images")
         ds = xr.Dataset(
-            {"features": (("image", "feature"), features)},
-            coords={"image": _strings(images)},
+            {"features": xr.Variable(FEATURES.dims, features, attrs=FEATURES.attrs)},
+            coords={"image": coordinate("image", "image", strings(images))},
             attrs=dict(attrs or {}, task=task),
         )
-        self._write(ds, f"features/{task}", mode="w")
+        self._write(ds, features_group(task), mode="w")
 
     def init_features(self, task: str, images: list[str], n_features: int, batch_size: int,
                       attrs: dict | None = None) -> None:
         """Create ``features/<task>`` (image, feature) with its image names, data unwritten,
         chunked by ``batch_size`` images so each featurize batch writes exactly one chunk."""
         template = da.zeros((len(images), n_features), chunks=(batch_size, n_features), dtype=np.float32)
-        ds = xr.Dataset({"features": (("image", "feature"), template)}, coords={"image": _strings(images)},
+        ds = xr.Dataset({"features": xr.Variable(FEATURES.dims, template, attrs=FEATURES.attrs)},
+                        coords={"image": coordinate("image", "image", strings(images))},
                         attrs=dict(attrs or {}, task=task, batch_size=batch_size))
-        self._write(ds, f"features/{task}", mode="w", compute=False)
+        self._write(ds, features_group(task), mode="w", compute=False)
 
     def write_feature_rows(self, task: str, rows: slice, values: np.ndarray) -> None:
         """values (len(rows), n_features) into ``features/<task>``; rows must align with chunks.
@@ -128,40 +145,42 @@ class StudyStore:
         write re-reads the group's metadata on every call (~15 ms, against ~4 ms), which on a GPU
         was a third of featurizing time (21 writes per batch).
         """
+        group = features_group(task)
         values = np.asarray(values, dtype=np.float32)
         try:
-            arr = zarr.open_array(str(self.path), path=f"features/{task}/features", mode="r+", zarr_format=3)
+            arr = zarr.open_array(str(self.path), path=f"{group}/features", mode="r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise StoreError(f"{self.path}: features/{task} was not initialised (init_features)") from None
+            raise StoreError(f"{self.path}: {group} was not initialised (init_features)") from None
         start, stop, step = rows.indices(arr.shape[0])
         chunk = arr.chunks[0]
         if step != 1 or start % chunk or (stop % chunk and stop != arr.shape[0]):
-            raise StoreError(f"features/{task}: rows {start}:{stop} do not align with chunks of {chunk} images")
+            raise StoreError(f"{group}: rows {start}:{stop} do not align with chunks of {chunk} images")
         if values.shape != (stop - start, arr.shape[1]):
-            raise StoreError(f"features/{task}: values of shape {values.shape} for rows {start}:{stop} "
+            raise StoreError(f"{group}: values of shape {values.shape} for rows {start}:{stop} "
                              f"of {arr.shape[1]} features")
         arr[start:stop] = values
 
     def feature_attrs(self, task: str) -> dict:
-        return dict(self._open(f"features/{task}").attrs) if self.has(f"features/{task}") else {}
+        return dict(self._open(features_group(task)).attrs) if self.has(features_group(task)) else {}
 
     def feature_tasks(self) -> list[str]:
         return self.members("features")
 
     def feature_count(self, task: str) -> int:
         """Number of features of a task (metadata only)."""
-        if not self.has(f"features/{task}"):
+        if not self.has(features_group(task)):
             raise StoreError(f"{self.path}: no features for task '{task}'")
-        return int(self._open(f"features/{task}").sizes["feature"])
+        return int(self._open(features_group(task)).sizes["feature"])
 
     def read_features(self, task: str) -> xr.DataArray:
         """-> DataArray (image, feature), loaded into memory."""
-        if not self.has(f"features/{task}"):
+        group = features_group(task)
+        if not self.has(group):
             raise StoreError(
-                f"{self.path}: no features for task '{task}' (features/{task}); "
+                f"{self.path}: no features for task '{task}' ({group}); "
                 f"present: {', '.join(self.feature_tasks()) or 'none'}. Run `neurotask featurize` or `simulate`."
             )
-        return self._open(f"features/{task}")["features"].load()
+        return self._open(group)["features"].load()
 
     # ------------------------------------------------------------------ responses
 
@@ -176,36 +195,34 @@ class StudyStore:
         image_coords: dict[str, np.ndarray] | None = None,
         repeated_images: list[str] | None = None,
         n_showings: int = 0,
+        units: str = RESPONSES.units,
     ) -> None:
         """Create ``responses/<subject>`` (image, voxel) with its coordinates, data unwritten.
 
         voxel_ijk (v, 3) int: array indices of each voxel in the subject's volume.
+        image_coords: name -> (n_images,) values, names among ``schema.COORDINATES``.
         With ``repeated_images``, also ``repeat_responses`` (showing, repeated_image, voxel):
         the single trials of images shown more than once, NaN where an image had fewer showings.
+        ``units``: of the response values (dimensionless when z-scored).
         """
         n, v = len(images), len(roi)
         voxel_ijk = np.asarray(voxel_ijk)
         if voxel_ijk.shape != (v, 3):
-            raise StoreError(f"responses/{subject}: voxel_ijk has shape {voxel_ijk.shape}, expected ({v}, 3)")
+            raise StoreError(f"{responses_group(subject)}: voxel_ijk has shape {voxel_ijk.shape}, expected ({v}, 3)")
         template = da.zeros((n, v), chunks=(n, chunk_size), dtype=np.float32)
-        coords: dict[str, Any] = {
-            "image": _strings(images),
-            "voxel": np.arange(v, dtype=np.int64),
-            "voxel_i": ("voxel", voxel_ijk[:, 0].astype(np.int32)),
-            "voxel_j": ("voxel", voxel_ijk[:, 1].astype(np.int32)),
-            "voxel_k": ("voxel", voxel_ijk[:, 2].astype(np.int32)),
-            "roi": ("voxel", _strings(roi)),
-        }
+        coords: dict[str, Any] = {"image": coordinate("image", "image", strings(images)),
+                                  **voxel_coords(voxel_ijk, roi)}
         for name, values in (image_coords or {}).items():
-            coords[name] = ("image", np.asarray(values))
-        data = {"responses": (("image", "voxel"), template)}
+            coords[name] = coordinate(name, "image", np.asarray(values))
+        data = {"responses": xr.Variable(RESPONSES.dims, template, attrs=dict(RESPONSES.attrs, units=units))}
         if repeated_images:
-            coords["repeated_image"] = _strings(repeated_images)
+            coords["repeated_image"] = coordinate("repeated_image", "repeated_image", strings(repeated_images))
             r = len(repeated_images)
-            data["repeat_responses"] = (("showing", "repeated_image", "voxel"),
-                                        da.zeros((n_showings, r, v), chunks=(n_showings, r, chunk_size), dtype=np.float32))
+            repeats = da.zeros((n_showings, r, v), chunks=(n_showings, r, chunk_size), dtype=np.float32)
+            data["repeat_responses"] = xr.Variable(REPEAT_RESPONSES.dims, repeats,
+                                                   attrs=dict(REPEAT_RESPONSES.attrs, units=units))
         ds = xr.Dataset(data, coords=coords, attrs=dict(attrs, subject=subject, chunk_size=chunk_size))
-        self._write(ds, f"responses/{subject}", mode="w", compute=False)
+        self._write(ds, responses_group(subject), mode="w", compute=False)
 
     def write_responses(self, subject: str, voxels: slice, values: np.ndarray, repeats: np.ndarray | None = None) -> None:
         """values (n_images, len(voxels)) and, if the store has them, repeats
@@ -215,13 +232,18 @@ class StudyStore:
         if repeats is not None:
             data["repeat_responses"] = (("showing", "repeated_image", "voxel"), np.asarray(repeats, dtype=np.float32))
             region.update(showing=slice(None), repeated_image=slice(None))
-        self._write(xr.Dataset(data), f"responses/{subject}", region=region)
+        self._write(xr.Dataset(data), responses_group(subject), region=region)
 
     def responses(self, subject: str) -> xr.Dataset:
         """Lazily read dataset of a subject's responses and voxel coordinates."""
-        if not self.has(f"responses/{subject}"):
+        if not self.has(responses_group(subject)):
             raise StoreError(f"{self.path}: no responses for subject '{subject}'; run `neurotask ingest` first")
-        return self._open(f"responses/{subject}")
+        return self._open(responses_group(subject))
+
+    def voxel_chunks(self, subject: str) -> ChunkPlan:
+        """How the subject's voxels are chunked in responses and results (one fit unit each)."""
+        resp = self.responses(subject)
+        return ChunkPlan(resp.sizes["voxel"], int(resp.attrs["chunk_size"]))
 
     def read_response_chunk(self, subject: str, voxels: slice) -> np.ndarray:
         """-> (n_images, len(voxels)) float32: exactly one stored chunk when aligned."""
@@ -232,81 +254,79 @@ class StudyStore:
 
     # ------------------------------------------------------------------ results
 
-    def ensure_results(self, subject: str, tasks: list[str], fit_params: dict[str, Any],
-                       permutation: bool = False) -> list[str]:
+    def ensure_results(self, subject: str, tasks: Sequence[str], fit_params: dict[str, Any], *,
+                       task_labels: Sequence[str], permutation: bool = False) -> list[str]:
         """Create ``results/<subject>`` or add missing tasks to it; return the stored task order.
 
-        With ``permutation``, the permutation-test variables are part of the results.
+        ``task_labels``: the display label of each of ``tasks``. With ``permutation``, the
+        permutation-test variables are part of the results.
 
         Refuses (StoreError) when the stored results were fitted with other parameters.
         """
-        group = f"results/{subject}"
+        group = results_group(subject)
         resp = self.responses(subject)
         chunk = int(resp.attrs["chunk_size"])
         v = resp.sizes["voxel"]
+        if len(task_labels) != len(tasks):
+            raise StoreError(f"{group}: {len(task_labels)} task labels for {len(tasks)} tasks")
+        labels = dict(zip(tasks, task_labels))
         if self.has(group):
             existing = self._open(group)
             stored = existing.attrs.get("fit", {})
             if stored != fit_params:
                 raise StoreError(
-                    f"{self.path}: results/{subject} were fitted with {stored}, the config asks for "
+                    f"{self.path}: {group} were fitted with {stored}, the config asks for "
                     f"{fit_params}. Use a new study.workdir, or `neurotask fit --overwrite` to discard them."
                 )
             if existing.sizes["voxel"] != v:
-                raise StoreError(f"{self.path}: results/{subject} has {existing.sizes['voxel']} voxels, responses {v}")
+                raise StoreError(f"{self.path}: {group} has {existing.sizes['voxel']} voxels, responses {v}")
             have = [str(t) for t in existing["task"].values]
             new = [t for t in tasks if t not in have]
             if new:
-                template = self._results_template(new, resp, fit_params, permutation).drop_vars(CEILING_VARS)
+                template = self._results_template(new, [labels[t] for t in new], resp, fit_params, permutation)
+                template = template.drop_vars(CEILING_VARS)
+                if "task_label" not in existing.coords:  # results written before labels were stored
+                    template = template.drop_vars("task_label")
                 self._write(template, group, append_dim="task")
             return have + new
-        template = self._results_template(tasks, resp, fit_params, permutation)
+        template = self._results_template(list(tasks), [labels[t] for t in tasks], resp, fit_params, permutation)
         encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in template.data_vars}
         self._write(template, group, mode="w", encoding=encoding)
         return list(tasks)
 
     @staticmethod
-    def _results_template(tasks: list[str], resp: xr.Dataset, fit_params: dict[str, Any],
+    def _results_template(tasks: list[str], task_labels: list[str], resp: xr.Dataset, fit_params: dict[str, Any],
                           permutation: bool) -> xr.Dataset:
-        t, v = len(tasks), resp.sizes["voxel"]
-        names = RESULT_VARS + (PERMUTATION_VARS if permutation else ())
-        data = {}
-        for name in names:
-            if name.startswith("significant"):
-                data[name] = (("task", "voxel"), np.zeros((t, v), dtype=bool))
-            else:
-                data[name] = (("task", "voxel"), np.full((t, v), np.nan, np.float64 if name in _FLOAT64 else np.float32))
-        for name in CEILING_VARS:
-            data[name] = (("voxel",), np.full(v, np.nan))
-        coords = {"task": _strings(tasks), "voxel": resp["voxel"].values}
-        coords.update({c: ("voxel", resp[c].values) for c in VOXEL_COORDS})
+        ijk = np.stack([resp[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], axis=1)
+        voxels = voxel_coords(ijk, [str(x) for x in resp["roi"].values])
         attrs = {k: resp.attrs[k] for k in ("subject", "volume_shape", "affine", "chunk_size") if k in resp.attrs}
-        return xr.Dataset(data, coords=coords, attrs=dict(attrs, fit=fit_params))
+        return schema.results_template(tasks, task_labels, voxels, permutation=permutation, ceiling=True,
+                                       attrs=dict(attrs, fit=fit_params))
 
     def write_result_chunk(self, subject: str, task_index: int, voxels: slice, values: dict[str, np.ndarray]) -> None:
         """values: name -> (len(voxels),) for some (task, voxel) variables, written as one region."""
         ds = xr.Dataset({name: (("task", "voxel"), np.asarray(a)[None, :]) for name, a in values.items()})
-        self._write(ds, f"results/{subject}", region={"task": slice(task_index, task_index + 1), "voxel": voxels})
+        self._write(ds, results_group(subject), region={"task": slice(task_index, task_index + 1), "voxel": voxels})
 
     def write_voxel_results(self, subject: str, voxels: slice, values: dict[str, np.ndarray]) -> None:
         """values: name -> (len(voxels),) for per-voxel variables (CEILING_VARS)."""
         ds = xr.Dataset({name: (("voxel",), np.asarray(a)) for name, a in values.items()})
-        self._write(ds, f"results/{subject}", region={"voxel": voxels})
+        self._write(ds, results_group(subject), region={"voxel": voxels})
 
     def read_result(self, subject: str, name: str, task_index: int) -> np.ndarray:
         """One variable of one task's results, (v,), without loading the rest."""
-        return self._open(f"results/{subject}")[name][task_index].values
+        return self._open(results_group(subject))[name][task_index].values
 
     def results(self, subject: str) -> xr.Dataset:
         """A subject's results (task, voxel), loaded."""
-        if not self.has(f"results/{subject}"):
+        if not self.has(results_group(subject)):
             raise StoreError(f"{self.path}: no results for subject '{subject}'; run `neurotask fit` first")
-        return self._open(f"results/{subject}").load()
+        return self._open(results_group(subject)).load()
 
     # ------------------------------------------------------------------ analysis
 
     def write_dataset(self, group: str, ds: xr.Dataset) -> None:
-        """Replace ``group`` with a small, fully computed dataset (analysis outputs)."""
+        """Replace ``group`` with a small, fully computed dataset (analysis outputs, imports)."""
         self._write(ds, group, mode="w")
 
     def read_dataset(self, group: str) -> xr.Dataset:

@@ -233,10 +233,10 @@ def journaled_fit_unit(journal_dir: str, gate_pair: tuple[str, str] | None, *arg
     """``neurotask.pipeline.stages.fit.fit_unit(*args, **kwargs)`` with a record of each execution in
     journal_dir/<unit>.log: "begin JOB" before, "end JOB wrote|skipped" after (wrote: this
     execution wrote the unit's marker). Units of ``gate_pair`` first wait for the distributed
-    Event GATE_EVENT, so the test decides when the end of the fit may run. Only the Unit and
-    fit_unit's (store_path, progress_dir, store_id, ...) argument order are relied on."""
+    Event GATE_EVENT, so the test decides when the end of the fit may run. Only fit_unit's
+    Unit and StudyStore arguments are relied on (found by type, wherever they are)."""
     unit = next(a for a in [*args, *kwargs.values()] if isinstance(a, Unit))
-    progress = Progress(args[1], args[2])
+    progress = next(a for a in [*args, *kwargs.values()] if isinstance(a, StudyStore)).progress()
     job = os.environ.get("SLURM_JOB_ID", "local")
     journal = Path(journal_dir) / f"{unit.subject}_{unit.task}_{unit.chunk:05d}.log"
     _append(journal, f"begin {job} {time.time():.3f}")

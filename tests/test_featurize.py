@@ -23,7 +23,7 @@ from neurotask.pipeline import cli
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import ConfigError, DataError
 from neurotask.pipeline.features.spaces import extract_batch
-from neurotask.pipeline.stages.featurize import (COMPLETE, FAULT_ENV, STAGE, FeaturizeError, featurize, load_space,
+from neurotask.pipeline.stages.featurize import (FAULT_ENV, FeaturizeError, featurize, load_space,
                                 make_batches, study_feature_spaces, torch_threads_per_worker,
                                 use_channels_last)
 from neurotask.pipeline.features.images import find_images, locate_images, study_images, subfolder_for, write_synthetic_images
@@ -31,7 +31,7 @@ from neurotask.pipeline.features.preprocess import decode_images
 from neurotask.pipeline.stages.simulate import image_names
 from neurotask.pipeline.stages.status import status_lines
 from neurotask.pipeline.features.weights import write_random_checkpoints
-from neurotask.storage import Progress, StudyStore
+from neurotask.storage import Stage, StudyStore
 
 TASK = "colorization"  # one channel (L of Lab): the input rule that differs most
 TINY = {"name": "tiny_conv", "kind": "torch_module", "factory": "torch.nn:Conv2d",
@@ -99,7 +99,7 @@ def stored(cfg) -> dict[str, np.ndarray]:
 
 
 def marker_times(cfg) -> dict[tuple[str, str], int]:
-    d = cfg.workdir / "progress" / STAGE
+    d = cfg.workdir / "progress" / Stage.FEATURIZE
     return {(p.parent.name, p.stem): p.stat().st_mtime_ns for p in d.rglob("*.json")}
 
 
@@ -176,10 +176,10 @@ def test_stored_features_equal_extract_batch_run_directly(featurized):
     assert attrs["checkpoint"] == checkpoint and attrs["kind"] == "taskonomy" and attrs["n_features"] == 2048
     assert attrs["featurize"]["images"] == 10 and attrs["featurize"]["batch_size"] == 4
     assert store.feature_attrs("tiny_conv")["factory"] == "torch.nn:Conv2d"
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     for name in cfg.features.space_names:
-        assert progress.done_units(STAGE, name) == {"00000", "00001", "00002"}
-        assert progress.is_done(COMPLETE, name)
+        assert progress.done_units(Stage.FEATURIZE, name) == {"00000", "00001", "00002"}
+        assert progress.is_done(Stage.FEATURIZED, name)
 
 
 @pytest.mark.slow
@@ -213,10 +213,10 @@ def test_failed_batch_is_named_and_the_rerun_does_only_it(tmp_path, weights, cli
             featurize(cfg, client)
     finally:
         client.run(lambda: os.environ.pop(FAULT_ENV, None))
-    progress = Progress(cfg.workdir / "progress", StudyStore(cfg.store_path).store_id)
+    progress = StudyStore(cfg.store_path).progress()
     for name in cfg.features.space_names:
-        assert progress.done_units(STAGE, name) == {"00000", "00002"}
-        assert not progress.is_done(COMPLETE, name)
+        assert progress.done_units(Stage.FEATURIZE, name) == {"00000", "00002"}
+        assert not progress.is_done(Stage.FEATURIZED, name)
     before = marker_times(cfg)
     report = featurize(cfg, client)
     assert (report.batches, report.computed, report.skipped) == (1, 2, 4)
@@ -235,7 +235,7 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
     uninterrupted run's."""
     path = image_study(tmp_path, weights)
     cfg = load_config(path)
-    kill_after_markers(["featurize", "--config", str(path)], cfg.workdir / "progress" / STAGE, 2,
+    kill_after_markers(["featurize", "--config", str(path)], cfg.workdir / "progress" / Stage.FEATURIZE, 2,
                        tmp_path / "featurize.log")
     before = marker_times(cfg)
     done_pairs = len(before)
@@ -261,7 +261,7 @@ def test_killed_featurize_resumes_with_only_missing_batches(tmp_path, weights, c
 def _nothing_done(cfg) -> None:
     store = StudyStore(cfg.store_path)
     assert not store.exists() or store.feature_tasks() == []
-    assert not (cfg.workdir / "progress" / STAGE).exists()
+    assert not (cfg.workdir / "progress" / Stage.FEATURIZE).exists()
 
 
 @pytest.mark.slow
@@ -313,8 +313,8 @@ def test_bad_images_are_reported_by_name(tmp_path, weights, client):
     paths[names[6]].write_bytes(data[: len(data) // 2])
     with pytest.raises(FeaturizeError, match=rf"1 image\(s\) cannot be used:\n  {names[6]}: unreadable"):
         featurize(cfg, client)
-    progress = Progress(cfg.workdir / "progress", StudyStore(cfg.store_path).store_id)
-    assert progress.done_units(STAGE, TASK) == {"00000", "00002"}  # batch 1 (images 4-7) not done
+    progress = StudyStore(cfg.store_path).progress()
+    assert progress.done_units(Stage.FEATURIZE, TASK) == {"00000", "00002"}  # batch 1 (images 4-7) not done
     # The CMYK image (batch 0) and the greyscale one (batch 2) were converted, as the task bank did.
     with Image.open(paths[names[1]]) as cmyk, Image.open(paths[names[9]]) as grey:
         assert (cmyk.mode, grey.mode) == ("CMYK", "L")
@@ -351,7 +351,7 @@ def test_other_stored_features_are_refused_and_overwrite_replaces_them(tmp_path,
     store.create()
     images = study_images(cfg)
     store.write_features("tiny_conv", np.zeros((len(images), 3)), images, attrs={"source": "simulated"})
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     progress.mark_done("fit", "CSI1", "tiny_conv", "00000")  # a fit made with the old features
     with pytest.raises(FeaturizeError, match=r"(?s)features/tiny_conv holds simulated features.*--overwrite"):
         featurize(cfg, client)
@@ -431,8 +431,8 @@ def test_featurize_demo_config_runs_end_to_end(tmp_path, capsys):
     results = store.results("CSI1")
     assert list(results["task"].values) == cfg.tasks
     assert np.isfinite(results["r"].values).mean() > 0.99
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    assert all(progress.is_done(COMPLETE, name) for name in cfg.tasks)
+    progress = store.progress()
+    assert all(progress.is_done(Stage.FEATURIZED, name) for name in cfg.tasks)
     capsys.readouterr()
     assert cli.main(["featurize", "--config", str(path)]) == 0  # finished: no cluster, no hashing
     assert "features already computed for every feature space and image, skipped" in capsys.readouterr().out

@@ -1,10 +1,14 @@
 """End to end: simulate -> ingest -> fit on Dask, the planted structure recovered, resume after
 a kill, and the fit's refusals of inconsistent input."""
 
+import pickle
 import shutil
+import warnings
+from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from conftest import SMALL_TASKS, small_config_dict, write_config
 from fault_support import kill_after_markers
@@ -15,8 +19,9 @@ from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError
 from neurotask.pipeline.stages.simulate import ROI_DRIVER
-from neurotask.pipeline.tasks import task_cluster
-from neurotask.storage import Progress, StudyStore
+from neurotask.pipeline.tasks import task_cluster, task_info
+from neurotask.pipeline.stages.fit_spec import FitSpec
+from neurotask.storage import StudyStore
 from neurotask.cluster import open_client
 
 pytestmark = pytest.mark.slow  # every test uses small_study, one whole `neurotask run`
@@ -31,12 +36,38 @@ def test_results_are_labelled_and_complete(small_study):
         assert set(res.data_vars) >= {"r", "r2", "alpha", "pvalue", "qvalue", "significant"}
         assert {"voxel_i", "voxel_j", "voxel_k", "roi"} <= set(res.coords)
         assert res.attrs["volume_shape"] == cfg.simulate.volume_shape
+        assert list(res["task_label"].values) == [task_info(t).label for t in SMALL_TASKS]
+        assert all(res[name].attrs["units"] and res[name].attrs["long_name"] for name in res.data_vars)
+        with warnings.catch_warnings():  # consolidated metadata: opened as any xarray user would
+            warnings.simplefilter("error")
+            xr.open_zarr(str(cfg.store_path), group=f"results/{subject}").load()
         # every voxel fitted: only the constant voxel has an undefined r
         assert int(np.isnan(res["r"].values).any(0).sum()) == 1
-        assert np.isin(res["alpha"].values, fit.alpha_grid(cfg, cfg.simulate.n_features)).all()
+        grid = fit.alpha_grid(FitSpec.from_section(cfg.fit), cfg.simulate.n_features)
+        assert np.isin(res["alpha"].values, grid).all()
         q, sig = stats.fdr_bh(res["pvalue"].values[0], cfg.fit.fdr)
         np.testing.assert_allclose(res["qvalue"].values[0], q)
         np.testing.assert_array_equal(res["significant"].values[0], sig)
+
+
+def test_fit_spec_fingerprint_is_what_existing_stores_hold(tmp_path):
+    """The fingerprint stored with results keeps its keys and values, so stores fitted before
+    the spec existed still match; the spec is immutable and travels to workers as it is."""
+    spec = FitSpec.from_section(load_config(write_config(tmp_path / "a.yaml", small_config_dict(tmp_path))).fit)
+    assert spec.fingerprint() == {"test_fraction": 0.15, "cv": "kfold", "n_folds": 5, "alphas": "paper",
+                                  "n_alphas": 20, "seed": 2019, "dtype": "float32", "zscore_features": True,
+                                  "n_permutations": 200, "permutation_seed": 0}
+    other = small_config_dict(tmp_path, fit={"cv": "single_split", "alphas": [10, 1.5], "n_permutations": 0})
+    single = FitSpec.from_section(load_config(write_config(tmp_path / "b.yaml", other)).fit)
+    assert single.fingerprint() == {"test_fraction": 0.15, "cv": "single_split", "n_folds": 5,
+                                    "validation_fraction": 0.15, "alphas": [10.0, 1.5], "n_alphas": 20, "seed": 2019,
+                                    "dtype": "float32", "zscore_features": True, "n_permutations": 0,
+                                    "permutation_seed": 0}
+    assert not single.permutation and spec.permutation
+    np.testing.assert_array_equal(fit.alpha_grid(single, 48), [1.5, 10.0])
+    with pytest.raises(FrozenInstanceError):
+        spec.seed = 1  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(spec)) == spec
 
 
 def test_orchestrated_fit_equals_the_engine_alone(small_study):
@@ -44,9 +75,10 @@ def test_orchestrated_fit_equals_the_engine_alone(small_study):
     cfg = load_config(small_study)
     store = StudyStore(cfg.store_path)
     task = "keypoint3d"
-    dec = fit.build_decomposition(str(store.path), "CSI2", task, cfg)
+    spec = FitSpec.from_section(cfg.fit)
+    dec = fit.build_decomposition(spec, store, "CSI2", task)
     Y = store.responses("CSI2")["responses"].values
-    res = ridge.ridge_cv(dec, Y, fit.alpha_grid(cfg, cfg.simulate.n_features))
+    res = ridge.ridge_cv(dec, Y, fit.alpha_grid(spec, cfg.simulate.n_features))
     scores = stats.test_scores(Y[dec.final.eval_rows], res.test_prediction)
     stored = store.results("CSI2").sel(task=task)
     np.testing.assert_array_equal(stored["alpha"].values, res.alpha)
@@ -104,7 +136,7 @@ def test_features_missing_images_is_an_error(small_study, tmp_path):
     store = StudyStore(cfg.store_path)
     feats = store.read_features("edge2d")
     store.write_features("edge2d", feats.values[:-7], list(feats["image"].values[:-7]))
-    Progress(cfg.workdir / "progress", store.store_id).clear("fit")
+    store.progress().clear("fit")
     store.remove("results/CSI1")
     with open_client(cfg.cluster) as client:
         with pytest.raises(FitError, match=r"features/edge2d lacks 7 of the subject's 300 images"):
@@ -118,14 +150,14 @@ def test_failing_unit_is_retried_then_named_and_others_kept(small_study, tmp_pat
     cfg = load_config(write_config(tmp_path / "c.yaml", small_config_dict(
         work, study={"subjects": ["CSI1"], "tasks": ["edge2d", "class_1000"]}, fit={"retries": 1})))
     store = StudyStore(cfg.store_path)
-    Progress(cfg.workdir / "progress", store.store_id).clear("fit")
+    store.progress().clear("fit")
     store.remove("results/CSI1")
     monkeypatch.setenv(fit.FAULT_ENV, "CSI1/class_1000/2")  # inherited by the local workers
     with open_client(cfg.cluster) as client:
         with pytest.raises(FitError, match=r"CSI1/class_1000/chunk 2 .*injected fault"):
             fit.fit(cfg, client)
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
+    progress = store.progress()
+    n_chunks = store.voxel_chunks("CSI1").n_chunks
     assert len(progress.done_units("fit", "CSI1", "edge2d")) == n_chunks
     assert progress.done_units("fit", "CSI1", "class_1000") == {f"{c:05d}" for c in range(n_chunks)} - {"00002"}
     ref = StudyStore(cfg0.store_path).results("CSI1")
@@ -145,8 +177,8 @@ def test_killed_fit_resumes_with_only_missing_units(small_study, tmp_path):
     assert cli.main(["ingest", "--config", str(path)]) == 0
     cfg = load_config(path)
     store = StudyStore(cfg.store_path)
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    n_chunks = -(-store.responses("CSI1").sizes["voxel"] // cfg.data.chunk_size)
+    progress = store.progress()
+    n_chunks = store.voxel_chunks("CSI1").n_chunks
     total = 2 * len(SMALL_TASKS) * n_chunks
 
     kill_after_markers(["fit", "--config", str(path)], cfg.workdir / "progress" / "fit", 4, tmp_path / "fit.log")
@@ -206,7 +238,7 @@ def test_certified_search_equals_exhaustive_on_the_simulated_study(small_study):
     Y = store.responses("CSI1")["responses"].values
     alphas = ridge.paper_alphas(cfg.simulate.n_features, 100)
     for task in ("edge2d", "rgb2depth", "class_places"):
-        dec = fit.build_decomposition(str(store.path), "CSI1", task, cfg)
+        dec = fit.build_decomposition(FitSpec.from_section(cfg.fit), store, "CSI1", task)
         a = ridge.ridge_cv(dec, Y, alphas, search="certified")
         b = ridge.ridge_cv(dec, Y, alphas, search="exhaustive")
         assert (a.alpha == b.alpha).mean() >= 0.999, task

@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import xarray as xr
 
 from analysis_fixtures import reference_path, write_config
 from neurotask.pipeline import cli
@@ -18,9 +19,10 @@ from neurotask.pipeline.stats import similarity as S
 from neurotask.pipeline.stats.task_structure import analyse
 from neurotask.pipeline.stages.analyse import AnalysisStageError, read_analysis, run_analysis
 from neurotask.pipeline.config import load_config
-from neurotask.pipeline.stages.import_published import PublishedImportError, grid_affine, import_published, locate_sources
+from neurotask.pipeline.stages.import_published import (PublishedImportError, grid_affine, import_published,
+                                                        locate_sources, to_store_layout)
 from neurotask.pipeline.formats.published import load_reference_npz, load_reference_roi_npz, read_published_roi, read_published_subject
-from neurotask.pipeline.tasks import task_names
+from neurotask.pipeline.tasks import task_info, task_names
 from neurotask.storage import StudyStore
 
 PUBLISHED = reference_path() / "published"
@@ -79,6 +81,7 @@ def test_import_of_the_authors_layout_then_analysis_and_report(layout_dir, tmp_p
         np.testing.assert_array_equal(wb["pvalue"].sel(task=task).values, raw[task]["p"])
         np.testing.assert_array_equal(wb["r2"].sel(task=task).values, raw[task]["r2"].astype(np.float32))
     assert wb.attrs["volume_shape"] == [71, 89, 72] and wb.attrs["imported"]
+    assert list(wb["task_label"].values) == [task_info(t).label for t in ("curvature", "class_places")]
     roi = store.read_dataset("roi_results/CSI1")
     assert roi.sizes["task"] == 21 and "depth" not in roi["task"].values  # the extra ROI file is left out
     np.testing.assert_array_equal(roi["r"].sel(task="edge3d").values,
@@ -160,3 +163,35 @@ def test_the_paper_reproduced_through_the_store_on_all_three_subjects(tmp_path):
                      n_bootstrap=50, n_permutations=200)
     for name in ("similarity", "similarity_mean_ci", "linkage_mean", "mantel_p", "roi_mean_r", "contrast_n_3d_wins"):
         np.testing.assert_array_equal(a[name].values, direct[name].transpose(*a[name].dims).values, err_msg=name)
+
+
+def test_imported_results_have_the_layout_of_fitted_ones(tmp_path):
+    """Import and fit build results/<subject> from one template: the same variables, dims,
+    dtypes and attrs (imports lack only the noise ceiling and the permutation test)."""
+    rng = np.random.default_rng(0)
+    tasks, v = ["curvature", "class_places"], 4
+    ijk = np.array([[0, 1, 2], [1, 1, 2], [2, 0, 1], [3, 2, 0]])
+    published = xr.Dataset(
+        {"r": (("task", "voxel"), rng.random((2, v))), "r2": (("task", "voxel"), rng.random((2, v))),
+         "pvalue": (("task", "voxel"), rng.random((2, v))), "qvalue": (("task", "voxel"), rng.random((2, v))),
+         "significant": (("task", "voxel"), rng.random((2, v)) > 0.5)},
+        coords={"task": tasks, "i": ("voxel", ijk[:, 0]), "j": ("voxel", ijk[:, 1]), "k": ("voxel", ijk[:, 2]),
+                "roi": ("voxel", ["LHPPA", "", "", "RHLOC"])})
+    store = StudyStore(tmp_path / "store.zarr")
+    store.create()
+    store.write_dataset("results/CSI2", to_store_layout(published, "CSI2", shape_ijk=(4, 3, 3), source="test"))
+    imported = store.results("CSI2")
+    store.init_responses("CSI1", ["a.jpg", "b.jpg"], ijk, ["LHPPA", "", "", "RHLOC"], 2, {})
+    store.ensure_results("CSI1", tasks, {}, task_labels=[task_info(t).label for t in tasks], permutation=True)
+    fitted = store.results("CSI1")
+    assert set(fitted.data_vars) - set(imported.data_vars) == {"pvalue_perm", "qvalue_perm", "significant_perm",
+                                                                 "ncsnr", "noise_ceiling_r", "noise_ceiling_r2"}
+    assert set(imported.variables) <= set(fitted.variables)
+    for name in imported.variables:
+        assert imported[name].dims == fitted[name].dims, name
+        assert imported[name].dtype == fitted[name].dtype, name
+        assert imported[name].attrs == fitted[name].attrs, name
+    for name in imported.coords:
+        np.testing.assert_array_equal(imported[name].values, fitted[name].values, err_msg=name)
+    np.testing.assert_array_equal(imported["r"].values, published["r"].values.astype(np.float32))
+    assert np.isnan(imported["alpha"].values).all()  # not published

@@ -15,8 +15,9 @@ import yaml
 from neurotask.pipeline.formats import bold5000 as b5
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import ConfigError, DataError
-from neurotask.pipeline.stages.ingest import ingest, validate_layout, volume_geometry
-from neurotask.storage import Progress, StudyStore, mask_to_ijk
+from neurotask.pipeline.stages.ingest import ingest, validate_layout
+from neurotask.pipeline.stages.report import subject_maps
+from neurotask.storage import StudyStore, mask_to_ijk
 from bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
                                   write_release1_subject, write_roi_mat, write_stim_list)
 
@@ -52,7 +53,7 @@ def snapshot(cfg, subject: str) -> tuple[dict[str, str], bytes]:
 
 def marker_valid(cfg, subject: str) -> bool:
     store = StudyStore(cfg.store_path)
-    return Progress(cfg.workdir / "progress", store.store_id).is_done("ingest", subject)
+    return store.progress().is_done("ingest", subject)
 
 
 # --------------------------------------------------------------------------- layout
@@ -182,8 +183,8 @@ def test_glmsingle_responses_are_zscored_sessions_of_the_betas(tmp_path, repeats
     for v in range(0, len(ijk), 7):
         inside = [r for r in cfg.data.rois if s.rois[r][tuple(ijk[v])]]
         assert ds.roi.values[v] == (inside[0] if inside else "")
-    shape, affine = volume_geometry(ds.attrs)
-    assert shape == (10, 12, 9) and affine[0, 0] == -2.0 and ds.attrs["affine_source"] == "mask file"
+    assert ds.attrs["volume_shape"] == [10, 12, 9] and ds.attrs["affine"][0][0] == -2.0
+    assert ds.attrs["affine_source"] == "mask file"
     assert ds.attrs["events_checked"] and ds.attrs["trials_per_session"] == s.session_trials
     assert not (cfg.workdir / "staging").exists()
 
@@ -284,15 +285,14 @@ def test_release1_rois_average_of_tr3_and_tr4(tmp_path):
     assert list(ds.voxel_j.values) == [j for n in sizes for j in range(n)]
     assert (ds.voxel_k.values == -1).all()
     assert ds.attrs["voxel_space"] == "roi_index" and ds.attrs["trs"] == [3, 4]
-    with pytest.raises(DataError, match="no volume geometry.*NIfTI export is impossible"):
-        volume_geometry(ds.attrs)
+    assert "volume_shape" not in ds.attrs and "affine" not in ds.attrs  # no volume: no maps, no NIfTI
 
 
 def test_release1_rois_are_usable_by_fit(tmp_path):
     """A real subject's stimulus list (5254 trials, sessions from BOLD5000's run table), the
     released TR34 file, and a fit unit run on the stored chunk."""
-    from neurotask.pipeline.config import fit_fingerprint
     from neurotask.pipeline.stages.fit import Unit, alpha_grid, build_decomposition, fit_unit
+    from neurotask.pipeline.stages.fit_spec import FitSpec
 
     cfg = make_cfg(tmp_path, format="release1_rois", voxels="rois", trs=[34], chunk_size=40)
     lines = (REFERENCE / "bold5000" / "stim_lists" / "CSI01_stim_lists.txt").read_text().split()
@@ -310,14 +310,14 @@ def test_release1_rois_are_usable_by_fit(tmp_path):
     assert ds.attrs["trials_per_session"] == b5.known_session_trials("CSI1", 5254)
     task = cfg.tasks[0]
     store.write_features(task, np.stack([latent[n] for n in images]) + 0.1 * rng.standard_normal((len(images), 4)), images)
-    order = store.ensure_results("CSI1", [task], fit_fingerprint(cfg.fit, cfg.data))
-    dec = build_decomposition(str(store.path), "CSI1", task, cfg)
+    spec = FitSpec.from_section(cfg.fit)
+    order = store.ensure_results("CSI1", [task], spec.fingerprint(), task_labels=[task], permutation=spec.permutation)
+    dec = build_decomposition(spec, store, "CSI1", task)
     unit = Unit("CSI1", task, order.index(task), 0, 0, 40)
-    fit_unit(str(store.path), str(cfg.workdir / "progress"), store.store_id, unit, dec, alpha_grid(cfg, 4))
+    fit_unit(spec, unit, store, dec, alpha_grid(spec, 4))
     r = store.read_result("CSI1", "r", 0)[:40]
     assert np.isfinite(r).all() and (r > 0.5).all()  # responses are driven by the features
-    with pytest.raises(DataError, match="NIfTI export is impossible"):
-        volume_geometry(store.results("CSI1").attrs)
+    assert subject_maps("CSI1", store.results("CSI1")) is None  # ROI-index voxels: no volume maps
 
 
 def test_release1_zscoring_without_session_boundaries_is_refused(tmp_path):
@@ -369,19 +369,19 @@ def test_a_failing_subject_leaves_the_store_as_it_was(tmp_path, kind):
     assert snapshot(cfg_a, "CSI1") == before and marker_valid(cfg_a, "CSI1")
     store = StudyStore(cfg_a.store_path)
     assert store.subjects() == ["CSI1"]
-    assert not Progress(cfg_a.workdir / "progress", store.store_id).is_done("ingest", "CSI2")
+    assert not store.progress().is_done("ingest", "CSI2")
     assert not (cfg_a.workdir / "staging").exists()
 
 
 def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path, logs):
-    from neurotask.pipeline.config import fit_fingerprint
+    from neurotask.pipeline.stages.fit_spec import FitSpec
 
     cfg = make_cfg(tmp_path)
     s = write_glmsingle_subject(cfg, "CSI1")
     ingest(cfg)
     store = StudyStore(cfg.store_path)
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    store.ensure_results("CSI1", cfg.tasks[:1], fit_fingerprint(cfg.fit, cfg.data))
+    progress = store.progress()
+    store.ensure_results("CSI1", cfg.tasks[:1], FitSpec.from_section(cfg.fit).fingerprint(), task_labels=cfg.tasks[:1])
     progress.mark_done("fit", "CSI1", cfg.tasks[0], "00000")
     before = snapshot(cfg, "CSI1")
     good = s.paths["ses3"].read_bytes()

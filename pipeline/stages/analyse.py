@@ -28,12 +28,11 @@ from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, str_
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.tasks import task_names
-from neurotask.storage import Progress, StudyStore
+from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, analysis_group, results_group, roi_results_group
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_GROUP = "analysis/task_structure"
-ROI_RESULTS = "roi_results"  # roi_results/<subject>: ROI-only models (Figure 1), if any
+ANALYSIS_GROUP = analysis_group("task_structure")
 
 # the result variables whose values determine the analysis
 _INPUT_VARS = ("r", "pvalue", "pvalue_perm", "significant")
@@ -55,11 +54,11 @@ def fit_complete(store: StudyStore, progress: Progress, subject: str, tasks: lis
     ds = store.results(subject)
     if ds.attrs.get("imported"):
         return {}
-    chunk = int(ds.attrs.get("chunk_size", ds.sizes["voxel"]))
-    n_units = -(-ds.sizes["voxel"] // chunk)
+    chunks = ChunkPlan(ds.sizes["voxel"], int(ds.attrs.get("chunk_size", ds.sizes["voxel"])))
+    n_units = chunks.n_chunks
     out = {}
     for task in tasks:
-        done = len(progress.done_units("fit", subject, task))
+        done = len(progress.done_units(Stage.FIT, subject, task))
         if done < n_units:
             out[task] = f"{done}/{n_units} chunks fitted"
     return out
@@ -74,7 +73,7 @@ def study_tasks(cfg: Config, results: dict[str, xr.Dataset]) -> list[str]:
             missing = [t for t in cfg.tasks if t not in have]
             if missing:
                 raise AnalysisStageError(
-                    f"{cfg.store_path}: results/{subject} lack task(s) {', '.join(missing)} listed in "
+                    f"{cfg.store_path}: {results_group(subject)} lack task(s) {', '.join(missing)} listed in "
                     f"study.tasks of {cfg.path}; run `neurotask fit` (or import them) first")
         return cfg.tasks
     common = set.intersection(*present)
@@ -91,8 +90,8 @@ def load_inputs(cfg: Config
     store = StudyStore(cfg.store_path)
     if not store.exists():
         raise AnalysisStageError(f"no study store at {cfg.store_path}; run `neurotask run` or `import-published` first")
-    progress = Progress(cfg.workdir / "progress", store.store_id)
-    missing = [s for s in cfg.study.subjects if not store.has(f"results/{s}")]
+    progress = store.progress()
+    missing = [s for s in cfg.study.subjects if not store.has(results_group(s))]
     if missing:
         raise AnalysisStageError(
             f"{cfg.store_path}: no results for subject(s) {', '.join(missing)}; run `neurotask fit` first")
@@ -108,13 +107,13 @@ def load_inputs(cfg: Config
             + ("\n  ..." if len(lines) > 20 else ""))
     results = {s: ds.sel(task=tasks) for s, ds in results.items()}
     rois = None
-    with_roi = [s for s in cfg.study.subjects if store.has(f"{ROI_RESULTS}/{s}")]
+    with_roi = [s for s in cfg.study.subjects if store.has(roi_results_group(s))]
     if with_roi:
         if len(with_roi) != len(cfg.study.subjects):
             raise AnalysisStageError(
-                f"{cfg.store_path}: ROI-only results ({ROI_RESULTS}/) exist for {', '.join(with_roi)} but not for "
+                f"{cfg.store_path}: ROI-only results exist for {', '.join(with_roi)} but not for "
                 f"{', '.join(s for s in cfg.study.subjects if s not in with_roi)}")
-        rois = {s: store.read_dataset(f"{ROI_RESULTS}/{s}") for s in cfg.study.subjects}
+        rois = {s: store.read_dataset(roi_results_group(s)) for s in cfg.study.subjects}
     return results, rois, tasks
 
 

@@ -45,15 +45,13 @@ from neurotask.pipeline.features.spaces import (Extractor, FeatureSpace, Feature
 from neurotask.pipeline.features.images import find_images, images_dir, study_images
 from neurotask.pipeline.features.preprocess import BadImagesError, check_images, decode_images
 from neurotask.pipeline.features.weights import WeightsError, find_checkpoint
-from neurotask.storage import Progress, StudyStore
+from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, features_group
 
 logger = logging.getLogger(__name__)
 
 # Test hook: a batch index; that batch writes its first space's rows, then raises (a crash
 # between the data and the markers).
 FAULT_ENV = "NEUROTASK_FAULT_BATCH"
-STAGE = "featurize"  # progress/featurize/<space>/<batch>.json
-COMPLETE = "featurized"  # progress/featurized/<space>.json once every batch is done
 
 
 class FeaturizeError(NeurotaskError):
@@ -68,7 +66,7 @@ class Batch:
 
     @property
     def key(self) -> str:
-        return f"{self.index:05d}"
+        return chunk_key(self.index)
 
     @property
     def name(self) -> str:
@@ -89,7 +87,9 @@ class FeaturizeReport:
 
 
 def make_batches(n_images: int, batch_size: int) -> list[Batch]:
-    return [Batch(i, a, min(a + batch_size, n_images)) for i, a in enumerate(range(0, n_images, batch_size))]
+    """The store's chunks of ``features/<space>`` along images, one Dask task each."""
+    chunks = ChunkPlan(n_images, batch_size)
+    return [Batch(k, *chunks.bounds(k)) for k in range(chunks.n_chunks)]
 
 
 def study_feature_spaces(cfg: Config) -> list[FeatureSpace]:
@@ -241,9 +241,8 @@ def _threads_here(setting: int | str, per_worker: dict[str, int]) -> int:
     return per_worker.get(worker.address) or max(1, usable_cores() // max(1, worker.state.nthreads))
 
 
-def featurize_batch(store_path: str, progress_dir: str, store_id: str, batch: Batch, paths: list[str],
-                    names: list[str], spaces: list[FeatureSpace], provenances: list[dict[str, Any]],
-                    options: dict[str, Any]) -> dict[str, Any]:
+def featurize_batch(store: StudyStore, batch: Batch, paths: list[str], names: list[str], spaces: list[FeatureSpace],
+                    provenances: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
     """Decode one batch of images once, run every given feature space on it, write each
     space's rows (one store chunk) and then mark (space, batch) done.
 
@@ -260,15 +259,14 @@ def featurize_batch(store_path: str, progress_dir: str, store_id: str, batch: Ba
     except BadImagesError as e:
         return {"batch": batch.index, "device": None, "bad": e.failures}
     features = extract_batch(images, names, extractors)
-    store = StudyStore(store_path)
-    progress = Progress(progress_dir, store_id)
+    progress = store.progress()
     for i, space in enumerate(spaces):
         store.write_feature_rows(space.name, slice(batch.start, batch.stop), features[space.name])
         if i == 0 and os.environ.get(FAULT_ENV) == str(batch.index):
             raise RuntimeError(f"injected fault ({FAULT_ENV}) in {batch.name}")
     device = str(extractors[0].device) if extractors else "none"
     for space in spaces:  # only after every space's rows are in the store
-        progress.mark_done(STAGE, space.name, batch.key, info={"images": batch.stop - batch.start, "device": device})
+        progress.mark_done(Stage.FEATURIZE, space.name, batch.key, info={"images": batch.stop - batch.start, "device": device})
     return {"batch": batch.index, "device": device, "bad": {}}
 
 
@@ -358,7 +356,7 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
     conflicts = []
     for sp in out:
         name = sp.space.name
-        if store.has(f"features/{name}") and not overwrite:
+        if store.has(features_group(name)) and not overwrite:
             attrs = store.feature_attrs(name)
             if attrs.get("featurize") != sp.fingerprint:
                 conflicts.append(f"  features/{name} holds {_describe_stored(attrs)}")
@@ -369,14 +367,14 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
             "tasks are then redone), or a new study.workdir")
     for sp in out:
         name = sp.space.name
-        if overwrite or not store.has(f"features/{name}"):
-            if store.has(f"features/{name}"):
-                logger.info(f"features/{name}: replaced (--overwrite)")
+        if overwrite or not store.has(features_group(name)):
+            if store.has(features_group(name)):
+                logger.info(f"{features_group(name)}: replaced (--overwrite)")
             # Unmark before replacing, so that a kill in between never leaves stale markers.
-            progress.unmark(COMPLETE, name)
-            progress.clear(STAGE, name)
+            progress.unmark(Stage.FEATURIZED, name)
+            progress.clear(Stage.FEATURIZE, name)
             for subject in _fitted_subjects(cfg, store, progress):  # their fits used the old features
-                progress.clear("fit", subject, name)
+                progress.clear(Stage.FIT, subject, name)
             n_features, described = _n_features(sp.space)
             attrs = {**sp.provenance, **described, "featurize": sp.fingerprint}
             store.init_features(name, images, n_features, bs, attrs=attrs)
@@ -384,7 +382,7 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
 
 
 def _fitted_subjects(cfg: Config, store: StudyStore, progress: Progress) -> list[str]:
-    fit_dir = progress.directory / "fit"
+    fit_dir = progress.directory / Stage.FIT
     found = [p.name for p in fit_dir.iterdir() if p.is_dir()] if fit_dir.is_dir() else []
     return list(dict.fromkeys([*cfg.study.subjects, *store.subjects(), *found]))
 
@@ -413,12 +411,12 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     report = FeaturizeReport(spaces=[s.name for s in spaces], images=len(images))
     store = StudyStore(cfg.store_path)
     store.create()
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     planned = prepare_store(cfg, store, progress, spaces, provenances, images, overwrite=overwrite)
 
     batches = make_batches(len(images), feat.batch_size)
     for sp in planned:
-        done = progress.done_units(STAGE, sp.space.name)
+        done = progress.done_units(Stage.FEATURIZE, sp.space.name)
         sp.todo = {b.index for b in batches if b.key not in done}
         report.skipped += len(batches) - len(sp.todo)
     work = [(b, [sp for sp in planned if b.index in sp.todo]) for b in batches]
@@ -435,8 +433,7 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     futures: dict[Future, tuple[Batch, list[_Space]]] = {}
     for b, sps in work:
         names = images[b.start:b.stop]
-        f = client.submit(featurize_batch, str(store.path), str(progress.directory), progress.store_id, b,
-                          [paths[n] for n in names], names, [sp.space for sp in sps],
+        f = client.submit(featurize_batch, store, b, [paths[n] for n in names], names, [sp.space for sp in sps],
                           [sp.provenance for sp in sps], options,
                           key=f"featurize-{b.index}-{time.time_ns()}", retries=feat.retries, pure=False)
         futures[f] = (b, sps)
@@ -459,8 +456,8 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
 
     for sp in planned:
         name = sp.space.name
-        if progress.done_units(STAGE, name) >= {b.key for b in batches} and not progress.is_done(COMPLETE, name):
-            progress.mark_done(COMPLETE, name, info={"fingerprint": sp.fingerprint})
+        if progress.done_units(Stage.FEATURIZE, name) >= {b.key for b in batches} and not progress.is_done(Stage.FEATURIZED, name):
+            progress.mark_done(Stage.FEATURIZED, name, info={"fingerprint": sp.fingerprint})
     report.seconds = time.perf_counter() - t0
     problems = []
     if report.bad_images:
@@ -481,29 +478,21 @@ def all_done(cfg: Config) -> bool:
     store = StudyStore(cfg.store_path)
     if cfg.features is None or not store.exists():
         return False
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     images = study_images(cfg)
     for space in study_feature_spaces(cfg):
         try:
             expected = _jsonable(fingerprint(space_provenance(space), images, cfg.features.batch_size))
         except WeightsError:
             return False
-        record = progress.read(COMPLETE, space.name)
-        if record is None or record.get("fingerprint") != expected or not store.has(f"features/{space.name}"):
+        record = progress.read(Stage.FEATURIZED, space.name)
+        if record is None or record.get("fingerprint") != expected or not store.has(features_group(space.name)):
             return False
     return True
 
 
-def features_complete(cfg: Config, task: str) -> bool:
-    """Whether ``features/<task>`` was featurized in full (every batch written)."""
-    store = StudyStore(cfg.store_path)
-    if not store.exists():
-        return False
-    return Progress(cfg.workdir / "progress", store.store_id).is_done(COMPLETE, task)
-
-
 __all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "Plan", "all_done", "cached_extractor",
            "check_workers",
-           "featurize", "featurize_batch", "features_complete", "fingerprint", "load_space", "make_batches", "preflight",
+           "featurize", "featurize_batch", "fingerprint", "load_space", "make_batches", "preflight",
            "prepare_store", "space_provenance", "study_feature_spaces", "torch_threads_per_worker",
            "tune_malloc", "use_channels_last"]

@@ -1,8 +1,8 @@
 """Import the Neural Taskonomy authors' published per-voxel results into a study store.
 
 ``neurotask import-published DIR --config FILE`` writes, for each of the study's subjects,
-``results/<subject>`` (task, voxel) in the layout the fit writes (r, r2, alpha, pvalue,
-qvalue, significant; coords voxel_i/j/k, roi) and, where the source has them, the separate
+``results/<subject>`` (task, voxel) from the results template the fit uses (``storage.schema``:
+r, r2, alpha, pvalue, qvalue, significant; coords task_label, voxel_i/j/k, roi) and, where the source has them, the separate
 ROI-only models as ``roi_results/<subject>``. The analysis stage and the report then run on
 them exactly as on a fitted study; nothing is fitted.
 
@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from neurotask.pipeline.stages.analyse import ROI_RESULTS
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
 from neurotask.pipeline.formats.published import (
@@ -47,7 +46,9 @@ from neurotask.pipeline.formats.published import (
     load_reference_roi_npz,
     published_subject_datasets,
 )
-from neurotask.storage import Progress, StudyStore
+from neurotask.pipeline.tasks import task_label
+from neurotask.storage import Stage, StudyStore, results_group, roi_results_group
+from neurotask.storage.schema import results_template, voxel_coords, with_values
 
 logger = logging.getLogger(__name__)
 
@@ -133,34 +134,18 @@ def grid_affine(shape_ijk: Sequence[int], voxel_size: float = VOXEL_SIZE_MM) -> 
 
 
 def to_store_layout(ds: xr.Dataset, subject: str, *, shape_ijk: Sequence[int] | None, source: str) -> xr.Dataset:
-    """A :mod:`pipeline.formats.published` results Dataset -> the layout of ``results/<subject>``."""
-    t, v = ds.sizes["task"], ds.sizes["voxel"]
-    out = xr.Dataset(
-        {
-            "r": ds["r"].astype(np.float32),
-            "r2": ds["r2"].astype(np.float32),
-            # the authors' chosen ridge penalties are not in the released files
-            "alpha": (("task", "voxel"), np.full((t, v), np.nan)),
-            "pvalue": ds["pvalue"].astype(np.float64),
-            "qvalue": ds["qvalue"].astype(np.float64),
-            "significant": ds["significant"].astype(bool),
-        },
-        coords={
-            "task": np.array([str(x) for x in ds["task"].values], dtype=object),
-            "voxel": np.arange(v, dtype=np.int64),
-            "voxel_i": ("voxel", ds["i"].values.astype(np.int32)),
-            "voxel_j": ("voxel", ds["j"].values.astype(np.int32)),
-            "voxel_k": ("voxel", ds["k"].values.astype(np.int32)),
-            "roi": ("voxel", np.array([str(x) for x in ds["roi"].values], dtype=object)),
-        },
-        attrs={
-            "subject": subject,
-            "imported": True,
-            "source": source,
-            "model": ds.attrs.get("model", "whole_brain"),
-            "fdr_alpha": float(ds.attrs.get("fdr_alpha", 0.05)),
-        },
-    )
+    """A :mod:`pipeline.formats.published` results Dataset -> ``results/<subject>``: the fit's
+    results template (without noise ceiling and permutation test) holding the published values."""
+    tasks = [str(x) for x in ds["task"].values]
+    ijk = np.stack([ds[c].values for c in ("i", "j", "k")], axis=1)
+    voxels = voxel_coords(ijk, [str(x) for x in ds["roi"].values])
+    attrs = {"subject": subject, "imported": True, "source": source, "model": ds.attrs.get("model", "whole_brain"),
+             "fdr_alpha": float(ds.attrs.get("fdr_alpha", 0.05))}
+    template = results_template(tasks, [task_label(t) for t in tasks], voxels, permutation=False, ceiling=False,
+                                attrs=attrs)
+    # alpha stays NaN: the authors' chosen ridge penalties are not in the released files
+    out = with_values(template, {name: ds[name].transpose("task", "voxel").values
+                                 for name in ("r", "r2", "pvalue", "qvalue", "significant")})
     if shape_ijk is not None:
         out.attrs.update(
             volume_shape=[int(x) for x in shape_ijk],
@@ -214,33 +199,34 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
     fdr = cfg.analysis.fdr
     store = StudyStore(cfg.store_path)
     store.create()
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     summary = {}
     for subject, src in sources.items():
         fingerprint = _fingerprint(src, tasks, fdr)
-        record = progress.read("import", subject)
-        if store.has(f"results/{subject}") and not overwrite:
+        record = progress.read(Stage.IMPORT, subject)
+        if store.has(results_group(subject)) and not overwrite:
             if record and record.get("fingerprint") == fingerprint:
                 logger.info(f"{subject}: published results from {src.path} already imported, skipped")
                 summary[subject] = record
                 continue
             raise PublishedImportError(
-                f"{cfg.store_path}: results/{subject} already exist (from {record['source'] if record else 'a fit'}); "
+                f"{cfg.store_path}: {results_group(subject)} already exist (from {record['source'] if record else 'a fit'}); "
                 "use --overwrite to replace them, or a new study.workdir")
         whole, roi, shape = read_source(src, tasks, fdr)
         if shape is None:
             logger.info(f"{subject}: no cortical mask given: voxels have no position, the report will draw no maps")
-        store.remove(f"results/{subject}")
-        store.remove(f"{ROI_RESULTS}/{subject}")
-        progress.clear("fit", subject)  # any earlier fit of this subject no longer describes its results
+        store.remove(results_group(subject))
+        store.remove(roi_results_group(subject))
+        progress.clear(Stage.FIT, subject)  # any earlier fit of this subject no longer describes its results
         label = f"published ({src.kind}) {src.path.resolve()}"
-        store.write_dataset(f"results/{subject}", to_store_layout(whole, subject, shape_ijk=shape, source=label))
+        store.write_dataset(results_group(subject), to_store_layout(whole, subject, shape_ijk=shape, source=label))
         if roi is not None:
-            store.write_dataset(f"{ROI_RESULTS}/{subject}", to_store_layout(roi, subject, shape_ijk=None, source=label))
+            store.write_dataset(roi_results_group(subject),
+                                to_store_layout(roi, subject, shape_ijk=None, source=label))
         info = {"fingerprint": fingerprint, "source": label, "tasks": [str(x) for x in whole["task"].values],
                 "voxels": int(whole.sizes["voxel"]), "roi_voxels": int(roi.sizes["voxel"]) if roi is not None else 0,
                 "volume_shape": list(shape) if shape else None}
-        progress.mark_done("import", subject, info=info)
+        progress.mark_done(Stage.IMPORT, subject, info=info)
         logger.info(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
                     + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
         summary[subject] = info

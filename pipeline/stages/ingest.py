@@ -9,8 +9,8 @@ Two readers produce the same thing for the store (``data.format``):
 - 'release1_rois' (release 1.0): the ten ROI variables of ``CSI{n}_ROIs_TR{tr}.mat``, one TR or
   the average of several (the paper: TR3 and TR4). These files hold no volume geometry: a
   voxel's coordinates are (i = its ROI's position in data.rois, j = its column in that ROI's
-  variable, k = -1), its ``roi`` label is kept, and attrs ``voxel_space`` is 'roi_index', so
-  NIfTI export is refused (:func:`volume_geometry`).
+  variable, k = -1), its ``roi`` label is kept, and attrs ``voxel_space`` is 'roi_index'
+  without ``volume_shape``, so the report draws no volume maps and exports no NIfTI.
 
 Both: each voxel z-scored within each session (the dataset README's advice), one row per image
 (data.repeats: the one unprefixed showing, or the mean of all showings) plus the single trials
@@ -40,7 +40,7 @@ import numpy as np
 from neurotask.pipeline.formats import bold5000
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
-from neurotask.storage import Progress, StudyStore, mask_to_ijk
+from neurotask.storage import ChunkPlan, Stage, StudyStore, mask_to_ijk, responses_group, results_group
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,14 @@ def ingest_params(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def response_units(cfg: Config) -> str:
+    """Units of the stored responses: z-scored ones are dimensionless; GLMsingle's betas are
+    in percent signal change; the release-1.0 ROI files do not say."""
+    if cfg.data.zscore_sessions:
+        return "1"
+    return "percent signal change" if cfg.data.format == "glmsingle" else "unknown"
+
+
 def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged) -> dict:
     subject, stim = plan.subject, plan.stim
     keep = np.flatnonzero(staged.finite)
@@ -424,20 +432,20 @@ def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged) ->
         "constant_voxels": int(staged.constant[keep].sum()),
         "events_checked": plan.events is not None, "ingest": ingest_params(cfg),
     }
-    chunk = cfg.data.chunk_size
+    chunks = ChunkPlan(keep.size, cfg.data.chunk_size)
     store.init_responses(
-        subject, images, staged.ijk[keep], [staged.roi[i] for i in keep], chunk, attrs,
+        subject, images, staged.ijk[keep], [staged.roi[i] for i in keep], chunks.chunk_size, attrs,
         image_coords={"session": np.array([session_of_trial[g[0]] for g in groups], dtype=np.int16),
                       "n_showings": sizes.astype(np.int16)},
-        repeated_images=rep_names, n_showings=rep_trials.shape[0])
-    for a in range(0, keep.size, chunk):
-        cols = keep[a : a + chunk]
+        repeated_images=rep_names, n_showings=rep_trials.shape[0], units=response_units(cfg))
+    for voxels in chunks:
+        cols = keep[voxels]
         block = np.asarray(staged.trials[:, cols], dtype=np.float32)  # (n_trials, chunk)
         rows = _image_rows(block, order, starts, sizes)
         # Single trials of the repeated images (showing, repeated image, voxel), NaN-padded:
         # what noise ceilings are estimated from.
         reps = np.where((rep_trials >= 0)[..., None], block[np.maximum(rep_trials, 0)], np.nan) if rep_names else None
-        store.write_responses(subject, slice(a, a + cols.size), rows, reps)
+        store.write_responses(subject, voxels, rows, reps)
     return {"images": len(images), "voxels": int(keep.size), "dropped_nonfinite_voxels": int(dropped.size),
             "constant_voxels": int(staged.constant[keep].sum()), "repeated_images": len(rep_names),
             "params": ingest_params(cfg)}
@@ -459,19 +467,6 @@ def _describe_policy(cfg: Config, plan: SubjectPlan) -> None:
                         "prefix and are left out by repeats 'exclude' (use 'average' to keep them)")
 
 
-def volume_geometry(attrs: dict[str, Any]) -> tuple[tuple[int, int, int], np.ndarray]:
-    """(volume shape, affine) of a responses or results group's voxels, for NIfTI export.
-
-    Raises DataError for voxels without volume geometry (release-1.0 ROI files)."""
-    if attrs.get("voxel_space") == "roi_index" or "volume_shape" not in attrs:
-        raise DataError(
-            f"{attrs.get('subject', 'these voxels')}: no volume geometry: the responses were ingested "
-            "from release-1.0 ROI files (data.format 'release1_rois'), whose voxels are (ROI, index "
-            "within ROI) without positions in a brain volume, so NIfTI export is impossible. Ingest "
-            "the release-2.0 GLMsingle betas (data.format 'glmsingle') for volumes")
-    return tuple(int(s) for s in attrs["volume_shape"]), np.asarray(attrs["affine"], dtype=np.float64)
-
-
 def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
     """Ingest every subject of the config that is not ingested yet (all with ``overwrite``).
 
@@ -479,13 +474,13 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
     responses, markers and results are replaced only once its new data were read in full."""
     files = validate_layout(cfg)
     store = StudyStore(cfg.store_path)
-    progress = Progress(cfg.workdir / "progress", store.store_id) if store.exists() else None
+    progress = store.progress() if store.exists() else None
     params = ingest_params(cfg)
     done: dict[str, dict] = {}
     todo = []
     for subject, f in files.items():
-        record = progress.read("ingest", subject) if progress else None
-        if record is not None and store.has(f"responses/{subject}") and not overwrite:
+        record = progress.read(Stage.INGEST, subject) if progress else None
+        if record is not None and store.has(responses_group(subject)) and not overwrite:
             stored = record.get("params")
             if stored is not None and stored != params:
                 keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
@@ -517,14 +512,14 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
                 raise DataError(f"{subject}: no voxel is finite in every session")
             # The new data are complete and valid: only now is the old subject replaced.
             store.create()
-            progress = Progress(cfg.workdir / "progress", store.store_id)
+            progress = store.progress()
             # Unmark first, so that a kill while writing leaves the subject "not ingested".
-            progress.unmark("ingest", subject)
-            progress.clear("fit", subject)
-            progress.unmark("ceiling", subject)
-            store.remove(f"results/{subject}")
+            progress.unmark(Stage.INGEST, subject)
+            progress.clear(Stage.FIT, subject)
+            progress.unmark(Stage.CEILING, subject)
+            store.remove(results_group(subject))
             summary = _write(cfg, store, plan, staged)
-            progress.mark_done("ingest", subject, info=summary)
+            progress.mark_done(Stage.INGEST, subject, info=summary)
         finally:
             staged = None
             staging.unlink(missing_ok=True)

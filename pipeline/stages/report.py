@@ -51,7 +51,7 @@ from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.stages.summary import roi_table
 from neurotask.pipeline.tasks import CLUSTERS
-from neurotask.storage import StudyStore, save_nifti, to_volume
+from neurotask.storage import StudyStore, results_group, save_nifti, to_volume
 
 logger = logging.getLogger(__name__)
 
@@ -822,7 +822,7 @@ def write_report(cfg: Config) -> Path:
     analysis = read_analysis(cfg)
     store = StudyStore(cfg.store_path)
     subjects = [str(s) for s in analysis["subject"].values]
-    missing = [s for s in subjects if not store.has(f"results/{s}")]
+    missing = [s for s in subjects if not store.has(results_group(s))]
     if missing:
         raise ReportError(f"{cfg.store_path}: the analysis covers {', '.join(missing)} but their results are gone")
     results = {s: store.results(s) for s in subjects}

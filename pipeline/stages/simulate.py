@@ -38,7 +38,7 @@ from neurotask.pipeline.config import Config, SimulateSection
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.features.images import images_dir, write_synthetic_images
 from neurotask.pipeline.tasks import CLUSTERS, task_names, taskonomy_tasks
-from neurotask.storage import Progress, StudyStore
+from neurotask.storage import Stage, StudyStore, features_group
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +171,14 @@ def simulate_study(cfg: Config) -> dict:
         raise NeurotaskError(f"{cfg.path}: no 'simulate' section; nothing to simulate")
     store = StudyStore(cfg.store_path)
     store.create()
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     files = {k: getattr(cfg.data, k) for k in ("root", "betas", "brain_mask", "roi_masks", "stim_list", "rois")}
     fingerprint = hashlib.sha256(json.dumps([sim.model_dump(), files], sort_keys=True).encode()).hexdigest()[:16]
-    record = progress.read("simulate", "settings")
+    record = progress.read(Stage.SIMULATE, "settings")
     if record and record.get("fingerprint") != fingerprint:
         raise NeurotaskError(f"{cfg.workdir} holds a study simulated with other settings; use a new "
                              "study.workdir (or delete that directory) to simulate again")
-    progress.mark_done("simulate", "settings", info={"fingerprint": fingerprint})
+    progress.mark_done(Stage.SIMULATE, "settings", info={"fingerprint": fingerprint})
 
     rng = np.random.default_rng(sim.seed)
     images = image_names(sim.n_images, rng)
@@ -186,32 +186,32 @@ def simulate_study(cfg: Config) -> dict:
     features = task_features(latents, sim.n_features, rng)
     # Tasks that `neurotask featurize` computes from the images get no simulated features.
     featurized = set(cfg.features.space_names) if cfg.features else set()
-    new_tasks = [t for t in cfg.tasks if t in features and t not in featurized and not store.has(f"features/{t}")]
+    new_tasks = [t for t in cfg.tasks if t in features and t not in featurized and not store.has(features_group(t))]
     for task in new_tasks:
         store.write_features(task, features[task], images, attrs={"source": "simulated", "seed": sim.seed})
-    if sim.write_images and not progress.is_done("simulate", "images"):
+    if sim.write_images and not progress.is_done(Stage.SIMULATE, "images"):
         root = images_dir(cfg)
         write_synthetic_images(root, images, seed=sim.seed)
-        progress.mark_done("simulate", "images")
+        progress.mark_done(Stage.SIMULATE, "images")
         logger.info(f"wrote {len(images)} synthetic images under {root}")
-    if sim.write_weights and not progress.is_done("simulate", "weights"):
+    if sim.write_weights and not progress.is_done(Stage.SIMULATE, "weights"):
         from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
 
         weights = cfg.resolve(cfg.features.weights_dir)
         tasks = [t for t in cfg.features.space_names if t in task_names()]
         write_random_checkpoints(weights, tasks, seed=sim.seed)
-        progress.mark_done("simulate", "weights")
+        progress.mark_done(Stage.SIMULATE, "weights")
         logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     summary = {"images": sim.n_images, "features": sim.n_features, "new_tasks": new_tasks, "subjects": {}}
     for subject in cfg.study.subjects:
-        if progress.is_done("simulate", subject):
+        if progress.is_done(Stage.SIMULATE, subject):
             continue
         number = int("".join(c for c in subject if c.isdigit()) or 0)
         srng = np.random.default_rng([sim.seed, number, sum(map(ord, subject))])
         info = _simulate_subject(cfg, subject, images, latents, srng, truth_dir)
-        progress.mark_done("simulate", subject, info=info)
+        progress.mark_done(Stage.SIMULATE, subject, info=info)
         summary["subjects"][subject] = info
         logger.info(f"simulated {subject}: {info['voxels']} brain voxels, {info['trials']} trials in {sim.n_sessions} sessions")
     if not summary["subjects"] and not new_tasks:

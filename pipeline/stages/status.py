@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
 from neurotask.pipeline.config import Config
-from neurotask.storage import Progress, StudyStore
+from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, responses_group, results_group, write_json_atomic
 
 RUN_FILE = "fit-run.json"
 
@@ -42,18 +40,18 @@ class FitRunState:
     ``client`` is the driver's ``distributed.Client``. A daemon thread rewrites the run file
     every ``interval`` seconds (a heartbeat: ``updated`` tells a reader on another host how
     fresh it is), asking the scheduler which keys are processing on workers; it stops at
-    ``close`` or when the client is closed. Writes are atomic (temporary file + rename).
+    ``close`` or when the client is closed. Writes are atomic (``storage.atomic``).
     """
 
-    def __init__(self, progress_dir: str | Path, store_id: str, client: Any, *, interval: float = 1.0):
-        self.path = Path(progress_dir) / RUN_FILE
+    def __init__(self, progress: Progress, client: Any, *, interval: float = 1.0):
+        self.path = progress.directory / RUN_FILE
         self.client = client
         self.interval = interval
         self.units: dict[str, tuple[str, str, int]] = {}  # Dask key -> (subject, task, chunk)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.record: dict[str, Any] = {
-            "store_id": store_id, "state": "running", "host": socket.gethostname(),
+            "store_id": progress.store_id, "state": "running", "host": socket.gethostname(),
             "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
             "started": time.time(), "dashboard": getattr(client, "dashboard_link", None),
         }
@@ -98,15 +96,7 @@ class FitRunState:
             where = "running" if key in processing else "queued"
             entry = in_flight.setdefault(subject, {}).setdefault(task, {"running": [], "queued": []})
             entry[where].append(chunk)
-        _write_json(self.path, {**record, "updated": time.time(), "in_flight": in_flight})
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+        write_json_atomic(self.path, {**record, "updated": time.time(), "in_flight": in_flight})
 
 
 # --------------------------------------------------------------------------- reading side
@@ -140,13 +130,13 @@ def _driver_alive(record: dict[str, Any]) -> bool:
         return False
 
 
-def read_fit_run(progress_dir: str | Path, store_id: str) -> FitRun | None:
+def read_fit_run(progress: Progress) -> FitRun | None:
     """The run file as a FitRun, None when absent, unreadable or about another store."""
     try:
-        record = json.loads((Path(progress_dir) / RUN_FILE).read_text())
+        record = json.loads((progress.directory / RUN_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("store_id") != store_id:
+    if record.get("store_id") != progress.store_id:
         return None
     state = str(record.get("state", "running"))
     checkable = record.get("host") == socket.gethostname()
@@ -177,16 +167,14 @@ def _run_line(run: FitRun) -> str:
 
 def _featurize_lines(store: StudyStore, progress: Progress) -> list[str]:
     """Feature spaces that `neurotask featurize` started but has not finished: batches done."""
-    from neurotask.pipeline.stages.featurize import COMPLETE, STAGE  # featurize imports torch: only when needed
-
     lines = []
     for task in store.feature_tasks():
         attrs = store.feature_attrs(task)
-        if "featurize" not in attrs or progress.is_done(COMPLETE, task):
+        if "featurize" not in attrs or progress.is_done(Stage.FEATURIZED, task):
             continue  # simulated or written features, or a finished featurize
-        n_images, batch = store.read_features(task).sizes["image"], int(attrs["batch_size"])
-        n_batches = -(-n_images // batch)
-        done = len(progress.done_units(STAGE, task))
+        n_images = store.read_features(task).sizes["image"]
+        n_batches = ChunkPlan(n_images, int(attrs["batch_size"])).n_chunks
+        done = len(progress.done_units(Stage.FEATURIZE, task))
         lines.append(f"  featurize {task}: {done}/{n_batches} batches done (incomplete: fit refuses it; "
                      "rerun `neurotask featurize` to finish)")
     return lines
@@ -197,25 +185,24 @@ def status_lines(cfg: Config) -> list[str]:
     store = StudyStore(cfg.store_path)
     if not store.exists():
         return [f"{cfg.store_path}: no store yet (nothing done)"]
-    progress = Progress(cfg.workdir / "progress", store.store_id)
+    progress = store.progress()
     lines = [f"store: {cfg.store_path}",
              f"features: {', '.join(store.feature_tasks()) or 'none'}"]
     lines += _featurize_lines(store, progress)
-    run = read_fit_run(progress.directory, progress.store_id)
+    run = read_fit_run(progress)
     if run is not None:
         lines.append(_run_line(run))
     for subject in cfg.study.subjects:
-        if not (progress.is_done("ingest", subject) and store.has(f"responses/{subject}")):
+        if not (progress.is_done(Stage.INGEST, subject) and store.has(responses_group(subject))):
             lines.append(f"{subject}: not ingested")
             continue
-        resp = store.responses(subject)
-        v, chunk = resp.sizes["voxel"], int(resp.attrs["chunk_size"])
-        n_units = -(-v // chunk)
-        expected = {f"{c:05d}" for c in range(n_units)}
-        lines.append(f"{subject}: {resp.sizes['image']} images x {v} voxels ({n_units} chunks)")
-        results = store.results(subject) if store.has(f"results/{subject}") else None
+        chunks = store.voxel_chunks(subject)
+        n_units = chunks.n_chunks
+        lines.append(f"{subject}: {store.responses(subject).sizes['image']} images x {chunks.length} voxels "
+                     f"({n_units} chunks)")
+        results = store.results(subject) if store.has(results_group(subject)) else None
         for task in cfg.tasks:
-            done_names = progress.done_units("fit", subject, task) & expected
+            done_names = progress.done_units(Stage.FIT, subject, task) & chunks.keys()
             done = {int(n) for n in done_names}
             running = run.chunks(subject, task, "running") - done if run else set()
             queued = run.chunks(subject, task, "queued") - done - running if run else set()
