@@ -165,6 +165,26 @@ class FitSection(_Section):
     n_permutations: NonNegativeInt = 5000  # permutation test of test r (the authors' protocol); 0 = off
     permutation_seed: Seed = 0
 
+    # Frozen and picklable, this section is the fit's specification: built once on the driver
+    # and handed to every worker task (decompositions and voxel chunks alike).
+
+    @property
+    def permutation(self) -> bool:
+        return self.n_permutations > 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parameters that determine a fit's results; stored with them so that a rerun with
+        different ones is refused rather than mixed into the same store. (Its keys and values
+        are those stored by every earlier version: existing stores must still match.)"""
+        keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype",
+                "zscore_features", "n_permutations", "permutation_seed")
+        out = {k: getattr(self, k) for k in keys}
+        if self.alphas != "paper":
+            out["alphas"] = list(self.alphas)  # as the attribute reads back from the store
+        if self.cv != "single_split":
+            out.pop("validation_fraction")
+        return out
+
 
 class AnalysisSection(_Section):
     """Brain task structure from the fitted results (pipeline.stats.task_structure); never refits."""
@@ -408,14 +428,3 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["cluster"] = {**cluster, "description": "how a Dask client is obtained"}
     schema["title"] = "neurotask study config"
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def fit_fingerprint(fit: FitSection, data: DataSection) -> dict[str, Any]:
-    """The parameters that determine a fit's results; stored with them so that a rerun with
-    different ones is refused rather than mixed into the same store."""
-    keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype",
-            "zscore_features", "n_permutations", "permutation_seed")
-    out = {k: getattr(fit, k) for k in keys}
-    if fit.cv != "single_split":
-        out.pop("validation_fraction")
-    return out

@@ -80,9 +80,8 @@ def run_engine(cfg, X: np.ndarray, Y: np.ndarray) -> dict:
     decomposition and engine options as ``neurotask fit``, no store, no Dask. Also returns the
     first chunk's alphas and test r, to check the stored results against."""
     from neurotask.pipeline.stages.fit import alpha_grid, decompose_design, fit_voxels
-    from neurotask.pipeline.stages.fit_spec import FitSpec
 
-    spec = FitSpec.from_section(cfg.fit)
+    spec = cfg.fit
     t0, c0 = time.perf_counter(), time.process_time()
     dec = decompose_design(spec, X)
     alphas = alpha_grid(spec, X.shape[1])

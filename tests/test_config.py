@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT, SMALL_TASKS, small_config_dict, write_config
 from neurotask.pipeline import cli
-from neurotask.pipeline.config import fit_fingerprint, json_schema, load_config
+from neurotask.pipeline.config import json_schema, load_config
 from neurotask.pipeline.errors import ConfigError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -35,7 +35,7 @@ def test_demo_config_is_valid():
     cfg = load_config(cli.DEMO_CONFIG)
     assert len(cfg.tasks) == 21 and cfg.study.subjects == ["CSI1", "CSI2", "CSI3"]
     assert cfg.fit.n_alphas == 100 and cfg.fit.n_folds == 7 and cfg.fit.test_fraction == 0.15
-    assert fit_fingerprint(cfg.fit, cfg.data) == {
+    assert cfg.fit.fingerprint() == {
         "test_fraction": 0.15, "cv": "kfold", "n_folds": 7, "alphas": "paper", "n_alphas": 100, "seed": 2019,
         "dtype": "float32", "zscore_features": True, "n_permutations": 1000, "permutation_seed": 0}
 

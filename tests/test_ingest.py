@@ -292,7 +292,6 @@ def test_release1_rois_are_usable_by_fit(tmp_path):
     """A real subject's stimulus list (5254 trials, sessions from BOLD5000's run table), the
     released TR34 file, and a fit unit run on the stored chunk."""
     from neurotask.pipeline.stages.fit import Unit, alpha_grid, build_decomposition, fit_unit
-    from neurotask.pipeline.stages.fit_spec import FitSpec
 
     cfg = make_cfg(tmp_path, format="release1_rois", voxels="rois", trs=[34], chunk_size=40)
     lines = (REFERENCE / "bold5000" / "stim_lists" / "CSI01_stim_lists.txt").read_text().split()
@@ -310,7 +309,7 @@ def test_release1_rois_are_usable_by_fit(tmp_path):
     assert ds.attrs["trials_per_session"] == b5.known_session_trials("CSI1", 5254)
     task = cfg.tasks[0]
     store.write_features(task, np.stack([latent[n] for n in images]) + 0.1 * rng.standard_normal((len(images), 4)), images)
-    spec = FitSpec.from_section(cfg.fit)
+    spec = cfg.fit
     order = store.ensure_results("CSI1", [task], spec.fingerprint(), task_labels=[task], permutation=spec.permutation)
     dec = build_decomposition(spec, store, "CSI1", task)
     unit = Unit("CSI1", task, order.index(task), 0, 0, 40)
@@ -374,14 +373,13 @@ def test_a_failing_subject_leaves_the_store_as_it_was(tmp_path, kind):
 
 
 def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path, logs):
-    from neurotask.pipeline.stages.fit_spec import FitSpec
 
     cfg = make_cfg(tmp_path)
     s = write_glmsingle_subject(cfg, "CSI1")
     ingest(cfg)
     store = StudyStore(cfg.store_path)
     progress = store.progress()
-    store.ensure_results("CSI1", cfg.tasks[:1], FitSpec.from_section(cfg.fit).fingerprint(), task_labels=cfg.tasks[:1])
+    store.ensure_results("CSI1", cfg.tasks[:1], cfg.fit.fingerprint(), task_labels=cfg.tasks[:1])
     progress.mark_done("fit", "CSI1", cfg.tasks[0], "00000")
     before = snapshot(cfg, "CSI1")
     good = s.paths["ses3"].read_bytes()

@@ -7,7 +7,7 @@ reads its own voxel chunk from the store, runs the ridge CV, computes its statis
 its region of ``results/<subject>`` and then marks itself done. Responses never travel through
 the client. When all chunks of a pair are done, the driver computes the FDR q-values across the
 pair's voxels (they need every voxel's p). Every task gets the fit's parameters as one
-:class:`~pipeline.stages.fit_spec.FitSpec`, built once on the driver from ``fit:``.
+the frozen ``fit:`` section (:class:`~pipeline.config.FitSection`), built once on the driver.
 
 Resume: units with a valid progress marker are skipped; a rerun after a crash or a kill does
 only the rest. Few pairs are in flight at once, so decompositions do not pile up in memory.
@@ -31,7 +31,7 @@ from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.console import ProgressBar
 from neurotask.pipeline.errors import FitError
-from neurotask.pipeline.stages.fit_spec import FitSpec
+from neurotask.pipeline.config import FitSection
 from neurotask.pipeline.stages.status import FitRunState
 from neurotask.pipeline.tasks import task_label
 from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
@@ -73,13 +73,13 @@ class FitReport:
     seconds: float = 0.0
 
 
-def alpha_grid(spec: FitSpec, n_features: int) -> np.ndarray:
+def alpha_grid(spec: FitSection, n_features: int) -> np.ndarray:
     if spec.alphas == "paper":
         return ridge.paper_alphas(n_features, spec.n_alphas)
     return np.sort(np.asarray(spec.alphas, dtype=np.float64))
 
 
-def splits_for(spec: FitSpec, n_images: int) -> ridge.Splits:
+def splits_for(spec: FitSection, n_images: int) -> ridge.Splits:
     return ridge.make_splits(n_images, test_fraction=spec.test_fraction, cv=spec.cv, n_folds=spec.n_folds,
                              validation_fraction=spec.validation_fraction, seed=spec.seed)
 
@@ -87,7 +87,7 @@ def splits_for(spec: FitSpec, n_images: int) -> ridge.Splits:
 # --------------------------------------------------------------------------- worker side
 
 
-def decompose_design(spec: FitSpec, X: np.ndarray) -> ridge.Decomposition:
+def decompose_design(spec: FitSection, X: np.ndarray) -> ridge.Decomposition:
     """X (n_images, p) in the subject's image order -> its per-fold decompositions, after the
     configured z-scoring (with the training part's statistics)."""
     splits = splits_for(spec, X.shape[0])
@@ -96,14 +96,14 @@ def decompose_design(spec: FitSpec, X: np.ndarray) -> ridge.Decomposition:
     return ridge.prepare(X, splits, dtype=np.dtype(spec.dtype), backend=spec.backend, device=spec.device)
 
 
-def build_decomposition(spec: FitSpec, store: StudyStore, subject: str, task: str) -> ridge.Decomposition:
+def build_decomposition(spec: FitSection, store: StudyStore, subject: str, task: str) -> ridge.Decomposition:
     """Design matrix of (subject, task) in the subject's image order, decomposed per fold."""
     feats = store.read_features(task)
     images = store.responses(subject)["image"].values
     return decompose_design(spec, feats.values[design.align_rows(feats["image"].values, images, task)])
 
 
-def fit_voxels(spec: FitSpec, decomposition: ridge.Decomposition, Y: np.ndarray, alphas: np.ndarray) -> dict:
+def fit_voxels(spec: FitSection, decomposition: ridge.Decomposition, Y: np.ndarray, alphas: np.ndarray) -> dict:
     """The ridge CV and its statistics on responses Y (n_images, v) -> name: (v,) result values."""
     result = ridge.ridge_cv(decomposition, Y, alphas, search=spec.search, backend=spec.backend, device=spec.device)
     y_test = Y[decomposition.final.eval_rows]
@@ -118,7 +118,7 @@ def fit_voxels(spec: FitSpec, decomposition: ridge.Decomposition, Y: np.ndarray,
     return values
 
 
-def fit_unit(spec: FitSpec, unit: Unit, store: StudyStore, decomposition: ridge.Decomposition,
+def fit_unit(spec: FitSection, unit: Unit, store: StudyStore, decomposition: ridge.Decomposition,
              alphas: np.ndarray) -> dict:
     """Fit one voxel chunk, write its results region, then mark it done."""
     if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
@@ -152,7 +152,7 @@ def plan_units(store: StudyStore, progress: Progress, subject: str, tasks: list[
     return out
 
 
-def finalize_pair(spec: FitSpec, store: StudyStore, subject: str, task_index: int) -> None:
+def finalize_pair(spec: FitSection, store: StudyStore, subject: str, task_index: int) -> None:
     """BH-FDR across all voxels of (subject, task), for the parametric and, if computed, the
     permutation p-values: writes their q-values and significance."""
     values = {}
@@ -184,7 +184,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
     t0 = time.perf_counter()
     store = StudyStore(cfg.store_path)
     progress = store.progress()
-    spec = FitSpec.from_section(cfg.fit)
+    spec = cfg.fit
     params = spec.fingerprint()
     labels = [task_label(t) for t in cfg.tasks]
     report = FitReport()
