@@ -442,3 +442,17 @@ def test_voxel_contrasts_and_roi_groups():
     assert roi_group_of("LHPPA") == "scene" and roi_group_of("RHEarlyVis") == "early_visual"
     assert roi_group_of("LHLOC") is None
     assert set(task_names()) >= set(TASKS)
+
+
+def test_every_analysis_variable_and_coordinate_is_described(synthetic_analysis):
+    """units and long_name on every variable (units also on numeric coordinates), as stored."""
+    _, out = synthetic_analysis
+    for name in out.data_vars:
+        attrs = out[name].attrs
+        assert attrs.get("long_name") and "units" in attrs, name
+    for name in out.coords:
+        attrs = out[name].attrs
+        assert attrs.get("long_name"), name
+        assert ("units" in attrs) == (out[name].dtype.kind in "iuf"), name
+    assert out["similarity_mean"].attrs["long_name"] == "brain-derived task similarity, mean over subjects"
+    assert out["n_significant"].attrs["units"] == "voxels"

@@ -57,6 +57,7 @@ three Taskonomy tasks the comparison variables are NaN.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
@@ -80,6 +81,68 @@ LINKAGE_FIELDS = ["left", "right", "distance", "size"]
 
 class AnalysisError(ValueError):
     """The results given to the analysis are inconsistent or lack what it needs."""
+
+
+# units and long_name of every output variable and coordinate (the module docstring's table).
+# Variants: ``<name>_mean`` over subjects, ``<name>_ci`` its percentile interval, ``<name>_whole_brain``
+# over all voxels instead of per ROI group; they take the base name's entry.
+_VARIABLES: dict[str, tuple[str, str]] = {
+    "n_voxels": ("voxels", "voxels in the subject's results"),
+    "n_significant": ("voxels", "voxels significant for the task"),
+    "no_significant_voxel": ("1", "the task has no significant voxel (its similarity row is 0)"),
+    "similarity": ("1", "brain-derived task similarity"),
+    "subject_correlation": ("1", "Pearson r between two subjects' task similarity matrices"),
+    "linkage": ("1", "scipy linkage matrix of the task tree"),
+    "cluster": ("1", "cluster index of the task in the tree cut into n_clusters groups"),
+    "leaves": ("1", "task index at each dendrogram leaf position"),
+    "linkage_mean": ("1", "scipy linkage matrix of the tree of the subject-mean similarity"),
+    "cluster_mean": ("1", "cluster index of the task in the mean tree cut into n_clusters groups"),
+    "leaves_mean": ("1", "task index at each leaf position of the mean tree's dendrogram"),
+    "cophenetic_mean": ("1", "merge height of the task pair in the mean tree"),
+    "taskonomy_similarity": ("1", "Taskonomy transfer-learning task similarity"),
+    "taskonomy_tree_cluster": ("1", "cluster index of the task in Taskonomy's tree cut into n_clusters groups"),
+    "spearman_taskonomy": ("1", "Spearman r between brain and Taskonomy task similarities"),
+    "mantel_p": ("1", "one-sided Mantel permutation p-value of spearman_taskonomy"),
+    "ari_taskonomy": ("1", "adjusted Rand index: brain tree clusters vs Taskonomy's task clusters"),
+    "ari_taskonomy_tree": ("1", "adjusted Rand index: brain tree clusters vs Taskonomy's tree clusters"),
+    "cophenetic_correlation_taskonomy": ("1", "Pearson r of the brain and Taskonomy trees' cophenetic distances"),
+    "roi_mean_r": ("1", "mean test-set Pearson r over the ROI's voxels"),
+    "roi_sem_r": ("1", "standard error of the mean test-set r over the ROI's voxels"),
+    "roi_fraction_significant": ("1", "fraction of the ROI's voxels significant for the task"),
+    "roi_n_voxels": ("voxels", "voxels in the ROI"),
+    "contrast_n_3d_wins": ("voxels", "voxels better predicted by the 3D task of the pair"),
+    "contrast_n_voxels": ("voxels", "voxels significant for either task of the 3D/2D pair"),
+    "contrast_mean_difference": ("1", "mean r(3D task) - r(2D task) over those voxels"),
+    # coordinates
+    "subject": ("", "subject"), "subject2": ("", "subject (second axis)"),
+    "task": ("", "feature space (Taskonomy task)"), "task2": ("", "feature space (second axis)"),
+    "label": ("", "task label"), "taskonomy_cluster": ("", "the task's branch of Taskonomy's tree"),
+    "bound": ("", "interval bound"), "linkage_field": ("", "linkage matrix column"),
+    "merge": ("1", "merge step of the tree"), "leaf": ("1", "dendrogram leaf position"),
+    "roi": ("", "region of interest"), "roi_group": ("", "group of ROIs (Figure 3)"),
+    "contrast": ("", "3D/2D task pair (Figure 3)"),
+}
+_VARIANTS = (("_mean_ci", ", mean over subjects: percentile interval"), ("_ci", ": percentile interval"),
+             ("_mean", ", mean over subjects"), ("_whole_brain", ", over all voxels"))
+
+
+def _attrs_of(name: str) -> tuple[str, str]:
+    if name in _VARIABLES:
+        return _VARIABLES[name]
+    for suffix, note in _VARIANTS:
+        base = name.removesuffix(suffix)
+        if base != name and base in _VARIABLES:
+            units, long_name = _VARIABLES[base]
+            return units, long_name + note
+    raise KeyError(f"analysis variable {name!r} has no units and long_name in _VARIABLES")
+
+
+def _with_variable_attrs(out: xr.Dataset) -> xr.Dataset:
+    """Every variable and coordinate gets ``units`` (empty for labels) and ``long_name``."""
+    for name in [*out.data_vars, *out.coords]:
+        units, long_name = _attrs_of(str(name))
+        out[name].attrs.update(long_name=long_name, **({"units": units} if units else {}))
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -218,28 +281,63 @@ def _analyse(
     if n_bootstrap < 1 or n_permutations < 1:
         raise AnalysisError(f"n_bootstrap and n_permutations must be >= 1, got {n_bootstrap}, {n_permutations}")
     subjects = [str(s) for s in results]
-    t = len(tasks)
     streams = np.random.SeedSequence(seed).spawn(2 * len(subjects) + 1)
     boot_rngs = [np.random.default_rng(s) for s in streams[: len(subjects)]]
     mantel_rngs = [np.random.default_rng(s) for s in streams[len(subjects):]]
 
-    n_voxels, n_sig, sims, boots, masks, rs = [], [], [], [], [], []
-    for subject, rng in zip(subjects, boot_rngs):
-        ds = results[subject].sel(task=tasks).transpose("task", "voxel", ...)
-        r = ds["r"].values.astype(np.float64)
-        sig = significance_mask(ds, significance, fdr)
-        n_voxels.append(r.shape[1])
-        n_sig.append(sig.sum(axis=1))
-        sims.append(sim.task_similarity(r, sig, metric))
-        boots.append(sim.bootstrap_similarity(r, sig, n_bootstrap, rng, metric))
-        masks.append(sig)
-        rs.append(r)
-    sims_a = np.stack(sims)  # (s, t, t)
-    boots_a = np.stack(boots)  # (s, b, t, t)
+    per_subject = [_subject_similarity(results[s].sel(task=tasks).transpose("task", "voxel", ...),
+                                       significance, fdr, metric, n_bootstrap, rng)
+                   for s, rng in zip(subjects, boot_rngs)]
+    masks, rs = [p.significant for p in per_subject], [p.r for p in per_subject]
+    sims_a = np.stack([p.similarity for p in per_subject])  # (s, t, t)
+    boots_a = np.stack([p.bootstrap for p in per_subject])  # (s, b, t, t)
     mean = sims_a.mean(axis=0)
     boot_mean = boots_a.mean(axis=0)  # subjects resampled independently
 
-    out = xr.Dataset(
+    out = _empty_dataset(subjects, tasks, attrs={
+        "significance": significance, "fdr": fdr, "metric": metric, "linkage": linkage,
+        "n_clusters": n_clusters, "n_permutations": n_permutations, "n_bootstrap": n_bootstrap,
+        "seed": seed, "ci": ci, "taskonomy_affinities": taskonomy_affinities,
+        "roi_source": "roi_results" if roi_results is not None else "results",
+    })
+    out["n_voxels"] = ("subject", np.array([r.shape[1] for r in rs], dtype=np.int64))
+    out["n_significant"] = (("subject", "task"), np.stack([m.sum(axis=1) for m in masks]).astype(np.int64))
+    out["no_significant_voxel"] = out["n_significant"] == 0
+    out["similarity"] = (("subject", "task", "task2"), sims_a)
+    out["similarity_mean"] = (("task", "task2"), mean)
+    out["similarity_ci"] = (("subject", "task", "task2", "bound"), sim.percentile_interval(np.moveaxis(boots_a, 1, 0), ci))
+    out["similarity_mean_ci"] = (("task", "task2", "bound"), sim.percentile_interval(boot_mean, ci))
+    out["subject_correlation"] = (("subject", "subject2"), sim.subject_correlations(sims_a))
+    _trees(out, sims_a, mean, linkage, n_clusters)
+    _compare_with_taskonomy(
+        out, tasks, sims_a, mean, boots_a, boot_mean, linkage=linkage, n_clusters=n_clusters,
+        n_permutations=n_permutations, rngs=mantel_rngs, size=taskonomy_affinities, ci=ci,
+    )
+    _roi_statistics(out, subjects, tasks, results, roi_results, significance, fdr, roi_groups, masks, rs)
+    return _with_variable_attrs(out)
+
+
+@dataclass(frozen=True)
+class _SubjectSimilarity:
+    r: np.ndarray            # (t, v) test r, float64
+    significant: np.ndarray  # (t, v) bool
+    similarity: np.ndarray   # (t, t)
+    bootstrap: np.ndarray    # (b, t, t) bootstrap over voxels
+
+
+def _subject_similarity(ds: xr.Dataset, significance: str, fdr: float, metric: str, n_bootstrap: int,
+                        rng: np.random.Generator) -> _SubjectSimilarity:
+    """One subject's task similarity and its bootstrap; ``ds``: (task, voxel) results."""
+    r = ds["r"].values.astype(np.float64)
+    sig = significance_mask(ds, significance, fdr)
+    return _SubjectSimilarity(r, sig, sim.task_similarity(r, sig, metric),
+                              sim.bootstrap_similarity(r, sig, n_bootstrap, rng, metric))
+
+
+def _empty_dataset(subjects: list[str], tasks: list[str], attrs: dict) -> xr.Dataset:
+    """The output's coordinates (module docstring) and the analysis settings as attributes."""
+    t = len(tasks)
+    return xr.Dataset(
         coords={
             "subject": subjects,
             "subject2": subjects,
@@ -252,30 +350,13 @@ def _analyse(
             "label": ("task", [_label(x) for x in tasks]),
             "taskonomy_cluster": ("task", [_taskonomy_cluster(x) for x in tasks]),
         },
-        attrs={
-            "significance": significance,
-            "fdr": fdr,
-            "metric": metric,
-            "linkage": linkage,
-            "n_clusters": n_clusters,
-            "n_permutations": n_permutations,
-            "n_bootstrap": n_bootstrap,
-            "seed": seed,
-            "ci": ci,
-            "taskonomy_affinities": taskonomy_affinities,
-            "roi_source": "roi_results" if roi_results is not None else "results",
-        },
+        attrs=attrs,
     )
-    out["n_voxels"] = ("subject", np.array(n_voxels, dtype=np.int64))
-    out["n_significant"] = (("subject", "task"), np.stack(n_sig).astype(np.int64))
-    out["no_significant_voxel"] = out["n_significant"] == 0
-    out["similarity"] = (("subject", "task", "task2"), sims_a)
-    out["similarity_mean"] = (("task", "task2"), mean)
-    out["similarity_ci"] = (("subject", "task", "task2", "bound"), sim.percentile_interval(np.moveaxis(boots_a, 1, 0), ci))
-    out["similarity_mean_ci"] = (("task", "task2", "bound"), sim.percentile_interval(boot_mean, ci))
-    out["subject_correlation"] = (("subject", "subject2"), sim.subject_correlations(sims_a))
 
-    # trees
+
+def _trees(out: xr.Dataset, sims_a: np.ndarray, mean: np.ndarray, linkage: str, n_clusters: int) -> None:
+    """Each subject's tree and the mean tree: linkage, cut into ``n_clusters``, leaf order,
+    cophenetic distances. ``sims_a``: (s, t, t); ``mean``: (t, t)."""
     links = [sim.task_linkage(s, linkage) for s in sims_a]
     link_mean = sim.task_linkage(mean, linkage)
     out["linkage"] = (("subject", "merge", "linkage_field"), np.stack(links))
@@ -284,14 +365,7 @@ def _analyse(
     out["cluster_mean"] = ("task", sim.cut_tree(link_mean, n_clusters))
     out["leaves"] = (("subject", "leaf"), np.stack([sim.dendrogram_leaves(z) for z in links]))
     out["leaves_mean"] = ("leaf", sim.dendrogram_leaves(link_mean))
-    out["cophenetic_mean"] = (("task", "task2"), _square(sim.cophenetic_distances(link_mean), t))
-
-    _compare_with_taskonomy(
-        out, tasks, sims_a, mean, boots_a, boot_mean, linkage=linkage, n_clusters=n_clusters,
-        n_permutations=n_permutations, rngs=mantel_rngs, size=taskonomy_affinities, ci=ci,
-    )
-    _roi_statistics(out, subjects, tasks, results, roi_results, significance, fdr, roi_groups, masks, rs)
-    return out
+    out["cophenetic_mean"] = (("task", "task2"), _square(sim.cophenetic_distances(link_mean), mean.shape[0]))
 
 
 def _label(task: str) -> str:
