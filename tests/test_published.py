@@ -28,6 +28,7 @@ from neurotask.pipeline.formats.published import (
     restricted_loads,
     voxel_ijk,
 )
+from neurotask.pipeline.stats.scores import with_fdr
 from neurotask.pipeline.tasks import task_names
 
 
@@ -131,6 +132,8 @@ def test_layout_datasets(npz1):
         np.testing.assert_array_equal(wb[name].values, whole[name].sel(task=wb.task).values if "task" in whole[name].dims else whole[name].values)
     assert "depth" not in rd.task.values and rd.sizes["task"] == 21
     assert wb.attrs["subject"] == "CSI1" and rd.attrs["model"] == "roi"
+    assert not {"qvalue", "significant"} & set(rd.data_vars)  # the reader computes no statistics
+    rd = with_fdr(rd, 0.05)
     np.testing.assert_array_equal(rd.significant.values, rd.qvalue.values < 0.05)
     with pytest.raises(PublishedResultsError, match="depth"):
         published_subject_datasets(PICKLES, tasks=["depth"])

@@ -95,3 +95,21 @@ def test_fdr_bh_counts_nan_as_one_and_handles_empty():
     assert not sig[1]
     q0, s0 = stats.fdr_bh(np.array([]))
     assert q0.size == 0 and s0.size == 0
+
+
+def test_with_fdr_is_benjamini_hochberg_per_task():
+    import xarray as xr
+    from statsmodels.stats.multitest import multipletests
+
+    from neurotask.pipeline.stats.scores import with_fdr
+
+    rng = np.random.default_rng(4)
+    p = np.concatenate([rng.uniform(0, 1e-3, (2, 20)), rng.uniform(0, 1, (2, 80))], axis=1)
+    p[1, 3] = np.nan  # counts as 1, never significant
+    ds = with_fdr(xr.Dataset({"pvalue": (("task", "voxel"), p)}, coords={"task": ["a", "b"]}), 0.1)
+    for i in range(2):
+        want = np.where(np.isfinite(p[i]), p[i], 1.0)
+        reject, q, _, _ = multipletests(want, alpha=0.1, method="fdr_bh")
+        np.testing.assert_array_equal(ds["qvalue"].values[i], q)
+        np.testing.assert_array_equal(ds["significant"].values[i], reject)
+    assert not ds["significant"].values[1, 3] and ds.attrs["fdr_alpha"] == 0.1

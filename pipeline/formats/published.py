@@ -14,11 +14,13 @@ Two sources:
 Both become results Datasets of one layout, the layout of ``results/<subject>`` in the
 study store, so the same analysis runs on them:
 
-    dims (task, voxel); data r (float32), pvalue (float64), r2 (float32, NaN if absent),
-    qvalue (float64, BH per task across the Dataset's voxels), significant (bool,
-    qvalue < alpha); coords task (str), voxel (int 0..v-1), roi (str per voxel, '' for
-    none), i, j, k (int per voxel, NIfTI array indices; -1 where unknown); attrs subject,
-    source, fdr_alpha, model ("whole_brain" or "roi").
+    dims (task, voxel); data r (float32), pvalue (float64), r2 (float32, NaN if absent);
+    coords task (str), voxel (int 0..v-1), roi (str per voxel, '' for none), i, j, k (int
+    per voxel, NIfTI array indices; -1 where unknown); attrs subject, source, model
+    ("whole_brain" or "roi").
+
+The files hold what the authors computed and nothing more: the FDR step (q-values and the
+significance mask) is the caller's, :func:`neurotask.pipeline.stats.scores.with_fdr`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from neurotask.pipeline.stats.scores import fdr_bh
 from neurotask.pipeline.tasks import task_names
 
 # The ROI order of the authors' ROI pickles and of the npz ``roi_names``.
@@ -234,16 +235,11 @@ def results_dataset(
     r2: np.ndarray | None = None,
     roi: np.ndarray | None = None,
     ijk: np.ndarray | None = None,
-    alpha: float = 0.05,
     attrs: dict | None = None,
 ) -> xr.Dataset:
     """(t, v) r and p (and r2) -> results Dataset of the layout in the module docstring."""
     r = np.asarray(r)
     t, v = r.shape
-    q = np.empty((t, v))
-    sig = np.empty((t, v), dtype=bool)
-    for i in range(t):
-        q[i], sig[i] = fdr_bh(p[i], alpha)
     ijk = np.full((v, 3), -1, dtype=np.int64) if ijk is None else np.asarray(ijk, dtype=np.int64)
     if ijk.shape != (v, 3):
         raise PublishedResultsError(f"voxel coordinates are {ijk.shape}, expected ({v}, 3)")
@@ -252,8 +248,6 @@ def results_dataset(
             "r": (("task", "voxel"), r.astype(np.float32)),
             "pvalue": (("task", "voxel"), np.asarray(p, dtype=np.float64)),
             "r2": (("task", "voxel"), np.full((t, v), np.nan, np.float32) if r2 is None else np.asarray(r2, np.float32)),
-            "qvalue": (("task", "voxel"), q),
-            "significant": (("task", "voxel"), sig),
         },
         coords={
             "task": list(tasks),
@@ -263,7 +257,7 @@ def results_dataset(
             "j": ("voxel", ijk[:, 1]),
             "k": ("voxel", ijk[:, 2]),
         },
-        attrs={"fdr_alpha": alpha, **(attrs or {})},
+        attrs=dict(attrs or {}),
     )
 
 
@@ -273,7 +267,6 @@ def published_subject_datasets(
     tasks: Sequence[str] | None = None,
     mask_zyx: np.ndarray | None = None,
     subject: str | None = None,
-    alpha: float = 0.05,
 ) -> tuple[xr.Dataset | None, xr.Dataset | None]:
     """One subject folder in the authors' layout -> (whole-brain, ROI) results Datasets.
 
@@ -300,7 +293,6 @@ def published_subject_datasets(
             np.stack([whole[t]["p"] for t in names]),
             r2=r2,
             ijk=ijk,
-            alpha=alpha,
             attrs={**attrs, "model": "whole_brain"},
         )
     roi = read_published_roi(d)
@@ -312,7 +304,6 @@ def published_subject_datasets(
             np.stack([roi[t]["r"] for t in names]),
             np.stack([roi[t]["p"] for t in names]),
             roi=roi[names[0]]["roi"],
-            alpha=alpha,
             attrs={**attrs, "model": "roi"},
         )
     return wb, rd
@@ -327,7 +318,7 @@ def _npz(path: str | Path):
         raise PublishedResultsError(f"cannot read reference npz {path}: {exc}") from exc
 
 
-def load_reference_npz(path: str | Path, *, alpha: float = 0.05) -> xr.Dataset:
+def load_reference_npz(path: str | Path) -> xr.Dataset:
     """Whole-brain results of one subject from the reference npz, dims (task, voxel).
 
     Voxels carry (i, j, k) from ``cortical_mask_zyx``; ROI labels are '' (the npz does not
@@ -344,13 +335,13 @@ def load_reference_npz(path: str | Path, *, alpha: float = 0.05) -> xr.Dataset:
     if r.shape != (len(tasks), ijk.shape[0]):
         raise PublishedResultsError(f"{path}: r is {r.shape}, expected ({len(tasks)}, {ijk.shape[0]} mask voxels)")
     return results_dataset(
-        tasks, r, p, r2=r2, ijk=ijk, alpha=alpha,
+        tasks, r, p, r2=r2, ijk=ijk,
         attrs={"subject": path.stem, "source": str(path), "model": "whole_brain",
                "volume_shape_ijk": list(mask.shape[::-1])},
     )
 
 
-def load_reference_roi_npz(path: str | Path, *, alpha: float = 0.05) -> xr.Dataset:
+def load_reference_roi_npz(path: str | Path) -> xr.Dataset:
     """ROI-model results of one subject from the reference npz, dims (task, voxel).
 
     The 10 ROIs' voxels one after another (``roi_names`` order), each labelled in ``roi``;
@@ -367,6 +358,6 @@ def load_reference_roi_npz(path: str | Path, *, alpha: float = 0.05) -> xr.Datas
         p = np.concatenate([z[f"roi_p_{n}"] for n in names], axis=1)
         roi = np.concatenate([np.full(z[f"roi_r_{n}"].shape[1], n) for n in names])
     return results_dataset(
-        tasks, r, p, roi=roi, alpha=alpha,
+        tasks, r, p, roi=roi,
         attrs={"subject": path.stem, "source": str(path), "model": "roi"},
     )

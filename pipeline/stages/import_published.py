@@ -46,6 +46,7 @@ from neurotask.pipeline.formats.published import (
     load_reference_roi_npz,
     published_subject_datasets,
 )
+from neurotask.pipeline.stats.scores import with_fdr
 from neurotask.pipeline.tasks import task_label
 from neurotask.storage import Stage, StudyStore, results_group, roi_results_group
 from neurotask.storage.schema import results_template, voxel_coords, with_values
@@ -161,8 +162,8 @@ def read_source(src: PublishedSource, tasks: Sequence[str] | None, fdr: float
     mask = _read_mask(src.mask) if src.mask is not None else None
     try:
         if src.kind == "npz":
-            whole = load_reference_npz(src.path, alpha=fdr)
-            roi = load_reference_roi_npz(src.path, alpha=fdr)
+            whole = load_reference_npz(src.path)
+            roi = load_reference_roi_npz(src.path)
             available = [str(x) for x in whole["task"].values]
             if tasks is not None:
                 absent = [x for x in tasks if x not in available]
@@ -170,13 +171,13 @@ def read_source(src: PublishedSource, tasks: Sequence[str] | None, fdr: float
                     raise PublishedImportError(f"{src.path}: no results for task(s) {absent}")
                 whole, roi = whole.sel(task=list(tasks)), roi.sel(task=list(tasks))
         else:
-            whole, roi = published_subject_datasets(src.path, tasks=tasks, mask_zyx=mask, subject=src.subject, alpha=fdr)
+            whole, roi = published_subject_datasets(src.path, tasks=tasks, mask_zyx=mask, subject=src.subject)
     except PublishedResultsError as e:
         raise PublishedImportError(str(e)) from None
     if whole is None:
         raise PublishedImportError(f"{src.path}: no whole-brain results (corr_whole_brain_taskrepr_<task>__TRavg.p)")
     shape = tuple(int(x) for x in mask.shape[::-1]) if mask is not None else None
-    return whole, roi, shape
+    return with_fdr(whole, fdr), (with_fdr(roi, fdr) if roi is not None else None), shape
 
 
 def _fingerprint(src: PublishedSource, tasks: Sequence[str] | None, fdr: float) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import xarray as xr
 from scipy import special
 from statsmodels.stats.multitest import multipletests
 
@@ -98,6 +99,19 @@ def fdr_bh(pvalues: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.nda
         return p, np.zeros(0, dtype=bool)
     reject, q, _, _ = multipletests(p, alpha=alpha, method="fdr_bh")
     return q, reject
+
+
+def with_fdr(results: xr.Dataset, alpha: float = 0.05) -> xr.Dataset:
+    """``results`` (task, voxel) with ``pvalue`` -> a copy with ``qvalue`` (BH per task across
+    its voxels) and ``significant`` (q < alpha), and the attribute ``fdr_alpha``."""
+    p = results["pvalue"].transpose("task", "voxel").values
+    q = np.empty(p.shape)
+    sig = np.empty(p.shape, dtype=bool)
+    for i in range(p.shape[0]):
+        q[i], sig[i] = fdr_bh(p[i], alpha)
+    out = results.assign(qvalue=(("task", "voxel"), q), significant=(("task", "voxel"), sig))
+    out.attrs["fdr_alpha"] = alpha
+    return out
 
 
 def test_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarray]:
