@@ -13,10 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from neurotask.cluster import ClusterConfigError, open_client
-from neurotask.pipeline.config import Config, load_config
-from neurotask.pipeline.errors import NeurotaskError, StoreError
+# Everything of ours is imported when a command runs, not here: the config and the errors
+# pull in Dask and xarray, and `neurotask --help` should answer at once.
+if TYPE_CHECKING:
+    from neurotask.pipeline.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -77,6 +79,7 @@ def simulate_command(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def featurize_command(cfg: Config, args: argparse.Namespace) -> None:
+    from neurotask.cluster import open_client
     from neurotask.pipeline.stages.featurize import all_done, featurize, preflight
 
     if not args.overwrite and all_done(cfg):
@@ -97,6 +100,7 @@ def ingest_command(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def fit_command(cfg: Config, args: argparse.Namespace) -> None:
+    from neurotask.cluster import open_client
     from neurotask.pipeline.stages.fit import fit
     from neurotask.pipeline.stages.summary import summary_table
     from neurotask.storage import StudyStore
@@ -227,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    from neurotask.cluster import ClusterConfigError
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.errors import NeurotaskError, StoreError
+
     try:
         args.func(load_config(args.config), args)
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
