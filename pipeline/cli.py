@@ -188,43 +188,45 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
     volume.add_argument("-v", "--verbose", action="store_true", help="print debugging messages too")
     sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
-    _add_command(sub, "run", run_command,
-                 "every stage: simulate (if configured) -> featurize (if configured) -> ingest -> fit -> summary "
-                 "-> analyse -> report",
-                 "Run the whole study: simulate (if the config has simulate:) -> featurize (if it has features:) "
-                 "-> ingest -> fit -> summary table -> analyse -> report. Each stage skips what the store "
-                 "already holds, so a rerun resumes. With one task there is no task similarity: the run stops "
-                 "after the fit.", overwrite=True)
-    _add_command(sub, "simulate", simulate_command, "write a synthetic study in BOLD5000's formats",
-                 "Write a synthetic study (betas, masks, stimulus lists, images) in BOLD5000's own file "
-                 "formats, as the config's simulate: section describes.", overwrite=False)
-    _add_command(sub, "featurize", featurize_command, "the study's images -> features of every feature space, on Dask",
-                 "Compute the features of every configured feature space (Taskonomy encoders and others) for "
-                 "the study's images, in image batches on Dask, into features/<space> in the store.",
-                 overwrite=True)
-    _add_command(sub, "ingest", ingest_command, "betas + masks + stimulus list -> responses in the store",
-                 "Read each subject's betas, masks and stimulus list and write its responses "
-                 "(image, voxel) into responses/<subject> in the store.", overwrite=True)
-    _add_command(sub, "fit", fit_command, "ridge CV of every (subject, task, voxel chunk) on Dask",
-                 "Fit voxelwise ridge regression with cross-validated alphas for every (subject, task, voxel "
-                 "chunk) on Dask, test it on held-out images, write results/<subject> and print a summary "
-                 "table.", overwrite=True)
-    _add_command(sub, "analyse", analyse_command, "task similarity, trees and the comparison with Taskonomy",
-                 "From the FDR-masked test r: task similarity, task trees and graphs, ROI and 3D-vs-2D "
-                 "summaries and the comparison with Taskonomy's task structure, into analysis/ in the store.",
-                 overwrite=True)
-    _add_command(sub, "report", report_command, "figures, NIfTI maps and one HTML page",
-                 "Draw the figures, write NIfTI maps and statistics.json, and assemble "
-                 "<workdir>/report/index.html from the stored analysis and results.", overwrite=False)
-    p = _add_command(sub, "import-published", import_published_command,
-                     "the authors' published per-voxel results into the store",
-                     "Read the Neural Taskonomy authors' published per-voxel results into results/<subject> "
-                     "of the study's store, to analyse and report them like a fit of our own.", overwrite=True)
-    p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
-    p.add_argument("--masks", type=Path, default=None,
-                   help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
-    _add_command(sub, "status", status_command, "what is done in the study's store",
-                 "Show what is done, running and missing in the study's store.", overwrite=False)
+    # name, function, one-line help (the command list), description (the command's --help), --overwrite
+    commands = [
+        ("run", run_command,
+         "every stage: simulate (if configured) -> featurize (if configured) -> ingest -> fit -> summary "
+         "-> analyse -> report",
+         "Run the whole study: simulate (if the config has simulate:) -> featurize (if it has features:) "
+         "-> ingest -> fit -> summary table -> analyse -> report. Each stage skips what the store already "
+         "holds, so a rerun resumes. With one task there is no task similarity: the run stops after the fit.",
+         True),
+        ("simulate", simulate_command, "write a synthetic study in BOLD5000's formats",
+         "Write a synthetic study (betas, masks, stimulus lists, images) in BOLD5000's own file formats, "
+         "as the config's simulate: section describes.", False),
+        ("featurize", featurize_command, "the study's images -> features of every feature space, on Dask",
+         "Compute the features of every configured feature space (Taskonomy encoders and others) for the "
+         "study's images, in image batches on Dask, into features/<space> in the store.", True),
+        ("ingest", ingest_command, "betas + masks + stimulus list -> responses in the store",
+         "Read each subject's betas, masks and stimulus list and write its responses (image, voxel) into "
+         "responses/<subject> in the store.", True),
+        ("fit", fit_command, "ridge CV of every (subject, task, voxel chunk) on Dask",
+         "Fit voxelwise ridge regression with cross-validated alphas for every (subject, task, voxel chunk) "
+         "on Dask, test it on held-out images, write results/<subject> and print a summary table.", True),
+        ("analyse", analyse_command, "task similarity, trees and the comparison with Taskonomy",
+         "From the FDR-masked test r: task similarity, task trees and graphs, ROI and 3D-vs-2D summaries "
+         "and the comparison with Taskonomy's task structure, into analysis/ in the store.", True),
+        ("report", report_command, "figures, NIfTI maps and one HTML page",
+         "Draw the figures, write NIfTI maps and statistics.json, and assemble <workdir>/report/index.html "
+         "from the stored analysis and results.", False),
+        ("import-published", import_published_command, "the authors' published per-voxel results into the store",
+         "Read the Neural Taskonomy authors' published per-voxel results into results/<subject> of the "
+         "study's store, to analyse and report them like a fit of our own.", True),
+        ("status", status_command, "what is done in the study's store",
+         "Show what is done, running and missing in the study's store.", False),
+    ]
+    for name, func, help_, description, overwrite in commands:
+        p = _add_command(sub, name, func, help_, description, overwrite=overwrite)
+        if name == "import-published":
+            p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
+            p.add_argument("--masks", type=Path, default=None,
+                           help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
     return parser
 
 
