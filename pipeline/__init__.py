@@ -7,6 +7,8 @@
 - ``stats``: test scores, noise ceiling, similarity, task structure (pure arrays).
 - ``features``: feature spaces, Taskonomy encoders, preprocessing, weights.
 - ``formats``: readers of other people's files (paths in, arrays out).
+- ``figures``, ``report_page`` (with ``templates/``): the report's figures, and its HTML page
+  rendered from a jinja2 template; the report stage decides what goes where.
 
 Arrows run one way: cli -> stages -> (ridge, stats, features, formats) -> storage.
 """

@@ -1,17 +1,8 @@
-"""The ``neurotask`` command.
+"""The ``neurotask`` command: argparse sub-commands, one small function each.
 
-    neurotask run      [--config FILE]   simulate, featurize (if configured) -> ingest -> fit -> analyse -> report
-    neurotask simulate  --config FILE    write a synthetic study in BOLD5000's formats
-    neurotask featurize --config FILE    the study's images -> features of every feature space, on Dask
-    neurotask ingest    --config FILE    betas + masks + stimulus list -> responses in the store
-    neurotask fit       --config FILE    ridge CV of every (subject, task, voxel chunk) on Dask
-    neurotask analyse   --config FILE    task similarity, trees, Taskonomy comparison -> analysis/
-    neurotask report    --config FILE    figures, NIfTI maps and report/index.html
-    neurotask import-published DIR --config FILE [--masks DIR]
-                                         the authors' published results -> results/ in the store
-    neurotask status    --config FILE    what is done in the study's store
-
-Errors a user can cause print one message and exit with status 2, without a traceback.
+Every command loads and validates the study config once, then calls its stage; errors a
+user can cause print one line and exit with status 2, without a traceback; Ctrl-C exits
+with 130 and keeps every finished unit.
 """
 
 from __future__ import annotations
@@ -20,14 +11,37 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from neurotask.cluster import ClusterConfigError, open_client
-from neurotask.pipeline.config import Config, load_config
-from neurotask.pipeline.errors import NeurotaskError, StoreError
+# Everything of ours is imported when a command runs, not here: the config and the errors
+# pull in Dask and xarray, and `neurotask --help` should answer at once.
+if TYPE_CHECKING:
+    from neurotask.pipeline.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
+DESCRIPTION = """\
+Neural Taskonomy at cluster scale: predict fMRI responses to images from the latent
+features of the Taskonomy task networks (and any other feature space) with voxelwise ridge
+regression on Dask, infer how similar the tasks are from where in the brain each one
+predicts well, and compare that brain-derived task structure with Taskonomy's.
+
+A study is one YAML config; its stages talk through one Zarr store and resume after a
+crash or a kill without redoing what finished. In the order `neurotask run` takes them:
+
+  simulate    a synthetic study in BOLD5000's file formats (if the config has simulate:)
+  featurize   the study's images -> features of every feature space (if it has features:)
+  ingest      betas, masks and stimulus list -> responses in the store
+  fit         ridge cross-validation of every (subject, task, voxel chunk); a summary
+  analyse     task similarity, trees, graphs and the comparison with Taskonomy
+  report      figures, NIfTI maps and one HTML page
+
+The README (README.md at the top of the neurotask source tree) explains every command and
+configuration option; `neurotask COMMAND --help` shows a command's options."""
+
+EPILOG = "`neurotask run` with no arguments runs the demo study (configs/demo.yaml)."
 
 logger = logging.getLogger("neurotask")
 
@@ -54,39 +68,45 @@ def configure_logging(level: int) -> None:
     logger.setLevel(level)
 
 
-def _simulate(cfg: Config) -> None:
+# --------------------------------------------------------------------------- commands
+# Each takes the validated config and the parsed arguments.
+
+
+def simulate_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.simulate import simulate_study
 
     simulate_study(cfg)
 
 
-def _featurize(cfg: Config, overwrite: bool) -> None:
+def featurize_command(cfg: Config, args: argparse.Namespace) -> None:
+    from neurotask.cluster import open_client
     from neurotask.pipeline.stages.featurize import all_done, featurize, preflight
 
-    if not overwrite and all_done(cfg):
+    if not args.overwrite and all_done(cfg):
         logger.info("features already computed for every feature space and image, skipped")
         return
     plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
     with open_client(cfg.cluster) as client:
-        report = featurize(cfg, client, overwrite=overwrite, plan=plan)
+        report = featurize(cfg, client, overwrite=args.overwrite, plan=plan)
     devices = ", ".join(sorted(report.devices)) or "-"
     logger.info(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
         f"{report.skipped} already done, device {devices}, {report.seconds:.1f} s")
 
 
-def _ingest(cfg: Config, overwrite: bool) -> None:
+def ingest_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.ingest import ingest
 
-    ingest(cfg, overwrite=overwrite)
+    ingest(cfg, overwrite=args.overwrite)
 
 
-def _fit(cfg: Config, overwrite: bool) -> None:
+def fit_command(cfg: Config, args: argparse.Namespace) -> None:
+    from neurotask.cluster import open_client
     from neurotask.pipeline.stages.fit import fit
     from neurotask.pipeline.stages.summary import summary_table
     from neurotask.storage import StudyStore
 
     with open_client(cfg.cluster) as client:
-        report = fit(cfg, client, overwrite=overwrite)
+        report = fit(cfg, client, overwrite=args.overwrite)
     logger.info(f"fit: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
     store = StudyStore(cfg.store_path)
     results = {s: store.results(s).sel(task=cfg.tasks) for s in cfg.study.subjects}
@@ -95,97 +115,130 @@ def _fit(cfg: Config, overwrite: bool) -> None:
     logger.info(f"\nresults: {cfg.store_path} (groups results/<subject>)")
 
 
-def _analyse(cfg: Config, overwrite: bool) -> None:
+def analyse_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.analyse import run_analysis, summary_lines
 
-    analysis = run_analysis(cfg, overwrite=overwrite)
+    analysis = run_analysis(cfg, overwrite=args.overwrite)
     for line in summary_lines(analysis):
         logger.info(line)
 
 
-def _report(cfg: Config) -> Path:
+def report_command(cfg: Config, args: argparse.Namespace) -> Path:
     from neurotask.pipeline.stages.report import write_report
 
     return write_report(cfg)
 
 
-def _import_published(cfg: Config, directory: Path, masks: Path | None, overwrite: bool) -> None:
+def import_published_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.import_published import import_published
 
-    import_published(cfg, directory, masks=masks, overwrite=overwrite)
-    logger.info(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` and `neurotask report`")
+    import_published(cfg, args.directory, masks=args.masks, overwrite=args.overwrite)
+    logger.info(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` "
+                f"and `neurotask report --config {cfg.path}`")
 
 
-def _status(cfg: Config) -> None:
+def status_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.status import status_lines
 
     for line in status_lines(cfg):
         logger.info(line)
 
 
+def run_command(cfg: Config, args: argparse.Namespace) -> None:
+    """Every stage the config asks for, in order; each skips what the store already holds."""
+    t0 = time.perf_counter()
+    if cfg.simulate is not None:
+        simulate_command(cfg, args)
+    if cfg.features is not None and cfg.features.space_names:
+        featurize_command(cfg, args)
+    ingest_command(cfg, args)
+    fit_command(cfg, args)
+    if len(cfg.tasks) < 2:
+        logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
+        return
+    analyse_command(cfg, args)
+    index = report_command(cfg, args)
+    logger.info(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_command(sub, name: str, func: Callable[[Config, argparse.Namespace], object], help_: str,
+                 description: str, *, overwrite: bool) -> argparse.ArgumentParser:
+    """A sub-command whose ``--config`` is required (``run`` gives it a default) and,
+    when ``overwrite``, takes ``--overwrite``."""
+    p = sub.add_parser(name, help=help_, description=description)
+    if name == "run":
+        p.add_argument("--config", type=Path, default=DEMO_CONFIG,
+                       help="study config (YAML); default: the demo study, configs/demo.yaml")
+    else:
+        p.add_argument("--config", type=Path, required=True, help="study config (YAML)")
+    if overwrite:
+        what = "the stages" if name == "run" else "this stage"
+        p.add_argument("--overwrite", action="store_true", help=f"discard what {what} stored before and redo it")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neurotask", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="neurotask", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
     volume.add_argument("-v", "--verbose", action="store_true", help="print debugging messages too")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("run", "simulate and featurize (if configured), ingest, fit and summarise"),
-                        ("simulate", "write a synthetic study in BOLD5000's formats"),
-                        ("featurize", "the study's images -> features of every feature space, on Dask"),
-                        ("ingest", "betas + masks + stimulus list -> responses in the store"),
-                        ("fit", "ridge CV of every (subject, task, voxel chunk) on Dask"),
-                        ("analyse", "task similarity, trees and the comparison with Taskonomy"),
-                        ("report", "figures, NIfTI maps and one HTML page"),
-                        ("import-published", "the authors' published per-voxel results into the store"),
-                        ("status", "what is done in the study's store")]:
-        p = sub.add_parser(name, help=help_)
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    # name, function, one-line help (the command list), description (the command's --help), --overwrite
+    commands = [
+        ("run", run_command,
+         "every stage: simulate (if configured) -> featurize (if configured) -> ingest -> fit -> summary "
+         "-> analyse -> report",
+         "Run the whole study: simulate (if the config has simulate:) -> featurize (if it has features:) "
+         "-> ingest -> fit -> summary table -> analyse -> report. Each stage skips what the store already "
+         "holds, so a rerun resumes. With one task there is no task similarity: the run stops after the fit.",
+         True),
+        ("simulate", simulate_command, "write a synthetic study in BOLD5000's formats",
+         "Write a synthetic study (betas, masks, stimulus lists, images) in BOLD5000's own file formats, "
+         "as the config's simulate: section describes.", False),
+        ("featurize", featurize_command, "the study's images -> features of every feature space, on Dask",
+         "Compute the features of every configured feature space (Taskonomy encoders and others) for the "
+         "study's images, in image batches on Dask, into features/<space> in the store.", True),
+        ("ingest", ingest_command, "betas + masks + stimulus list -> responses in the store",
+         "Read each subject's betas, masks and stimulus list and write its responses (image, voxel) into "
+         "responses/<subject> in the store.", True),
+        ("fit", fit_command, "ridge CV of every (subject, task, voxel chunk) on Dask",
+         "Fit voxelwise ridge regression with cross-validated alphas for every (subject, task, voxel chunk) "
+         "on Dask, test it on held-out images, write results/<subject> and print a summary table.", True),
+        ("analyse", analyse_command, "task similarity, trees and the comparison with Taskonomy",
+         "From the FDR-masked test r: task similarity, task trees and graphs, ROI and 3D-vs-2D summaries "
+         "and the comparison with Taskonomy's task structure, into analysis/ in the store.", True),
+        ("report", report_command, "figures, NIfTI maps and one HTML page",
+         "Draw the figures, write NIfTI maps and statistics.json, and assemble <workdir>/report/index.html "
+         "from the stored analysis and results.", False),
+        ("import-published", import_published_command, "the authors' published per-voxel results into the store",
+         "Read the Neural Taskonomy authors' published per-voxel results into results/<subject> of the "
+         "study's store, to analyse and report them like a fit of our own.", True),
+        ("status", status_command, "what is done in the study's store",
+         "Show what is done, running and missing in the study's store.", False),
+    ]
+    for name, func, help_, description, overwrite in commands:
+        p = _add_command(sub, name, func, help_, description, overwrite=overwrite)
         if name == "import-published":
             p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
             p.add_argument("--masks", type=Path, default=None,
                            help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
-        p.add_argument("--config", type=Path, default=DEMO_CONFIG if name == "run" else None,
-                       required=name != "run", help="study config (YAML)")
-        if name in ("run", "featurize", "ingest", "fit", "analyse", "import-published"):
-            p.add_argument("--overwrite", action="store_true",
-                           help="discard what this stage stored before and redo it")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
-    t0 = time.perf_counter()
+    from neurotask.cluster import ClusterConfigError
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.errors import NeurotaskError, StoreError
+
     try:
-        cfg = load_config(args.config)
-        if args.command == "simulate":
-            _simulate(cfg)
-        elif args.command == "featurize":
-            _featurize(cfg, args.overwrite)
-        elif args.command == "ingest":
-            _ingest(cfg, args.overwrite)
-        elif args.command == "fit":
-            _fit(cfg, args.overwrite)
-        elif args.command == "analyse":
-            _analyse(cfg, args.overwrite)
-        elif args.command == "report":
-            _report(cfg)
-        elif args.command == "import-published":
-            _import_published(cfg, args.directory, args.masks, args.overwrite)
-        elif args.command == "status":
-            _status(cfg)
-        elif args.command == "run":
-            if cfg.simulate is not None:
-                _simulate(cfg)
-            if cfg.features is not None and cfg.features.space_names:
-                _featurize(cfg, args.overwrite)
-            _ingest(cfg, args.overwrite)
-            _fit(cfg, args.overwrite)
-            if len(cfg.tasks) < 2:
-                logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
-            else:
-                _analyse(cfg, args.overwrite)
-                index = _report(cfg)
-                logger.info(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
+        args.func(load_config(args.config), args)
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,8 @@ import pytest
 import xarray as xr
 
 from analysis_fixtures import reference_path, write_config
+from tree_support import is_clade
 from neurotask.pipeline import cli
-from neurotask.pipeline.stats import similarity as S
 from neurotask.pipeline.stats.task_structure import analyse
 from neurotask.pipeline.stages.analyse import AnalysisStageError, read_analysis, run_analysis
 from neurotask.pipeline.config import load_config
@@ -151,9 +151,9 @@ def test_the_paper_reproduced_through_the_store_on_all_three_subjects(tmp_path):
     three_d = [names.index(t) for t in ("edge3d", "keypoint3d", "segment25d", "rgb2depth", "rgb2mist", "reshade",
                                         "rgb2sfnorm")]
     semantic = [names.index(t) for t in ("class_1000", "class_places")]
-    assert S.is_clade(a["linkage_mean"].values, three_d) and S.is_clade(a["linkage_mean"].values, semantic)
+    assert is_clade(a["linkage_mean"].values, three_d) and is_clade(a["linkage_mean"].values, semantic)
     for s in SUBJECTS:
-        assert S.is_clade(a["linkage"].sel(subject=s).values, semantic)
+        assert is_clade(a["linkage"].sel(subject=s).values, semantic)
     # the numbers of docs/published_reproduction.md (its settings but 50 bootstraps, 200 permutations)
     assert a["n_significant"].sel(subject="CSI1", task="vanishing_point").item() == 1825
     assert a["n_voxels"].values.tolist() == [54894, 59182, 57015]

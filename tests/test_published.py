@@ -14,6 +14,7 @@ from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 from statsmodels.stats.multitest import multipletests
 
 from neurotask.pipeline.stats import similarity as S
+from tree_support import is_clade
 from neurotask.pipeline.stats.task_structure import analyse
 from neurotask.pipeline.formats.published import (
     ROI_NAMES,
@@ -223,14 +224,14 @@ def test_3d_and_semantic_tasks_form_their_own_branches(published_analysis):
     # the subject-averaged tree: the 3D tasks (curvature has no voxels) are one branch,
     # object and scene classification another
     z = out.linkage_mean.values
-    assert S.is_clade(z, _indices(out, THREE_D))
-    assert S.is_clade(z, _indices(out, SEMANTIC))
+    assert is_clade(z, _indices(out, THREE_D))
+    assert is_clade(z, _indices(out, SEMANTIC))
     # the same with ward linkage
     zw = S.task_linkage(out.similarity_mean.values, "ward")
-    assert S.is_clade(zw, _indices(out, THREE_D)) and S.is_clade(zw, _indices(out, SEMANTIC))
+    assert is_clade(zw, _indices(out, THREE_D)) and is_clade(zw, _indices(out, SEMANTIC))
     # object + scene classification pair up in every subject's tree
     for s in SUBJECTS:
-        assert S.is_clade(out.linkage.sel(subject=s).values, _indices(out, SEMANTIC))
+        assert is_clade(out.linkage.sel(subject=s).values, _indices(out, SEMANTIC))
 
 
 def test_structure_is_reliable_across_subjects_and_related_to_taskonomy(published_analysis):

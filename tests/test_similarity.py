@@ -20,6 +20,7 @@ from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 from neurotask.pipeline.stats import similarity as S
 from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, roi_group_of, significance_mask, voxel_contrasts
 from neurotask.pipeline.tasks import task_names
+from tree_support import is_clade
 
 # --------------------------------------------------------------------------- matrices
 
@@ -95,29 +96,20 @@ def test_upper_triangle_is_squareform_order():
 
 
 @pytest.mark.parametrize("metric", S.METRICS)
-def test_weighted_similarity_equals_explicit_resample(metric):
+def test_bootstrap_similarity_equals_explicit_resamples(metric):
+    """Each resample equals the similarity of its voxels drawn explicitly, duplicates and
+    voxels that are zero everywhere included (the bootstrap leaves those out of its sums)."""
     rng = np.random.default_rng(5)
-    r = rng.normal(0.1, 0.2, size=(5, 60))
-    sig = rng.random((5, 60)) < 0.4
+    r = rng.normal(0.1, 0.2, size=(5, 80))
+    sig = rng.random((5, 80)) < 0.2
     sig[4] = False  # an empty task
-    idx = np.stack([rng.integers(0, 60, 60) for _ in range(3)])
-    w = np.stack([np.bincount(i, minlength=60) for i in idx]).astype(float)
-    got = S.weighted_similarity(r, sig, w, metric)
-    for k in range(3):
-        expected = S.task_similarity(r[:, idx[k]], sig[:, idx[k]], metric)
-        np.testing.assert_allclose(got[k], expected, atol=1e-10)
-
-
-@pytest.mark.parametrize("metric", S.METRICS)
-def test_bootstrap_similarity_equals_resampling_all_voxels(metric):
-    """Dropping voxels that are zero everywhere must not change any resample."""
-    r = np.random.default_rng(6).normal(0.1, 0.2, size=(4, 80))
-    sig = np.random.default_rng(7).random((4, 80)) < 0.2
     boot = S.bootstrap_similarity(r, sig, 7, np.random.default_rng(0), metric, batch=3)
-    # the same draws, made the same way, over all voxels
-    rng = np.random.default_rng(0)
-    w = np.concatenate([S.bootstrap_counts(80, n, rng) for n in (3, 3, 1)])
-    np.testing.assert_allclose(boot, S.weighted_similarity(r, sig, w, metric), atol=1e-10)
+    # the same draws, made the same way (a batch of 3, 3, then 1 resamples of 80 voxels)
+    draws = np.random.default_rng(0)
+    idx = np.concatenate([draws.integers(0, 80, size=(n, 80)) for n in (3, 3, 1)])
+    for k in range(7):
+        expected = S.task_similarity(r[:, idx[k]], sig[:, idx[k]], metric)
+        np.testing.assert_allclose(boot[k], expected, atol=1e-10)
 
 
 def test_bootstrap_counts_rows_sum_and_seed():
@@ -194,8 +186,8 @@ def test_dendrogram_leaves_and_clades():
     leaves = S.dendrogram_leaves(z)
     assert sorted(leaves) == [0, 1, 2, 3]
     assert {frozenset(leaves[:2]), frozenset(leaves[2:])} == {frozenset({0, 1}), frozenset({2, 3})}
-    assert S.is_clade(z, [0, 1]) and S.is_clade(z, [3, 2]) and not S.is_clade(z, [1, 2])
-    assert frozenset({0, 1, 2, 3}) in S.clade_members(z)
+    assert is_clade(z, [0, 1]) and is_clade(z, [3, 2]) and not is_clade(z, [1, 2])
+    assert is_clade(z, [0, 1, 2, 3]) and is_clade(z, [2]) and not is_clade(z, [0, 1, 2])
 
 
 def test_cophenetic_correlation_matches_scipy():
@@ -207,29 +199,34 @@ def test_cophenetic_correlation_matches_scipy():
     assert S.cophenetic_correlation(za, za) == pytest.approx(1.0)
 
 
-def test_task_graph_weights_and_threshold():
-    s = np.array([[1, 0.5, 0.1], [0.5, 1, 0.3], [0.1, 0.3, 1]])
-    g = S.task_graph(s, ["a", "b", "c"], node_attributes={"a": {"cluster": "3D"}})
-    assert isinstance(g, nx.Graph) and g.number_of_edges() == 3
-    assert g["a"]["b"]["weight"] == 0.5 and g["b"]["c"]["weight"] == 0.3
-    assert g.nodes["a"]["cluster"] == "3D"
-    g2 = S.task_graph(s, ["a", "b", "c"], min_weight=0.3)
-    assert set(map(frozenset, g2.edges)) == {frozenset("ab"), frozenset("bc")}
-    np.testing.assert_allclose(nx.to_numpy_array(g, nodelist=["a", "b", "c"]), s - np.eye(3))
+def test_task_graph_joins_each_task_to_its_most_similar():
+    s = np.array([[1, 0.5, 0.1, -0.2], [0.5, 1, 0.3, 0.0], [0.1, 0.3, 1, 0.2], [-0.2, 0.0, 0.2, 1]])
+    g = S.task_graph(s, list("abcd"), 1, {"a": {"cluster": "3D"}})
+    # nearest: a-b, b-a, c-b, d-c
+    assert isinstance(g, nx.Graph) and list(g.nodes) == list("abcd")
+    assert set(map(frozenset, g.edges)) == {frozenset("ab"), frozenset("bc"), frozenset("cd")}
+    assert g["a"]["b"]["weight"] == 0.5 and g["c"]["d"]["weight"] == 0.2
+    assert g.nodes["a"]["cluster"] == "3D" and g.nodes["b"] == {}
+    # every other task a neighbour: only the pairs of positive similarity are joined
+    everyone = S.task_graph(s, list("abcd"), 3)
+    np.testing.assert_allclose(nx.to_numpy_array(everyone, nodelist=list("abcd")), np.where(s > 0, s, 0) - np.eye(4))
+    # a NaN similarity (a task pair without a value) is never an edge
+    with_nan = S.task_graph(np.array([[1, 0.4, 0.4], [0.4, 1, np.nan], [0.4, np.nan, 1]]), list("abc"), 2)
+    assert set(map(frozenset, with_nan.edges)) == {frozenset("ab"), frozenset("ac")}
     with pytest.raises(ValueError):
-        S.task_graph(s, ["a", "b"])
+        S.task_graph(s, ["a", "b"], 1)
 
 
 # --------------------------------------------------------------------------- comparison
 
 
-def test_matrix_spearman_matches_scipy():
+def test_batch_spearman_matches_scipy():
     rng = np.random.default_rng(15)
-    a, b = (x + x.T for x in rng.normal(size=(2, 9, 9)))
-    expected = stats.spearmanr(S.upper_triangle(a), S.upper_triangle(b))[0]
-    assert S.matrix_spearman(a, b) == pytest.approx(expected)
-    batch = S.batch_spearman(np.stack([a, b]), b)
-    assert batch[0] == pytest.approx(expected) and batch[1] == pytest.approx(1.0)
+    a, b, c = (x + x.T for x in rng.normal(size=(3, 9, 9)))
+    batch = S.batch_spearman(np.stack([a, c, b]), b)
+    for got, x in zip(batch, (a, c)):
+        assert got == pytest.approx(stats.spearmanr(S.upper_triangle(x), S.upper_triangle(b))[0])
+    assert batch[2] == pytest.approx(1.0)
 
 
 def _symmetric(rng, t):

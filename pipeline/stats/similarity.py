@@ -116,30 +116,6 @@ def bootstrap_counts(
     return counts.astype(np.float64)
 
 
-def weighted_similarity(
-    r: np.ndarray,
-    significant: np.ndarray,
-    weights: np.ndarray,
-    metric: str = "cosine",
-    n_voxels: int | None = None,
-) -> np.ndarray:
-    """Task similarity with voxel v counted ``weights[k, v]`` times, for each row k.
-
-    (t, v) r, (t, v) bool significance, (b, v) weights -> (b, t, t). Equals
-    ``task_similarity(r[:, idx], significant[:, idx], metric)`` for a resample ``idx`` whose
-    voxel counts are a row of ``weights``, but in one matrix product: the weighted Gram
-    matrix is W @ P with P[v] the outer product of voxel v's task profile (upper triangle).
-    ``n_voxels``: size of the resample (default: the row sums), needed by ``pearson`` when
-    the columns given are only the voxels that are non-zero somewhere.
-    """
-    _check_metric(metric)
-    x = _profiles(r, significant, metric)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 2 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"weights must be (resamples, {x.shape[1]}), got {w.shape}")
-    return _weighted(x, _pair_products(x), w, metric, n_voxels)
-
-
 def _profiles(r: np.ndarray, significant: np.ndarray, metric: str) -> np.ndarray:
     """(t, v) task profiles the metric compares: masked r, or the 0/1 significance."""
     if metric == "jaccard":
@@ -153,10 +129,14 @@ def _pair_products(x: np.ndarray) -> np.ndarray:
     return x[iu] * x[ju]
 
 
-def _weighted(
-    x: np.ndarray, products: np.ndarray, w: np.ndarray, metric: str, n_voxels: int | None
-) -> np.ndarray:
-    """(t, v) profiles, their (p, v) pair products, (b, v) weights -> (b, t, t) similarity."""
+def _weighted(x: np.ndarray, products: np.ndarray, w: np.ndarray, metric: str, n_voxels: int) -> np.ndarray:
+    """(t, v) profiles, their (p, v) pair products, (b, v) weights -> (b, t, t) similarity.
+
+    Row k equals the similarity of a resample in which voxel v is drawn ``w[k, v]`` times,
+    in one matrix product: the weighted Gram matrix is W @ P with P[v] the outer product of
+    voxel v's task profile (upper triangle). ``n_voxels``: size of each resample, needed by
+    ``pearson`` because the columns given are only the voxels that are non-zero somewhere.
+    """
     t = x.shape[0]
     iu, ju = np.triu_indices(t)
     gram = np.empty((w.shape[0], t, t))
@@ -171,9 +151,8 @@ def _weighted(
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(union > 0, gram / union, 0.0)
     # pearson: weighted covariance from weighted sums and products
-    total = w.sum(axis=1) if n_voxels is None else np.full(w.shape[0], float(n_voxels))
     sums = w @ x.T  # (b, t)
-    cov = gram - sums[:, :, None] * sums[:, None, :] / total[:, None, None]
+    cov = gram - sums[:, :, None] * sums[:, None, :] / float(n_voxels)
     var = np.diagonal(cov, axis1=1, axis2=2)
     sq = np.diagonal(gram, axis1=1, axis2=2)
     constant = var <= 1e-12 * np.maximum(sq, 1e-300)
@@ -285,43 +264,29 @@ def cophenetic_correlation(linkage_a: np.ndarray, linkage_b: np.ndarray) -> floa
     return _pearson(a, b)
 
 
-def clade_members(linkage_matrix: np.ndarray) -> list[frozenset[int]]:
-    """Every clade (internal node) of the tree as the set of its leaf indices, merge order."""
-    n = linkage_matrix.shape[0] + 1
-    members: list[frozenset[int]] = [frozenset([i]) for i in range(n)]
-    for left, right, _, _ in linkage_matrix:
-        members.append(members[int(left)] | members[int(right)])
-    return members[n:]
-
-
-def is_clade(linkage_matrix: np.ndarray, tasks: Sequence[int]) -> bool:
-    """Whether ``tasks`` (indices) are exactly the leaves of one branch of the tree."""
-    wanted = frozenset(int(t) for t in tasks)
-    return len(wanted) == 1 or wanted in clade_members(linkage_matrix)
-
-
 def task_graph(
     similarity: np.ndarray,
     tasks: Sequence[str],
-    *,
-    min_weight: float | None = None,
+    neighbours: int,
     node_attributes: dict[str, dict] | None = None,
 ) -> nx.Graph:
-    """(t, t) similarity -> undirected graph: one node per task, edge weight = similarity.
+    """(t, t) similarity -> undirected graph: one node per task, each joined to its
+    ``neighbours`` most similar other tasks (positive, finite similarity only; ties in task
+    order); edge weight = similarity.
 
-    Edges with weight below ``min_weight`` are left out (all pairs kept when None);
     ``node_attributes``: per task name, a dict of attributes for its node (label, cluster).
     """
-    s = np.asarray(similarity, dtype=np.float64)
+    s = np.array(similarity, dtype=np.float64)
     if s.shape != (len(tasks), len(tasks)):
         raise ValueError(f"similarity is {s.shape} but {len(tasks)} task names were given")
+    np.fill_diagonal(s, -np.inf)
     g = nx.Graph()
     for name in tasks:
         g.add_node(name, **(node_attributes or {}).get(name, {}))
-    for i, j in zip(*np.triu_indices(len(tasks), k=1)):
-        w = float(s[i, j])
-        if min_weight is None or w >= min_weight:
-            g.add_edge(tasks[i], tasks[j], weight=w)
+    for i, name in enumerate(tasks):
+        for j in np.argsort(-s[i], kind="stable")[:neighbours]:
+            if np.isfinite(s[i, j]) and s[i, j] > 0:
+                g.add_edge(name, tasks[j], weight=float(s[i, j]))
     return g
 
 
@@ -342,11 +307,6 @@ def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     den = np.sqrt((a * a).sum(axis=-1) * (b * b).sum())
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, (a @ b) / den, np.nan)
-
-
-def matrix_spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation between the upper triangles of two (t, t) matrices."""
-    return _pearson(stats.rankdata(upper_triangle(a)), stats.rankdata(upper_triangle(b)))
 
 
 def batch_spearman(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""The command line: help texts, dispatch, exit codes, and the installed ``neurotask`` command
+run as a user runs it (from a folder outside the checkout, no PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import reference_path
+from neurotask.pipeline import cli
+
+COMMANDS = {
+    "run": cli.run_command,
+    "simulate": cli.simulate_command,
+    "featurize": cli.featurize_command,
+    "ingest": cli.ingest_command,
+    "fit": cli.fit_command,
+    "analyse": cli.analyse_command,
+    "report": cli.report_command,
+    "import-published": cli.import_published_command,
+    "status": cli.status_command,
+}
+
+
+def neurotask_command() -> str:
+    found = shutil.which("neurotask")
+    return found or str(Path(sys.executable).parent / "neurotask")
+
+
+def run_neurotask(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed command, as a user starts it: no PYTHONPATH, the venv's bin on PATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return subprocess.run([neurotask_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def write_study(folder: Path, subjects: list[str]) -> Path:
+    """A study config with nothing but its name, workdir (relative to the file) and subjects."""
+    path = folder / "study.yaml"
+    path.write_text(f"study: {{name: cli-test, workdir: work, subjects: [{', '.join(subjects)}]}}\n")
+    return path
+
+
+def test_help_describes_the_tool_its_stages_and_the_readme(tmp_path):
+    done = run_neurotask("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    description = text.split("\n\n", 1)[1]  # after the usage line
+    assert not description.startswith("The ``neurotask`` command")
+    assert description.startswith("Neural Taskonomy at cluster scale")
+    assert "README" in text and "-q, --quiet" in text and "-v, --verbose" in text
+    # the stages in the order `neurotask run` takes them, then every sub-command listed
+    stages = ["simulate", "featurize", "ingest", "fit", "analyse", "report"]
+    positions = [description.index(f"\n  {s} ") for s in stages]
+    assert positions == sorted(positions)
+    commands = text.split("commands:", 1)[1]
+    for name in COMMANDS:
+        assert f"\n    {name}" in commands
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_has_its_own_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith(f"usage: neurotask {name} ")
+    assert "--config" in text
+    assert ("--overwrite" in text) == (name in ("run", "featurize", "ingest", "fit", "analyse", "import-published"))
+    description = text.split("options:")[0]
+    assert len(description.split()) > 12  # a sentence that says what it does, beyond the usage line
+    if name == "run":
+        assert ("simulate (if the config has simulate:) -> featurize (if it has features:) -> ingest -> fit "
+                "-> summary table -> analyse -> report") in description
+        assert "default: the demo study" in text
+    if name == "import-published":
+        assert "directory" in description and "--masks" in text
+
+
+def test_each_command_dispatches_to_its_function():
+    parser = cli.build_parser()
+    for name, func in COMMANDS.items():
+        extra = ["published"] if name == "import-published" else []
+        args = parser.parse_args([name, *extra, "--config", "study.yaml"])
+        assert args.func is func and args.config == Path("study.yaml")
+    assert parser.parse_args(["run"]).config == cli.DEMO_CONFIG and cli.DEMO_CONFIG.is_file()
+    args = parser.parse_args(["import-published", "d", "--masks", "m", "--config", "c", "--overwrite"])
+    assert (args.directory, args.masks, args.overwrite) == (Path("d"), Path("m"), True)
+
+
+def test_our_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    done = run_neurotask("report", "--config", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("neurotask: error: ") and "missing.yaml" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # usage errors are argparse's, with the same status
+    config = write_study(tmp_path, ["CSI1"])
+    assert run_neurotask("fit", cwd=tmp_path).returncode == 2
+    assert run_neurotask("-q", "-v", "status", "--config", str(config), cwd=tmp_path).returncode == 2
+
+
+def test_ctrl_c_exits_130_and_quiet_silences_info(tmp_path, monkeypatch, capsys):
+    config = write_study(tmp_path, ["CSI1"])
+
+    def interrupted(cfg, args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "status_command", interrupted)
+    assert cli.main(["status", "--config", str(config)]) == 130
+    assert "interrupted; finished units are kept" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.main(["status", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["-q", "status", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_import_published_hint_names_the_config_of_both_next_commands(tmp_path):
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "CSI1.npz").symlink_to(reference_path() / "published" / "CSI1.npz")
+    config = write_study(tmp_path, ["CSI1"])
+    done = run_neurotask("import-published", "published", "--config", "study.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    hint = done.stdout.strip().splitlines()[-1]
+    config, store = config.resolve(), (tmp_path / "work" / "store.zarr").resolve()
+    assert hint == (f"results: {store}; next: `neurotask analyse --config {config}` "
+                    f"and `neurotask report --config {config}`")
