@@ -7,8 +7,8 @@
 - ``stats``: test scores, noise ceiling, similarity, task structure (pure arrays).
 - ``features``: feature spaces, Taskonomy encoders, preprocessing, weights.
 - ``formats``: readers of other people's files (paths in, arrays out).
-- ``figures``, ``report_page`` (with ``templates/``): the report's figures, and its HTML page
-  rendered from a jinja2 template; the report stage decides what goes where.
+- ``report``: the report's figures and its HTML page (a jinja2 template in ``templates/``);
+  the report stage decides what is drawn and written where.
 
-Arrows run one way: cli -> stages -> (ridge, stats, features, formats) -> storage.
+Arrows run one way: cli -> stages -> (ridge, stats, features, formats, report) -> storage.
 """

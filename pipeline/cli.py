@@ -64,7 +64,11 @@ def configure_logging(level: int) -> None:
     are left as Dask's config sets them."""
     handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.handlers[:] = [handler]
+    # Replace only our own handler of an earlier call (in-process callers, tests), not
+    # handlers others attached to the logger.
+    for old in [h for h in logger.handlers if isinstance(h, _StdoutHandler)]:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
     logger.setLevel(level)
 
 

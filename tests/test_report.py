@@ -24,7 +24,7 @@ from neurotask.pipeline import cli
 from neurotask.pipeline.stats.task_structure import significance_mask
 from neurotask.pipeline.stages.analyse import read_analysis
 from neurotask.pipeline.config import load_config
-from neurotask.pipeline.figures import montage, slice_indices
+from neurotask.pipeline.report.figures import montage, slice_indices
 from neurotask.pipeline.stages.report import chosen_task
 from neurotask.pipeline.stats.taskonomy import transfer_out_affinities
 from neurotask.pipeline.tasks import task_info, task_names

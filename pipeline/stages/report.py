@@ -13,8 +13,8 @@ and the per-voxel results of the study and writes, under ``<workdir>/report/``:
 * ``statistics.json``: the comparison statistics.
 
 This module is the orchestration: what to draw and write, in which files. The figures are
-drawn by :mod:`neurotask.pipeline.figures`; the page is rendered from a template by
-:mod:`neurotask.pipeline.report_page`.
+drawn by :mod:`neurotask.pipeline.report.figures`; the page is rendered from a template by
+:mod:`neurotask.pipeline.report.page`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
-from neurotask.pipeline.figures import (
+from neurotask.pipeline.report.figures import (
     figure_graphs,
     figure_mosaic,
     figure_roi_bars,
@@ -45,7 +45,7 @@ from neurotask.pipeline.figures import (
     figure_trees,
     task_labels,
 )
-from neurotask.pipeline.report_page import PageFigure, RoiCriteria, render_page
+from neurotask.pipeline.report.page import PageFigure, RoiCriteria, render_page
 from neurotask.pipeline.stages.summary import roi_table
 from neurotask.pipeline.stats.task_structure import CONTRASTS, significance_mask, str_labels, voxel_contrasts
 from neurotask.storage import StudyStore, results_group, save_nifti, to_volume

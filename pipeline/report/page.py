@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import xarray as xr
 
-from neurotask.pipeline.figures import CLUSTER_COLOURS, CLUSTER_LABELS, task_clusters, task_labels
+from neurotask.pipeline.report.figures import CLUSTER_COLOURS, CLUSTER_LABELS, task_clusters, task_labels
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
