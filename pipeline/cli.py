@@ -148,6 +148,20 @@ def status_command(cfg: Config, args: argparse.Namespace) -> None:
         logger.info(line)
 
 
+def schema_command(cfg: None, args: argparse.Namespace) -> None:
+    """The JSON schema of a study config, on stdout or into ``--output``."""
+    import json
+
+    from neurotask.pipeline.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        logger.info(f"wrote {args.output}")
+
+
 def run_command(cfg: Config, args: argparse.Namespace) -> None:
     """Every stage the config asks for, in order; each skips what the store already holds."""
     t0 = time.perf_counter()
@@ -231,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
             p.add_argument("--masks", type=Path, default=None,
                            help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
+    p = sub.add_parser("schema", help="the JSON schema of a study config, for editors",
+                       description="Print the JSON schema of a study config file (or write it to --output). "
+                                   "Editors with a YAML language server validate and complete a config that "
+                                   "starts with: # yaml-language-server: $schema=study.schema.json")
+    p.add_argument("--output", type=Path, default=None, help="write the schema to this file instead")
+    p.set_defaults(func=schema_command, config=None)  # needs no study config
     return parser
 
 
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from neurotask.pipeline.errors import NeurotaskError, StoreError
 
     try:
-        args.func(load_config(args.config), args)
+        args.func(None if args.config is None else load_config(args.config), args)
     except (NeurotaskError, StoreError, ClusterConfigError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
         return 2

@@ -132,3 +132,17 @@ def test_import_published_hint_names_the_config_of_both_next_commands(tmp_path):
     config, store = config.resolve(), (tmp_path / "work" / "store.zarr").resolve()
     assert hint == (f"results: {store}; next: `neurotask analyse --config {config}` "
                     f"and `neurotask report --config {config}`")
+
+
+def test_schema_command_prints_the_config_schema_the_checkout_ships(tmp_path):
+    import json
+
+    from neurotask.pipeline.config import json_schema
+
+    done = run_neurotask("schema", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json_schema()
+    out = tmp_path / "study.schema.json"
+    assert cli.main(["schema", "--output", str(out)]) == 0
+    shipped = Path(cli.__file__).resolve().parents[1] / "configs" / "study.schema.json"
+    assert out.read_text() == shipped.read_text()
