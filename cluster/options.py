@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from dask.utils import parse_bytes
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, create_model,
                       TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
@@ -222,10 +222,10 @@ _Count = Annotated[int, Field(ge=1), expecting("a positive integer")]
 _Lines = Annotated[list[str], expecting("a list of strings")]
 
 
-class SlurmKeywords(BaseModel):
+class _SlurmKeywordsBase(BaseModel):
     """``cluster.slurm``: ``dask_jobqueue.SLURMCluster`` keyword arguments, passed through as
     given, so Dask's jobqueue config (``jobqueue.slurm.*``) fills in what is left out. Names are
-    checked against SLURMCluster's signature; the values of the ones below are typed (None
+    checked against SLURMCluster's signature; the values of the known ones are typed (None
     means "from Dask's config", as in dask-jobqueue), any other is passed as it is."""
 
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
@@ -239,20 +239,6 @@ class SlurmKeywords(BaseModel):
     worker_extra_args: _Lines | None = None
     job_script_prologue: _Lines | None = None
     job_directives_skip: _Lines | None = None
-    queue: str | None = None
-    account: str | None = None
-    walltime: str | None = None  # quote it in YAML: 00:30:00 unquoted is a number
-    job_mem: str | None = None
-    interface: str | None = None
-    local_directory: str | None = None
-    log_directory: str | None = None
-    shared_temp_directory: str | None = None
-    python: str | None = None
-    shebang: str | None = None
-    job_name: str | None = None
-    config_name: str | None = None
-    name: str | None = None
-    worker_command: str | None = None
     scheduler_options: Annotated[dict[str, Any],
                                  expecting("a mapping of distributed.Scheduler keyword arguments")] | None = None
 
@@ -278,6 +264,15 @@ class SlurmKeywords(BaseModel):
     def given(self) -> dict[str, Any]:
         """The options as written (only those), for ``SLURMCluster(**...)``."""
         return self.model_dump(exclude_unset=True)
+
+
+# The SLURMCluster options whose values are strings (walltime too: quote it in YAML, where
+# 00:30:00 unquoted is a number), declared as fields so that the JSON schema lists them.
+_STRING_OPTIONS = ("queue", "account", "walltime", "job_mem", "interface", "local_directory", "log_directory",
+                   "shared_temp_directory", "python", "shebang", "job_name", "config_name", "name",
+                   "worker_command")
+SlurmKeywords = create_model("SlurmKeywords", __base__=_SlurmKeywordsBase, __doc__=_SlurmKeywordsBase.__doc__,
+                             **{key: (str | None, None) for key in _STRING_OPTIONS})
 
 
 class SlurmOptions(_Options):

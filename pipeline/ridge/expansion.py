@@ -130,10 +130,8 @@ def tolerance_profile(eigvals: np.ndarray, alphas: np.ndarray, tol: float, tight
 
     Parameters
     ----------
-    eigvals : (k,) float64
-        A fold's eigenvalues.
-    alphas : (a,) float64
-        The alpha grid.
+    eigvals, alphas : (k,), (a,) float64
+        A fold's eigenvalues and the alpha grid, as in :func:`degrees_of_freedom`.
     tol : float
         The tight tolerance.
     tight_df : float
@@ -257,10 +255,8 @@ def expand(eigvals: np.ndarray, alphas: np.ndarray, plan: Iterable[tuple[int, in
 
     Parameters
     ----------
-    eigvals : (k,) float64
-        A fold's eigenvalues, ascending.
-    alphas : (a,) float64
-        The alpha grid.
+    eigvals, alphas : (k,), (a,) float64
+        A fold's eigenvalues (ascending) and the alpha grid, as in :func:`plan_groups`.
     plan : iterable of GroupPlan or (start, stop, rank) triples
         Contiguous groups tiling ``0:k``, e.g. :func:`plan_groups`'s.
     tol : float or (a,) float64
