@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from distributed import Client, Future, as_completed
 
-from neurotask.pipeline.ridge import design
-from neurotask.pipeline.stats import noise_ceiling
 from neurotask.pipeline import ridge
-from neurotask.pipeline.stats import scores as stats
-from neurotask.pipeline.config import Config
+from neurotask.pipeline.config import Config, FitSection
 from neurotask.pipeline.console import ProgressBar
 from neurotask.pipeline.errors import FitError
-from neurotask.pipeline.config import FitSection
+from neurotask.pipeline.ridge import design
+from neurotask.pipeline.stats import noise_ceiling
+from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.stages.status import FitRunState
 from neurotask.pipeline.tasks import task_label
 from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
@@ -177,30 +176,30 @@ def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray
     return True
 
 
-def fit(cfg: Config, client: Client, *, overwrite: bool = False,
-        max_pairs_in_flight: int | None = None) -> FitReport:
-    """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
-    after their retries; every other finished unit stays in the store."""
-    t0 = time.perf_counter()
-    store = StudyStore(cfg.store_path)
-    progress = store.progress()
-    spec = cfg.fit
-    params = spec.fingerprint()
-    labels = [task_label(t) for t in cfg.tasks]
-    report = FitReport()
-
+def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
+    """Refuse tasks without features, or with the features of an interrupted featurize
+    (their unwritten rows are NaN): never fit on them."""
     missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
-    if missing:  # checked before anything is written
+    if missing:
         raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
                        "run `neurotask featurize` (or `simulate` for a synthetic study) first")
-    # Features of an interrupted featurize have unwritten (NaN) rows: never fit on them.
     incomplete = [t for t in cfg.tasks
                   if "featurize" in store.feature_attrs(t) and not progress.is_done(Stage.FEATURIZED, t)]
     if incomplete:
         raise FitError(f"{cfg.store_path}: features of {', '.join(incomplete)} are incomplete (featurize was "
                        "interrupted); rerun `neurotask featurize`")
+
+
+def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, overwrite: bool
+                     ) -> tuple[deque[tuple[str, str, list[Unit]]], list[tuple[str, str, int]], int]:
+    """Per subject: the results group (made or checked against the fit's parameters), the
+    noise ceiling, and the units still to do. Returns (pending (subject, task, units) pairs,
+    every (subject, task, task index) to finalize, units already done)."""
+    spec = cfg.fit
+    params, labels = spec.fingerprint(), [task_label(t) for t in cfg.tasks]
     pending: deque[tuple[str, str, list[Unit]]] = deque()
     complete_pairs: list[tuple[str, str, int]] = []
+    skipped = 0
     for subject in cfg.study.subjects:
         store.responses(subject)  # clear error if not ingested
         if overwrite:
@@ -213,10 +212,25 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
             if subject_noise_ceiling(store, subject, splits_for(spec, n_images).test):
                 progress.mark_done(Stage.CEILING, subject)
         for (subj, task), (todo, n_done) in plan_units(store, progress, subject, cfg.tasks, order).items():
-            report.skipped += n_done
+            skipped += n_done
             if todo:
                 pending.append((subj, task, todo))
             complete_pairs.append((subj, task, order.index(task)))
+    return pending, complete_pairs, skipped
+
+
+def fit(cfg: Config, client: Client, *, overwrite: bool = False,
+        max_pairs_in_flight: int | None = None) -> FitReport:
+    """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
+    after their retries; every other finished unit stays in the store."""
+    t0 = time.perf_counter()
+    store = StudyStore(cfg.store_path)
+    progress = store.progress()
+    spec = cfg.fit
+    report = FitReport()
+
+    check_features(cfg, store, progress)  # before anything is written
+    pending, complete_pairs, report.skipped = prepare_subjects(cfg, store, progress, overwrite=overwrite)
 
     total = sum(len(u) for _, _, u in pending)
     if report.skipped:
