@@ -199,7 +199,9 @@ def start_slurm_cluster(
 
 def dashboard_message(cluster: SLURMCluster) -> str:
     """The dashboard link, with the SSH tunnel command when it is bound to localhost."""
-    link = cluster.dashboard_link
+    from neurotask.cluster import bound_dashboard  # the bound socket, not the config
+
+    link = bound_dashboard(getattr(cluster, "scheduler", None)) or cluster.dashboard_link
     host, _, port = link.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     if host in ("127.0.0.1", "localhost"):
         here = socket.gethostname()
