@@ -176,9 +176,56 @@ def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray
     return True
 
 
+def _first(names: list[str], n: int = 5) -> str:
+    """The first ``n`` names, and how many more, for one line of an error message."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_feature_values(cfg: Config, store: StudyStore, task: str) -> None:
+    """Refuse features the fit cannot use, before any task is submitted (on a worker they
+    would fail every chunk, and every retry, with a traceback that names neither the group nor
+    the rows): images of a subject without features, NaN/Inf rows, every feature constant.
+    Constant columns are only warned about: z-scoring centres them, the ridge ignores them.
+
+    Raises FitError naming the store group, the task and the first bad rows (image names)."""
+    group = f"features/{task}"
+    feats = store.read_features(task)
+    names = [str(x) for x in feats["image"].values]
+    position = {name: i for i, name in enumerate(names)}
+    used: set[int] = set()
+    for subject in cfg.study.subjects:
+        images = [str(x) for x in store.responses(subject)["image"].values]
+        missing = [x for x in images if x not in position]
+        if missing:
+            raise FitError(f"{cfg.store_path}: {group} lacks {len(missing)} of the subject's {len(images)} images "
+                           f"(subject {subject}, task {task}): {_first(missing)}; features and responses must "
+                           "cover the same images")
+        used.update(position[x] for x in images)
+    rows = np.array(sorted(used), dtype=np.int64)  # only the rows some subject's design uses
+    X = np.asarray(feats.values[rows], dtype=np.float64)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        bad_names = [names[i] for i in rows[bad]]
+        raise FitError(f"{cfg.store_path}: {group} (task {task}) has NaN or infinite values in {int(bad.sum())} "
+                       f"of its {len(rows)} used rows: {_first(bad_names)}; rerun `neurotask featurize` "
+                       "(an interrupted run leaves NaN rows)")
+    constant = np.ptp(X, axis=0) == 0 if len(rows) else np.ones(X.shape[1], dtype=bool)
+    if constant.all():
+        raise FitError(f"{cfg.store_path}: {group} (task {task}): every one of its {X.shape[1]} features is "
+                       f"constant over the {len(rows)} used images (e.g. {_first([names[i] for i in rows], 3)}); "
+                       "nothing can be fitted on them")
+    if constant.any():
+        labels = [str(x) for x in feats["feature"].values] if "feature" in feats.coords else \
+            [str(i) for i in range(X.shape[1])]
+        logger.warning(f"{group} (task {task}): {int(constant.sum())} of {X.shape[1]} features are constant "
+                       f"over the used images and carry no information: {_first([labels[i] for i in np.flatnonzero(constant)])}")
+
+
 def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
     """Refuse tasks without features, or with the features of an interrupted featurize
-    (their unwritten rows are NaN): never fit on them."""
+    (their unwritten rows are NaN), or with values the fit cannot use
+    (:func:`check_feature_values`): never fit on them."""
     missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
     if missing:
         raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
@@ -188,6 +235,8 @@ def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
     if incomplete:
         raise FitError(f"{cfg.store_path}: features of {', '.join(incomplete)} are incomplete (featurize was "
                        "interrupted); rerun `neurotask featurize`")
+    for task in cfg.tasks:
+        check_feature_values(cfg, store, task)
 
 
 def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, overwrite: bool
