@@ -53,6 +53,46 @@ def test_killed_worker_is_named_and_explained():
     assert "connection to the scheduler closed" in removal_cause({"stimulus_id": "handle-worker-cleanup-17.5"})
 
 
+class _FakeJob:
+    def __init__(self, directory):
+        self.job_id, self.job_name, self.log_directory = "4242", "dask-worker", str(directory)
+
+
+class _FakeSlurmCluster:
+    """What WorkerWatch reads of a SLURMCluster: its jobs by spec name."""
+
+    job_cls = object
+
+    def __init__(self, directory):
+        self.workers, self.worker_spec = {"SLURMCluster-0": _FakeJob(directory)}, {}
+
+
+class _FakeClient:
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+
+def test_slurm_worker_failures_name_the_job_log_and_its_error(tmp_path):
+    from neurotask.cluster.watch import WorkerWatch
+
+    shutil.copy(SAMPLE, tmp_path / "dask-worker-4242.err")
+    watch = WorkerWatch(_FakeClient(_FakeSlurmCluster(tmp_path)))
+    expected = f"SLURM job 4242, {tmp_path / 'dask-worker-4242.err'}: ssl.SSLError: [SSL: CERTIFICATE_VERIFY_FAILED]"
+    assert watch.slurm_log("SLURMCluster-0").startswith(expected)
+    assert watch.slurm_log("someone-else") is None
+
+    class Worker:
+        name, address = "SLURMCluster-0", "tls://10.0.0.7:38811"
+
+    text = watch.explain(KilledWorker("fit-x", Worker(), 3))
+    assert text.startswith("KilledWorker: the workers running it died 4 times") and expected in text
+
+    watch._event((0.0, {"action": "remove-worker", "worker": "tls://10.0.0.7:38811", "expected": False,
+                        "stimulus_id": "handle-worker-cleanup-1.5", "processing-tasks": ["fit-x"]}))
+    assert watch.live == 0 and watch.none_since is not None
+    assert "connection to the scheduler closed" in watch.left[0] and "running 1 task(s)" in watch.left[0]
+
+
 def test_return_failures_returns_data_errors_and_passes_them_on():
     def bad(x):
         raise DataError(f"bad {x}")
@@ -90,7 +130,7 @@ def _journaled(journal: str, bad_chunk: int, spec, unit, *args):
     return {"unit": unit.name, "nan_r": 0}
 
 
-def test_data_error_in_a_unit_is_reported_once_not_retried(tiny, tmp_path, monkeypatch):
+def test_data_error_in_a_unit_is_reported_once_not_retried(tiny, tmp_path, monkeypatch, logs):
     journal = tmp_path / "journal"
     journal.touch()
     monkeypatch.setattr(fit, "fit_unit", partial(_journaled, str(journal), 0))
@@ -102,6 +142,8 @@ def test_data_error_in_a_unit_is_reported_once_not_retried(tiny, tmp_path, monke
     message = str(e.value)
     assert message.startswith("1 fit unit(s) failed")
     assert "DataError: injected bad data in CSI1/edge2d/chunk 0" in message and "not retried" in message
+    n_units = len(set(calls))
+    assert f"fit: {n_units - 1}/{n_units} done, 1 failed" in logs  # the bar counts finished units only
 
 
 def _die(spec, unit, *args):
