@@ -157,17 +157,26 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos)
 
 
-def check_dashboard(address: str | None, public: bool) -> None:
-    """Refuse a dashboard reachable from other hosts unless ``dashboard_public`` says so: the
-    dashboard has no authentication and shows (and can profile) everything the cluster runs."""
+def dashboard_problem(address: str | None, public: bool) -> str | None:
+    """Why a dashboard address is refused, or None: one reachable from other hosts needs
+    ``dashboard_public``, since the dashboard has no authentication and shows (and can profile)
+    everything the cluster runs."""
     if address is None or public:
-        return
-    host = _dashboard_host(address)
-    if not is_loopback(host):
-        where = "every interface" if host in ("", "0.0.0.0", "::", "*") else f"{host!r}, not a loopback address"
-        raise broken(f"cluster.dashboard_address {address!r} binds the dashboard to {where}; use "
-                     "127.0.0.1:<port> (reach it through an SSH tunnel), or set cluster.dashboard_public: true "
-                     "to expose it on purpose")
+        return None
+    host = _dashboard_host(str(address))
+    if is_loopback(host):
+        return None
+    where = "every interface" if host in ("", "0.0.0.0", "::", "*") else f"{host!r}, not a loopback address"
+    return (f"cluster.dashboard_address {address!r} binds the dashboard to {where}; use "
+            "127.0.0.1:<port> (reach it through an SSH tunnel), or set cluster.dashboard_public: true "
+            "to expose it on purpose")
+
+
+def check_dashboard(address: str | None, public: bool) -> None:
+    """:func:`dashboard_problem` as a validation error (in the model validators)."""
+    problem = dashboard_problem(address, public)
+    if problem:
+        raise broken(problem)
 
 
 # --------------------------------------------------------------------------- the section

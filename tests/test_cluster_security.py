@@ -73,3 +73,13 @@ def _fake_resolver(host, *args, **kwargs):
 import socket as _socket  # noqa: E402
 
 _real_getaddrinfo = _socket.getaddrinfo
+
+
+def test_public_dashboard_from_dask_jobqueue_config_is_refused():
+    import dask
+
+    from neurotask.cluster.slurm import start_slurm_cluster
+
+    with dask.config.set({"jobqueue.slurm.scheduler-options": {"dashboard_address": ":8787"}}):
+        with pytest.raises(ClusterConfigError, match=r"cluster.dashboard_address ':8787'.*jobqueue.slurm"):
+            start_slurm_cluster({"kind": "slurm"})
