@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import ipaddress
+import socket
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -128,6 +130,55 @@ def error_lines(error: ValidationError, model: type[BaseModel], prefix: str = ""
     return lines
 
 
+# --------------------------------------------------------------------------- the dashboard
+
+
+def _dashboard_host(address: str) -> str:
+    """The host part of a dashboard address as distributed reads it: '' (every interface) for
+    ':8787', '8787' or '0'."""
+    text = address.split("://", 1)[-1]
+    if text.isdigit():  # a bare port: distributed binds every interface
+        return ""
+    if text.startswith("["):  # [::1]:8787
+        return text[1:].split("]", 1)[0]
+    host, sep, port = text.rpartition(":")
+    return host if sep else text
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP) resolves only to loopback addresses. '' and
+    0.0.0.0 mean every interface, so they are not."""
+    if host in ("", "0.0.0.0", "::", "*"):
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False  # unresolvable: refuse, rather than guess where it binds
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos)
+
+
+def dashboard_problem(address: str | None, public: bool) -> str | None:
+    """Why a dashboard address is refused, or None: one reachable from other hosts needs
+    ``dashboard_public``, since the dashboard has no authentication and shows (and can profile)
+    everything the cluster runs."""
+    if address is None or public:
+        return None
+    host = _dashboard_host(str(address))
+    if is_loopback(host):
+        return None
+    where = "every interface" if host in ("", "0.0.0.0", "::", "*") else f"{host!r}, not a loopback address"
+    return (f"cluster.dashboard_address {address!r} binds the dashboard to {where}; use "
+            "127.0.0.1:<port> (reach it through an SSH tunnel), or set cluster.dashboard_public: true "
+            "to expose it on purpose")
+
+
+def check_dashboard(address: str | None, public: bool) -> None:
+    """:func:`dashboard_problem` as a validation error (in the model validators)."""
+    problem = dashboard_problem(address, public)
+    if problem:
+        raise broken(problem)
+
+
 # --------------------------------------------------------------------------- the section
 
 
@@ -157,6 +208,15 @@ class LocalOptions(_Options):
         expecting("'auto', an amount like '4GB', a fraction of the memory like 0.5, or null (no limit)"),
     ] = "auto"
     dashboard_address: str | None = "127.0.0.1:8787"  # None: no dashboard
+    dashboard_public: bool = False  # true: allow a dashboard_address reachable from other hosts
+    # TLS with a temporary certificate (other local users cannot use the scheduler's port);
+    # false keeps plain tcp://, for debugging only
+    tls: bool = True
+
+    @model_validator(mode="after")
+    def _dashboard_on_loopback(self) -> LocalOptions:
+        check_dashboard(self.dashboard_address, self.dashboard_public)
+        return self
 
 
 class AddressOptions(_Options):
@@ -283,6 +343,7 @@ class SlurmOptions(_Options):
     minimum_jobs: NonNegativeInt = 1  # worker jobs kept while idle
     maximum_jobs: NonNegativeInt = 4
     dashboard_address: str = "127.0.0.1:0"  # localhost: reach it through an SSH tunnel
+    dashboard_public: bool = False  # true: allow a dashboard_address reachable from other hosts
     interface: str | None = None  # network interface of the scheduler and workers, e.g. ib0
     slurm: SlurmKeywords = Field(default_factory=SlurmKeywords)
 
@@ -309,6 +370,8 @@ class SlurmOptions(_Options):
                             "are both set; keep one")
         if problems:
             raise broken(*problems)
+        sched_dashboard = (self.slurm.scheduler_options or {}).get("dashboard_address", self.dashboard_address)
+        check_dashboard(sched_dashboard, self.dashboard_public)
         return self
 
 

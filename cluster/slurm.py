@@ -36,7 +36,7 @@ from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
 from neurotask.cluster.errors import ClusterConfigError
-from neurotask.cluster.options import SlurmOptions, cluster_options
+from neurotask.cluster.options import SlurmOptions, cluster_options, dashboard_problem
 from neurotask.cluster.security import cert_directory, temporary_security
 
 logger = logging.getLogger(__name__)
@@ -153,19 +153,24 @@ def start_slurm_cluster(
     options = slurm_options(section)
     s = validate_section(options)
     slurm = dict(s["slurm"])
+    config_name = slurm.get("config_name") or "slurm"
+    scheduler_options = _scheduler_options(s, config_name,
+                                           dashboard_given="dashboard_address" in options.model_fields_set)
+    # Dask's jobqueue config may set the dashboard too, which the section's check did not see.
+    problem = dashboard_problem(scheduler_options.get("dashboard_address"), options.dashboard_public)
+    if problem:
+        raise ClusterConfigError(f"{problem} (from Dask's config jobqueue.{config_name}.scheduler-options)")
     if shutil.which("sbatch") is None:
         raise ClusterConfigError(
             "cluster.kind is 'slurm' but 'sbatch' is not on PATH: run on a SLURM login node "
             "(or start the local test SLURM with scripts/slurm start)")
-    config_name = slurm.get("config_name") or "slurm"
 
     kwargs: dict[str, Any] = dict(slurm)
     if kwargs.get("log_directory"):
         # dask-jobqueue creates it here and writes it into #SBATCH lines, neither of which
         # expands '~' or '$VAR' (a literal './~' directory would appear instead).
         kwargs["log_directory"] = os.path.expandvars(os.path.expanduser(kwargs["log_directory"]))
-    kwargs["scheduler_options"] = _scheduler_options(
-        s, config_name, dashboard_given="dashboard_address" in options.model_fields_set)
+    kwargs["scheduler_options"] = scheduler_options
     if s["interface"] is not None:
         kwargs["interface"] = s["interface"]
     _check_interface(kwargs, config_name)
@@ -199,7 +204,9 @@ def start_slurm_cluster(
 
 def dashboard_message(cluster: SLURMCluster) -> str:
     """The dashboard link, with the SSH tunnel command when it is bound to localhost."""
-    link = cluster.dashboard_link
+    from neurotask.cluster import bound_dashboard  # the bound socket, not the config
+
+    link = bound_dashboard(getattr(cluster, "scheduler", None)) or cluster.dashboard_link
     host, _, port = link.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     if host in ("127.0.0.1", "localhost"):
         here = socket.gethostname()

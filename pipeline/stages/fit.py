@@ -27,7 +27,8 @@ from distributed import Client, Future, as_completed
 from neurotask.pipeline import ridge
 from neurotask.pipeline.config import Config, FitSection
 from neurotask.pipeline.console import ProgressBar
-from neurotask.pipeline.errors import FitError
+from neurotask.cluster.watch import ReturnFailures, TaskFailure, WorkerWatch
+from neurotask.pipeline.errors import DataError, FitError
 from neurotask.pipeline.ridge import design
 from neurotask.pipeline.stats import noise_ceiling
 from neurotask.pipeline.stats import scores as stats
@@ -176,9 +177,56 @@ def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray
     return True
 
 
+def _first(names: list[str], n: int = 5) -> str:
+    """The first ``n`` names, and how many more, for one line of an error message."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_feature_values(cfg: Config, store: StudyStore, task: str) -> None:
+    """Refuse features the fit cannot use, before any task is submitted (on a worker they
+    would fail every chunk, and every retry, with a traceback that names neither the group nor
+    the rows): images of a subject without features, NaN/Inf rows, every feature constant.
+    Constant columns are only warned about: z-scoring centres them, the ridge ignores them.
+
+    Raises FitError naming the store group, the task and the first bad rows (image names)."""
+    group = f"features/{task}"
+    feats = store.read_features(task)
+    names = [str(x) for x in feats["image"].values]
+    position = {name: i for i, name in enumerate(names)}
+    used: set[int] = set()
+    for subject in cfg.study.subjects:
+        images = [str(x) for x in store.responses(subject)["image"].values]
+        missing = [x for x in images if x not in position]
+        if missing:
+            raise FitError(f"{cfg.store_path}: {group} lacks {len(missing)} of the subject's {len(images)} images "
+                           f"(subject {subject}, task {task}): {_first(missing)}; features and responses must "
+                           "cover the same images")
+        used.update(position[x] for x in images)
+    rows = np.array(sorted(used), dtype=np.int64)  # only the rows some subject's design uses
+    X = np.asarray(feats.values[rows], dtype=np.float64)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        bad_names = [names[i] for i in rows[bad]]
+        raise FitError(f"{cfg.store_path}: {group} (task {task}) has NaN or infinite values in {int(bad.sum())} "
+                       f"of its {len(rows)} used rows: {_first(bad_names)}; rerun `neurotask featurize` "
+                       "(an interrupted run leaves NaN rows)")
+    constant = np.ptp(X, axis=0) == 0 if len(rows) else np.ones(X.shape[1], dtype=bool)
+    if constant.all():
+        raise FitError(f"{cfg.store_path}: {group} (task {task}): every one of its {X.shape[1]} features is "
+                       f"constant over the {len(rows)} used images (e.g. {_first([names[i] for i in rows], 3)}); "
+                       "nothing can be fitted on them")
+    if constant.any():
+        labels = [str(x) for x in feats["feature"].values] if "feature" in feats.coords else \
+            [str(i) for i in range(X.shape[1])]
+        logger.warning(f"{group} (task {task}): {int(constant.sum())} of {X.shape[1]} features are constant "
+                       f"over the used images and carry no information: {_first([labels[i] for i in np.flatnonzero(constant)])}")
+
+
 def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
     """Refuse tasks without features, or with the features of an interrupted featurize
-    (their unwritten rows are NaN): never fit on them."""
+    (their unwritten rows are NaN), or with values the fit cannot use
+    (:func:`check_feature_values`): never fit on them."""
     missing = [t for t in cfg.tasks if t not in store.feature_tasks()]
     if missing:
         raise FitError(f"{cfg.store_path}: no features for task(s) {', '.join(missing)}; "
@@ -188,6 +236,8 @@ def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
     if incomplete:
         raise FitError(f"{cfg.store_path}: features of {', '.join(incomplete)} are incomplete (featurize was "
                        "interrupted); rerun `neurotask featurize`")
+    for task in cfg.tasks:
+        check_feature_values(cfg, store, task)
 
 
 def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, overwrite: bool
@@ -219,17 +269,33 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
     return pending, complete_pairs, skipped
 
 
+# A run whose workers all fail at start stops early, before any unit finished: after this many
+# KilledWorker failures in a row, or once the cluster has had no worker for this many seconds
+# after losing its last one (not counted before: SLURM jobs may wait in the queue for long).
+STOP_AFTER_KILLED = 3
+STOP_WITHOUT_WORKERS_S = 120.0
+
+
+def _failure_text(result: object, future: Future, watch: WorkerWatch) -> str | None:
+    """Why a unit failed (None if it did not): a deterministic error returned by the task, or
+    the exception Dask reports after the retries, KilledWorker in words."""
+    if future.status == "finished":
+        return f"{result.error} (not retried: the input is wrong)" if isinstance(result, TaskFailure) else None
+    return watch.explain(future.exception())
+
+
 def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         max_pairs_in_flight: int | None = None) -> FitReport:
     """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
-    after their retries; every other finished unit stays in the store."""
+    after their retries (DataError: at once, it would fail again), or at the first sign that
+    every worker dies at start; every other finished unit stays in the store."""
     t0 = time.perf_counter()
     store = StudyStore(cfg.store_path)
     progress = store.progress()
     spec = cfg.fit
     report = FitReport()
 
-    check_features(cfg, store, progress)  # before anything is written
+    check_features(cfg, store, progress)  # before anything is written or submitted
     pending, complete_pairs, report.skipped = prepare_subjects(cfg, store, progress, overwrite=overwrite)
 
     total = sum(len(u) for _, _, u in pending)
@@ -237,48 +303,88 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         logger.info(f"resuming: {report.skipped} unit(s) already done, {total} to do")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = max_pairs_in_flight or max(2, n_workers)
-    bar = ProgressBar(total, "fit")
+    bar = ProgressBar(total, "fit")  # finished units only; failures are logged and counted apart
     run_state = FitRunState(progress, client)  # for `neurotask status`
     futures: dict[Future, tuple[Unit, tuple[str, str]]] = {}
     remaining: dict[tuple[str, str], int] = {}
     decompositions: dict[tuple[str, str], Future] = {}
     ac = as_completed()
     failed_pairs: set[tuple[str, str]] = set()
+    # DataError (bad input) comes back as a TaskFailure record: Dask would retry a raised one
+    decompose_task = ReturnFailures(build_decomposition, (DataError,))
+    unit_task = ReturnFailures(fit_unit, (DataError,))
 
     def submit_next_pair() -> None:
         subject, task, units = pending.popleft()
         key = (subject, task)
-        dec = client.submit(build_decomposition, spec, store, subject, task,
+        dec = client.submit(decompose_task, spec, store, subject, task,
                             key=f"decompose-{subject}-{task}-{time.time_ns()}", retries=spec.retries)
         alphas = alpha_grid(spec, store.feature_count(task))
         decompositions[key] = dec
         remaining[key] = len(units)
         for u in units:
-            f = client.submit(fit_unit, spec, u, store, dec, alphas,
+            f = client.submit(unit_task, spec, u, store, dec, alphas,
                               key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=spec.retries, pure=False)
             futures[f] = (u, key)
             run_state.add(f.key, u.subject, u.task, u.chunk)
             ac.add(f)
 
-    while pending and len(decompositions) < limit:
-        submit_next_pair()
-    for f in ac:
-        unit, key = futures.pop(f)
-        if f.status == "finished":
-            report.computed += 1
+    def stop_reason(watch: WorkerWatch, killed_in_a_row: int) -> str | None:
+        if report.computed:
+            return None
+        if killed_in_a_row >= STOP_AFTER_KILLED:
+            return f"{killed_in_a_row} units in a row failed with KilledWorker and none finished"
+        if watch.none_since is not None and time.monotonic() - watch.none_since > STOP_WITHOUT_WORKERS_S:
+            return f"no worker has been alive for {STOP_WITHOUT_WORKERS_S:.0f} s and no unit finished"
+        return None
+
+    with WorkerWatch(client) as watch:
+        while pending and len(decompositions) < limit:
+            submit_next_pair()
+        killed_in_a_row = 0
+        while not ac.is_empty():
+            if not ac.has_ready():  # poll, so that a cluster without workers is noticed
+                reason = stop_reason(watch, killed_in_a_row)
+                if reason:
+                    break
+                time.sleep(0.1)
+                continue
+            f = next(ac)
+            unit, key = futures.pop(f)
+            failure = _failure_text(f.result() if f.status == "finished" else None, f, watch)
+            if failure is None:
+                report.computed += 1
+                killed_in_a_row = 0
+                bar.update(1)
+            else:
+                report.failed.append(f"{unit.name}: {failure}")
+                failed_pairs.add(key)
+                killed_in_a_row = killed_in_a_row + 1 if failure.startswith("KilledWorker") else 0
+                logger.warning(f"fit: {unit.name} failed: {failure}")
+            run_state.done(f.key)
+            f.release()
+            remaining[key] -= 1
+            if remaining[key] == 0:
+                decompositions.pop(key).release()
+                if pending:
+                    submit_next_pair()
+            reason = stop_reason(watch, killed_in_a_row)
+            if reason:
+                break
         else:
-            report.failed.append(f"{unit.name}: {f.exception()!r}")
-            failed_pairs.add(key)
-        bar.update(1)
-        run_state.done(f.key)
-        f.release()
-        remaining[key] -= 1
-        if remaining[key] == 0:
-            decompositions.pop(key).release()
-            if pending:
-                submit_next_pair()
+            reason = None
+        if reason:
+            client.cancel(list(futures))
+            bar.close()
+            run_state.close(failed=True)
+            left = "".join(f"\n  {line}" for line in watch.left[-3:])
+            first = report.failed[0] if report.failed else "no unit finished or failed"
+            raise FitError(f"fit stopped early: {reason}; the workers seem to fail at start, so the other "
+                           f"{len(futures) + sum(len(u) for _, _, u in pending)} unit(s) were not tried.\n"
+                           f"  first failure: {first}" + (f"\n  workers that left:{left}" if left else ""))
     bar.close()
     run_state.close(failed=bool(report.failed))
+    logger.info(f"fit: {report.computed}/{total} done, {len(report.failed)} failed")
 
     for subject, task, index in complete_pairs:
         if (subject, task) not in failed_pairs:
@@ -286,7 +392,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
             report.finalized.append((subject, task))
     report.seconds = time.perf_counter() - t0
     if report.failed:
-        raise FitError(f"{len(report.failed)} fit unit(s) failed after {spec.retries} retries "
-                       f"(every other unit's results are kept; rerun to retry):\n  " + "\n  ".join(report.failed))
+        raise FitError(f"{len(report.failed)} fit unit(s) failed after {spec.retries} retries (a DataError at once: "
+                       "it would fail again); every other unit's results are kept; rerun to retry:\n  "
+                       + "\n  ".join(report.failed))
     return report
-
