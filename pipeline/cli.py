@@ -8,7 +8,9 @@ with 130 and keeps every finished unit.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -254,17 +256,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that only read the study: they take no driver lock and need no writable workdir
+# (report writes only under <workdir>/report, which a running driver never touches).
+READ_ONLY_COMMANDS = frozenset({"status", "report", "schema"})
+
+
+def _check_writable(workdir: Path) -> None:
+    """Refuse a workdir (or, when missing, its nearest existing parent) we cannot write,
+    before any work is done and before the lock file is created."""
+    from neurotask.pipeline.errors import WorkdirError
+
+    existing = workdir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WorkdirError(f"study.workdir {workdir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the workdir" if existing == workdir else f"its parent {existing}"
+        raise WorkdirError(f"study.workdir {workdir}: {what} is not writable by this user; make it writable "
+                           "(chmod/chown) or set study.workdir to a writable directory")
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """One line for an OSError a user can fix (permissions, read-only or full filesystem), else None."""
+    where = e.filename if e.filename is not None else "a file of the study"
+    if isinstance(e, PermissionError):
+        return (f"permission denied: {where}; make it writable by this user (chmod/chown), "
+                "or set study.workdir to a writable directory")
+    if e.errno == errno.EROFS:
+        return f"read-only filesystem: {where}; set study.workdir to a directory on a writable filesystem"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device: {where}; free space there or set study.workdir elsewhere, then rerun"
+    return None
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Load the config, then run the command: a writing command holding the workdir's lock."""
+    from neurotask.pipeline.config import load_config
+    from neurotask.storage.lock import driver_lock
+
+    if args.config is None:
+        args.func(None, args)
+        return
+    cfg = load_config(args.config)
+    if args.command in READ_ONLY_COMMANDS:
+        args.func(cfg, args)
+        return
+    _check_writable(cfg.workdir)
+    with driver_lock(cfg.workdir, " ".join(["neurotask", args.command, "--config", str(cfg.path)])):
+        args.func(cfg, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     from neurotask.cluster import ClusterConfigError
-    from neurotask.pipeline.config import load_config
     from neurotask.pipeline.errors import NeurotaskError, StoreError
+    from neurotask.storage.lock import LockedError
 
     try:
-        args.func(None if args.config is None else load_config(args.config), args)
-    except (NeurotaskError, StoreError, ClusterConfigError) as e:
+        _run(args)
+    except (NeurotaskError, StoreError, ClusterConfigError, LockedError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        line = _os_error_line(e)
+        if line is None:
+            raise  # not a user's mistake we can name: keep the traceback
+        print(f"neurotask: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neurotask: interrupted; finished units are kept, rerun to resume", file=sys.stderr)
