@@ -367,6 +367,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the config file (permission denied)") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text (UTF-8) file, so not a YAML config (byte {e.start})") from None
     except yaml.YAMLError as e:
