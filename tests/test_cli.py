@@ -146,3 +146,16 @@ def test_schema_command_prints_the_config_schema_the_checkout_ships(tmp_path):
     assert cli.main(["schema", "--output", str(out)]) == 0
     shipped = Path(cli.__file__).resolve().parents[1] / "configs" / "study.schema.json"
     assert out.read_text() == shipped.read_text()
+
+
+def test_an_npz_with_object_arrays_is_a_data_error_naming_file_and_key(tmp_path):
+    import numpy as np
+
+    from neurotask.pipeline.errors import DataError
+    from neurotask.pipeline.formats.published import load_reference_npz
+
+    path = tmp_path / "CSI1.npz"
+    np.savez(path, tasks=np.array([{"not": "an array"}], dtype=object), r=np.zeros((1, 2)), p=np.zeros((1, 2)),
+             r2=np.zeros((1, 2)), cortical_mask_zyx=np.ones((1, 1, 2), dtype=bool))
+    with pytest.raises(DataError, match=rf"{path}: array 'tasks' holds Python objects"):
+        load_reference_npz(path)

@@ -145,3 +145,12 @@ def test_a_permission_error_inside_a_command_is_one_line(tmp_path, capsys, monke
     assert cli.main(["ingest", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "permission denied" in err and "store.zarr" in err
+
+
+def test_a_network_workdir_warns_that_hosts_may_not_see_the_lock(tmp_path, monkeypatch):
+    import neurotask.storage.lock as lock
+
+    monkeypatch.setattr(lock, "mount_fstype", lambda path: "nfs4")
+    with collect_logs() as messages, driver_lock(tmp_path / "work", "neurotask fit"):
+        pass
+    assert any("nfs4" in m and "different hosts" in m for m in messages), messages
