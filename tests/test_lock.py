@@ -3,6 +3,7 @@ the first, a stale lock of a dead driver is taken over, and the reading commands
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -126,25 +127,41 @@ def test_a_read_only_workdir_is_refused_before_any_work(tmp_path, capsys):
     assert list(workdir.iterdir()) == []
 
 
-def test_a_permission_error_inside_a_command_is_one_line(tmp_path, capsys, monkeypatch):
-    def denied(cfg, args):
-        raise PermissionError(13, "Permission denied", str(tmp_path / "work" / "store.zarr"))
+@pytest.mark.parametrize("error, words", [
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only filesystem"),
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+])
+def test_an_os_error_a_user_can_fix_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch, error, words):
+    import neurotask.pipeline.stages.ingest as ingest_stage
 
+    error.filename = str(tmp_path / "work" / "store.zarr")
+
+    def failing(cfg, overwrite=False):
+        raise error
+
+    monkeypatch.setattr(ingest_stage, "ingest", failing)
     cfg = write_config(tmp_path / "study.yaml", small_config_dict(tmp_path / "work"))
-    monkeypatch.setattr(cli, "ingest_command", denied)
-    # the parser bound the function at build time: patch what it dispatches to
-    parser_build = cli.build_parser
-
-    def build():
-        p = parser_build()
-        for action in p._subparsers._group_actions:
-            action.choices["ingest"].set_defaults(func=denied)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", build)
     assert cli.main(["ingest", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "permission denied" in err and "store.zarr" in err
+    assert err.count("\n") == 1 and words in err and "store.zarr" in err and "Traceback" not in err
+
+
+def test_an_unwritable_workdir_is_named_before_the_lock(tmp_path, capsys, monkeypatch):
+    """(As root every directory is writable: the access check is simulated.)"""
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    cfg = write_config(tmp_path / "study.yaml", small_config_dict(tmp_path / "work"))
+    assert cli.main(["fit", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"study.workdir {tmp_path / 'work'}: its parent {tmp_path} is not writable" in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_report_does_not_take_the_lock(tmp_path, holder, capsys):
+    workdir, _ = holder
+    cfg = write_config(tmp_path / "study.yaml", small_config_dict(workdir))
+    cli.main(["report", "--config", str(cfg)])  # nothing to report yet: any error but the lock's
+    assert "in use by another neurotask driver" not in capsys.readouterr().err
 
 
 def test_a_network_workdir_warns_that_hosts_may_not_see_the_lock(tmp_path, monkeypatch):
