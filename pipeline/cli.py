@@ -145,7 +145,11 @@ def import_published_command(cfg: Config, args: argparse.Namespace) -> None:
 
 def status_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.status import status_lines
+    from neurotask.storage.lock import lock_holder
 
+    holder = lock_holder(cfg.workdir)
+    if holder is not None:
+        logger.info(f"driver: {holder}")
     for line in status_lines(cfg):
         logger.info(line)
 

@@ -89,6 +89,26 @@ def _describe(holder: dict) -> str:
             f"command {holder.get('command', '?')!r}, since {when}")
 
 
+def lock_holder(workdir: Path) -> str | None:
+    """Who holds (or, after a crash, last held) the workdir's lock, for ``neurotask status``;
+    None when no driver has it. Reads the file only: taking the lock, even to test it, could
+    refuse a driver that starts at the same moment."""
+    try:
+        text = (Path(workdir) / LOCK_NAME).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        holder = json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+    if not isinstance(holder, dict):
+        return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return None  # a driver of this host that died: its lock is stale
+    return _describe(holder)
+
+
 @contextlib.contextmanager
 def driver_lock(workdir: Path, command: str) -> Iterator[Path]:
     """Hold ``<workdir>/.neurotask.lock`` while the block runs (creating the workdir if missing).

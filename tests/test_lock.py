@@ -66,10 +66,12 @@ def test_a_second_driver_is_refused_naming_the_holder_and_the_store_is_untouched
     assert not (workdir / "store.zarr").exists()
 
 
-def test_status_works_while_locked(tmp_path, holder):
-    workdir, _ = holder
+def test_status_works_while_locked_and_names_the_driver(tmp_path, holder):
+    workdir, pid = holder
     cfg = write_config(tmp_path / "study.yaml", small_config_dict(workdir))
-    assert cli.main(["status", "--config", str(cfg)]) == 0
+    with collect_logs() as messages:
+        assert cli.main(["status", "--config", str(cfg)]) == 0
+    assert any(m.startswith(f"driver: pid {pid} on host") and "holder-test" in m for m in messages), messages
 
 
 def test_in_process_refusal_is_exit_2(tmp_path, holder, capsys):
