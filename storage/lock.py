@@ -124,16 +124,28 @@ def driver_lock(workdir: Path, command: str) -> Iterator[Path]:
     path = workdir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        unsupported = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                unsupported = e.strerror
+            elif e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _read_holder(fd)
+                raise LockedError(
+                    f"{workdir} is in use by another neurotask driver: {_describe(holder)} (lock file {path}); "
+                    "wait for it to finish or stop it; `neurotask status` and `neurotask report` still work "
+                    "meanwhile") from None
+            else:
                 raise
-            holder = _read_holder(fd)
-            raise LockedError(
-                f"{workdir} is in use by another neurotask driver: {_describe(holder)} (lock file {path}); "
-                "wait for it to finish or stop it; `neurotask status` and `neurotask report` still work "
-                "meanwhile") from None
+        if unsupported is not None:
+            # Some network mounts have no locks at all: refusing to run there would make the
+            # study unusable, so run unlocked and say so.
+            logger.warning(f"warning: {workdir}: this filesystem does not support file locks ({unsupported}); "
+                           "running without the driver lock: make sure no other neurotask driver uses "
+                           "this workdir")
+            yield path
+            return
         # The lock is ours. A file naming a dead pid of this host is a driver that died.
         previous = _read_holder(fd)
         host = socket.gethostname()

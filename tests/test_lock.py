@@ -173,3 +173,16 @@ def test_a_network_workdir_warns_that_hosts_may_not_see_the_lock(tmp_path, monke
     with collect_logs() as messages, driver_lock(tmp_path / "work", "neurotask fit"):
         pass
     assert any("nfs4" in m and "different hosts" in m for m in messages), messages
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import neurotask.storage.lock as lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    ran = False
+    with collect_logs() as messages, driver_lock(tmp_path / "work", "neurotask fit"):
+        ran = True
+    assert ran and any("does not support file locks" in m for m in messages), messages
