@@ -11,7 +11,12 @@ free is stale: it is taken over, with a message saying so.
 Network filesystems: on NFS, CIFS/SMB, Lustre, GPFS, BeeGFS, sshfs and the like, flock may
 be local to each client host (or a no-op), so two drivers on *different hosts* may not see
 each other's lock. :func:`driver_lock` logs a warning when the workdir is on such a mount;
-run one driver per study there by convention.
+run one driver per study there by convention. Where the filesystem has no locks at all
+(flock fails with ENOLCK or EOPNOTSUPP), the command runs unlocked with a warning.
+
+``neurotask status`` names the holder from the file (:func:`lock_holder`) without taking the
+lock. The file stays after a driver ends (emptied): deleting it could race with a driver that
+has just opened it.
 """
 
 from __future__ import annotations
