@@ -8,7 +8,9 @@ with 130 and keeps every finished unit.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -103,12 +105,35 @@ def ingest_command(cfg: Config, args: argparse.Namespace) -> None:
     ingest(cfg, overwrite=args.overwrite)
 
 
+def check_fit_against_data(cfg: Config) -> None:
+    """Refuse fit settings the ingested data cannot take (fit.n_folds above a subject's training
+    images) before a cluster starts or the fit stage writes its results groups; subjects not
+    ingested yet are left to the stage's own error."""
+    from neurotask.pipeline.errors import ConfigError
+    from neurotask.storage import StoreError, StudyStore
+
+    store = StudyStore(cfg.store_path)
+    if not store.exists():
+        return
+    for subject in cfg.study.subjects:
+        try:
+            n_images = store.responses(subject).sizes["image"]
+        except StoreError:
+            continue
+        # the split's own count: make_splits holds out round(test_fraction * n) images
+        n_train = n_images - int(round(cfg.fit.test_fraction * n_images))
+        if cfg.fit.cv == "kfold" and cfg.fit.n_folds > n_train:
+            raise ConfigError(f"{cfg.path}: fit.n_folds must be <= the training images of {subject} ({n_train} of "
+                              f"its {n_images}, fit.test_fraction held out), got {cfg.fit.n_folds}")
+
+
 def fit_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.cluster import open_client
     from neurotask.pipeline.stages.fit import fit
     from neurotask.pipeline.stages.summary import summary_table
     from neurotask.storage import StudyStore
 
+    check_fit_against_data(cfg)
     with open_client(cfg.cluster) as client:
         report = fit(cfg, client, overwrite=args.overwrite)
     logger.info(f"fit: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
@@ -143,7 +168,11 @@ def import_published_command(cfg: Config, args: argparse.Namespace) -> None:
 
 def status_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.status import status_lines
+    from neurotask.storage.lock import lock_holder
 
+    holder = lock_holder(cfg.workdir)
+    if holder is not None:
+        logger.info(f"driver: {holder}")
     for line in status_lines(cfg):
         logger.info(line)
 
@@ -254,17 +283,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that only read the study: they take no driver lock and need no writable workdir
+# (report writes only under <workdir>/report, which a running driver never touches).
+READ_ONLY_COMMANDS = frozenset({"status", "report", "schema"})
+
+
+def _check_writable(workdir: Path) -> None:
+    """Refuse a workdir (or, when missing, its nearest existing parent) we cannot write,
+    before any work is done and before the lock file is created."""
+    from neurotask.pipeline.errors import WorkdirError
+
+    existing = workdir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WorkdirError(f"study.workdir {workdir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the workdir" if existing == workdir else f"its parent {existing}"
+        raise WorkdirError(f"study.workdir {workdir}: {what} is not writable by this user; make it writable "
+                           "(chmod/chown) or set study.workdir to a writable directory")
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """One line for an OSError a user can fix (permissions, read-only or full filesystem), else None."""
+    where = e.filename if e.filename is not None else "a file of the study"
+    if isinstance(e, PermissionError):
+        return (f"permission denied: {where}; make it writable by this user (chmod/chown), "
+                "or set study.workdir to a writable directory")
+    if e.errno == errno.EROFS:
+        return f"read-only filesystem: {where}; set study.workdir to a directory on a writable filesystem"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device: {where}; free space there or set study.workdir elsewhere, then rerun"
+    return None
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Load the config, then run the command: a writing command holding the workdir's lock."""
+    from neurotask.pipeline.config import load_config
+    from neurotask.storage.lock import driver_lock
+
+    if args.config is None:
+        args.func(None, args)
+        return
+    cfg = load_config(args.config)
+    if args.command in READ_ONLY_COMMANDS:
+        args.func(cfg, args)
+        return
+    _check_writable(cfg.workdir)
+    with driver_lock(cfg.workdir, " ".join(["neurotask", args.command, "--config", str(cfg.path)])):
+        args.func(cfg, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     from neurotask.cluster import ClusterConfigError
-    from neurotask.pipeline.config import load_config
     from neurotask.pipeline.errors import NeurotaskError, StoreError
+    from neurotask.storage.lock import LockedError
 
     try:
-        args.func(None if args.config is None else load_config(args.config), args)
-    except (NeurotaskError, StoreError, ClusterConfigError) as e:
+        _run(args)
+    except (NeurotaskError, StoreError, ClusterConfigError, LockedError) as e:
         print(f"neurotask: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        line = _os_error_line(e)
+        if line is None:
+            raise  # not a user's mistake we can name: keep the traceback
+        print(f"neurotask: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neurotask: interrupted; finished units are kept, rerun to resume", file=sys.stderr)

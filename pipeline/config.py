@@ -306,7 +306,14 @@ class Config(_Section):
         known = task_names() + (self.features.extra_names if self.features else [])
         bad = [t for t in self.tasks if t not in known]
         n = self.analysis.n_clusters
+        # A simulated study has at most simulate.n_images images, so a bound on the folds that
+        # needs no data (the fit checks the ingested count again).
+        sim, fit = self.simulate, self.fit
+        n_train = None if sim is None else sim.n_images - int(round(fit.test_fraction * sim.n_images))
         _check([
+            (n_train is None or fit.cv != "kfold" or fit.n_folds <= n_train,
+             f"fit.n_folds must be <= the training images ({n_train}: simulate.n_images less the "
+             f"fit.test_fraction held out), got {fit.n_folds}"),
             (not bad, f"study.tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(known)} "
                       "(a feature space of features.extra is a task too)"),
             (n == "auto" or n <= len(self.tasks),
@@ -367,6 +374,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the config file (permission denied)") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text (UTF-8) file, so not a YAML config (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -146,3 +146,36 @@ def test_schema_command_prints_the_config_schema_the_checkout_ships(tmp_path):
     assert cli.main(["schema", "--output", str(out)]) == 0
     shipped = Path(cli.__file__).resolve().parents[1] / "configs" / "study.schema.json"
     assert out.read_text() == shipped.read_text()
+
+
+def test_an_npz_with_object_arrays_is_a_data_error_naming_file_and_key(tmp_path):
+    import numpy as np
+
+    from neurotask.pipeline.errors import DataError
+    from neurotask.pipeline.formats.published import load_reference_npz
+
+    path = tmp_path / "CSI1.npz"
+    np.savez(path, tasks=np.array([{"not": "an array"}], dtype=object), r=np.zeros((1, 2)), p=np.zeros((1, 2)),
+             r2=np.zeros((1, 2)), cortical_mask_zyx=np.ones((1, 1, 2), dtype=bool))
+    with pytest.raises(DataError, match=rf"{path}: array 'tasks' holds Python objects"):
+        load_reference_npz(path)
+
+
+def test_fit_n_folds_above_the_ingested_images_is_refused_before_anything_is_written(tmp_path, capsys):
+    from conftest import small_config_dict, write_config
+    from neurotask.storage import StudyStore, results_group
+
+    workdir = tmp_path / "work"
+    raw = small_config_dict(workdir, study={"subjects": ["CSI1"]},
+                            simulate={"n_images": 100, "n_repeated": 10, "volume_shape": [8, 8, 8]})
+    prepared = write_config(tmp_path / "prepare.yaml", raw)
+    assert cli.main(["simulate", "--config", str(prepared)]) == 0
+    assert cli.main(["ingest", "--config", str(prepared)]) == 0
+    raw.pop("simulate")  # without it the config cannot bound n_folds: the data does
+    raw["fit"]["n_folds"] = 90  # 100 images, 15 held out
+    path = write_config(tmp_path / "study.yaml", raw)
+    capsys.readouterr()
+    assert cli.main(["fit", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: fit.n_folds must be <= the training images of CSI1 (85 of its 100" in err and "got 90" in err
+    assert not StudyStore(workdir / "store.zarr").has(results_group("CSI1"))

@@ -208,3 +208,26 @@ def test_cluster_section_errors_are_user_errors(tmp_path, capsys):
     assert _problems(path)[0].startswith("unknown key(s) cluster.n_wrokers (did you mean 'n_workers'?)")
     code, _, err = _run_cli(capsys, "fit", "--config", str(path))
     assert code == 2 and "Traceback" not in err and f"{path}: unknown key(s) cluster.n_wrokers" in err
+
+
+def test_n_folds_is_bounded_by_a_simulated_studys_images(tmp_path, capsys):
+    cfg = small_config_dict(tmp_path / "w", fit={"n_folds": 256})  # 300 images, 45 held out: 255 to train
+    path = write_config(tmp_path / "c.yaml", cfg)
+    code, _, err = _run_cli(capsys, "ingest", "--config", str(path))
+    assert code == 2 and "Traceback" not in err
+    assert f"{path}: fit.n_folds must be <= the training images (255" in err and "got 256" in err
+    assert not (tmp_path / "w").exists()
+    cfg["fit"]["n_folds"] = 255
+    load_config(write_config(path, cfg))
+
+
+def test_describe_differences_names_only_the_differing_keys():
+    from neurotask.pipeline.errors import describe_differences
+
+    stored = {"n_folds": 5, "seed": 0, "cv": "kfold", "dtype": "float32", "alphas": [1.0, 2.0]}
+    wanted = {"n_folds": 7, "seed": 1, "cv": "kfold", "dtype": "float32", "alphas": [1.0, 2.0],
+              "validation_fraction": 0.15}
+    assert describe_differences(stored, wanted) == \
+        "n_folds: stored 5, config 7; seed: stored 0, config 1; validation_fraction: stored absent, config 0.15"
+    assert describe_differences({"cv": "kfold"}, {}) == "cv: stored 'kfold', config absent"
+    assert describe_differences(stored, dict(stored)) == ""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from neurotask.pipeline.errors import DataError
 from neurotask.pipeline.tasks import task_names
 
 # The ROI order of the authors' ROI pickles and of the npz ``roi_names``.
@@ -309,11 +310,37 @@ def published_subject_datasets(
     return wb, rd
 
 
-def _npz(path: str | Path):
+class _SafeNpz:
+    """An ``np.load(..., allow_pickle=False)`` npz whose object (pickled) arrays raise a
+    DataError naming the file and the key, not numpy's bare ValueError (arrays load lazily, on
+    indexing, so that is where the check has to be)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._z = np.load(path, allow_pickle=False)
+        self.files = self._z.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._z[key]
+        except ValueError as exc:
+            if "Object arrays cannot be loaded" in str(exc):
+                raise DataError(f"{self.path}: array {key!r} holds Python objects (a pickle), which neurotask "
+                                "does not load (they can run code); save it as a plain numeric or string array") from None
+            raise PublishedResultsError(f"{self.path}: cannot read array {key!r}: {exc}") from exc
+
+    def __enter__(self) -> _SafeNpz:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._z.close()
+
+
+def _npz(path: str | Path) -> _SafeNpz:
     path = Path(path)
     try:
         # allow_pickle=False: the npz holds plain arrays only; anything else is an error
-        return np.load(path, allow_pickle=False)
+        return _SafeNpz(path)
     except (OSError, ValueError) as exc:
         raise PublishedResultsError(f"cannot read reference npz {path}: {exc}") from exc
 
