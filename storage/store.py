@@ -13,6 +13,7 @@ group=...)`` reads one file; region writes of data (workers) leave them as they 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ import xarray as xr
 import zarr
 
 from neurotask.storage import schema
+from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
+from neurotask.storage.atomic import write_atomic
 from neurotask.storage.progress import Progress
 from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES,
                                       ChunkPlan, coordinate, features_group, responses_group, results_group, strings,
@@ -331,3 +334,54 @@ class StudyStore:
 
     def read_dataset(self, group: str) -> xr.Dataset:
         return self._open(group).load()
+
+    # ------------------------------------------------------------------ integrity
+
+    def seal_results(self, subject: str, variables: Sequence[str], region: Sequence[slice]) -> list[dict[str, Any]]:
+        """fsync the chunks of ``variables`` of ``results/<subject>`` that ``region`` (task, voxel
+        slices; per-voxel variables use the voxel slice) covers; their checksum records, for the
+        marker written next (``storage.checksums``)."""
+        return seal_region(self.path, results_group(subject), variables, region)
+
+    def check_results(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
+        """The chunks of ``results/<subject>`` among ``records`` (a marker's) that are damaged."""
+        return check_records(self.path, results_group(subject), unit, records)
+
+    def result_tasks(self, subject: str) -> list[str]:
+        """The stored task order of ``results/<subject>`` (metadata and the task coordinate only)."""
+        return [str(t) for t in self._open(results_group(subject))["task"].values]
+
+    def repair_results_metadata(self, subject: str, permutation: bool) -> list[str]:
+        """Rewrite the missing or unreadable array metadata (``zarr.json``) of the variables of
+        ``results/<subject>`` from the results template; returns the variables repaired.
+
+        The template of the stored tasks, labels and fit parameters is deterministic, so the
+        rewritten metadata equal those the chunks were written with: the surviving chunks
+        become readable again (and are then checked against their markers)."""
+        group = results_group(subject)
+        expected = [*schema.RESULT_VARS, *(schema.PERMUTATION_VARS if permutation else ()), *CEILING_VARS]
+        broken = []
+        for name in expected:
+            try:
+                read_array_metadata(self.path, f"{group}/{name}")
+            except (OSError, ValueError):
+                broken.append(name)
+        if not broken:
+            return []
+        # Group metadata and coordinates are intact (else the group itself would be unreadable).
+        existing = zarr.open_group(str(self.path), path=group, mode="r", zarr_format=3)
+        tasks = [str(t) for t in existing["task"][:]]
+        labels = [str(t) for t in existing["task_label"][:]] if "task_label" in existing else tasks
+        attrs = dict(existing.attrs)
+        template = self._results_template(tasks, labels, self.responses(subject), attrs["fit"], permutation)
+        chunk = int(self.responses(subject).attrs["chunk_size"])
+        encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in broken}
+        with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".repair-") as tmp:
+            template[broken].to_zarr(tmp, group=group, mode="w", zarr_format=3, consolidated=False,
+                                     encoding=encoding, compute=False)
+            for name in broken:
+                target = self.path / group / name / "zarr.json"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, (Path(tmp) / group / name / "zarr.json").read_bytes())
+        self._consolidate()
+        return broken
