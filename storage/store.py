@@ -351,6 +351,17 @@ class StudyStore:
         """The stored task order of ``results/<subject>`` (metadata and the task coordinate only)."""
         return [str(t) for t in self._open(results_group(subject))["task"].values]
 
+    def broken_results_metadata(self, subject: str, permutation: bool) -> list[str]:
+        """The variables of ``results/<subject>`` (with ``permutation``, its permutation-test
+        variables too) whose array metadata are missing or do not parse."""
+        broken = []
+        for name in [*schema.RESULT_VARS, *(schema.PERMUTATION_VARS if permutation else ()), *CEILING_VARS]:
+            try:
+                read_array_metadata(self.path, f"{results_group(subject)}/{name}")
+            except (OSError, ValueError):
+                broken.append(name)
+        return broken
+
     def repair_results_metadata(self, subject: str, permutation: bool) -> list[str]:
         """Rewrite the missing or unreadable array metadata (``zarr.json``) of the variables of
         ``results/<subject>`` from the results template; returns the variables repaired.
@@ -359,13 +370,7 @@ class StudyStore:
         rewritten metadata equal those the chunks were written with: the surviving chunks
         become readable again (and are then checked against their markers)."""
         group = results_group(subject)
-        expected = [*schema.RESULT_VARS, *(schema.PERMUTATION_VARS if permutation else ()), *CEILING_VARS]
-        broken = []
-        for name in expected:
-            try:
-                read_array_metadata(self.path, f"{group}/{name}")
-            except (OSError, ValueError):
-                broken.append(name)
+        broken = self.broken_results_metadata(subject, permutation)
         if not broken:
             return []
         # Group metadata and coordinates are intact (else the group itself would be unreadable).

@@ -17,7 +17,7 @@ from typing import Any
 
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
-from neurotask.storage import Progress, Stage, StudyStore
+from neurotask.storage import Progress, Stage, StudyStore, results_group
 from neurotask.storage.checksums import Damage
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,19 @@ def subject_markers(progress: Progress, subject: str, tasks: Sequence[str]) -> l
     return out
 
 
-def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str]) -> VerifyReport:
-    """Check every chunk the markers of ``subjects`` x ``tasks`` vouch for."""
+def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str], *,
+                 permutation: bool = False) -> VerifyReport:
+    """Check the array metadata of every expected results variable (with ``permutation``, the
+    permutation test's too) of ``subjects``, and every chunk the markers of ``subjects`` x
+    ``tasks`` vouch for. Each damaged path is reported once."""
     progress = store.progress()
     report = VerifyReport()
     for subject in subjects:
+        group = results_group(subject)
+        if not store.has(group):
+            continue  # nothing fitted yet (its markers, if any, belong to another store)
+        for name in store.broken_results_metadata(subject, permutation):
+            report.damage.append(Damage(f"{group}/{name}/zarr.json", group, "array metadata missing or unreadable"))
         for parts in subject_markers(progress, subject, tasks):
             record = progress.read(*parts)
             if record is None:  # removed since it was listed
@@ -68,7 +76,8 @@ def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str
                 report.unverifiable.append("/".join(parts))
                 continue
             report.chunks += len(record[CHUNKS])
-            report.damage += damage
+            reported = {d.path for d in report.damage}
+            report.damage += [d for d in damage if d.path not in reported]  # lost metadata: once per array
     return report
 
 
@@ -76,11 +85,12 @@ def verify_command(cfg: Config, args: argparse.Namespace | None = None) -> None:
     """Verify the configured subjects' and tasks' results; raise DataError naming every
     damaged chunk, else log how many chunks were verified."""
     store = StudyStore(cfg.store_path)
-    report = verify_store(store, cfg.study.subjects, cfg.tasks)
+    report = verify_store(store, cfg.study.subjects, cfg.tasks, permutation=cfg.fit.permutation)
     if report.unverifiable:
         logger.warning(f"{len(report.unverifiable)} marker(s) unverifiable (written before checksums): "
                        + ", ".join(report.unverifiable[:10]) + (" ..." if len(report.unverifiable) > 10 else ""))
     if report.damage:
-        raise DataError(f"{cfg.store_path}: {len(report.damage)} damaged chunk(s) of {report.chunks} verified "
+        raise DataError(f"{cfg.store_path}: {len(report.damage)} damaged chunk(s) or array metadata, "
+                        f"{report.chunks} chunks checked "
                         "(`neurotask fit` recomputes them):\n  " + "\n  ".join(map(str, report.damage)))
     logger.info(f"{report.chunks} chunks verified, all intact")
