@@ -228,6 +228,8 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
             store.remove(results_group(subject))
             progress.clear(Stage.FIT, subject)
             progress.unmark(Stage.CEILING, subject)
+        if not store.has(results_group(subject)):
+            # Finalize markers of removed results (e.g. a re-ingest) vouch for chunks now gone.
             progress.clear(Stage.FINALIZE, subject)
         order = store.ensure_results(subject, cfg.tasks, params, task_labels=labels, permutation=spec.permutation)
         repaired = store.repair_results_metadata(subject, spec.permutation)
