@@ -12,6 +12,7 @@ group=...)`` reads one file; region writes of data (workers) leave them as they 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import uuid
@@ -364,11 +365,12 @@ class StudyStore:
 
     def repair_results_metadata(self, subject: str, permutation: bool) -> list[str]:
         """Rewrite the missing or unreadable array metadata (``zarr.json``) of the variables of
-        ``results/<subject>`` from the results template; returns the variables repaired.
+        ``results/<subject>``; returns the variables repaired.
 
-        The template of the stored tasks, labels and fit parameters is deterministic, so the
-        rewritten metadata equal those the chunks were written with: the surviving chunks
-        become readable again (and are then checked against their markers)."""
+        From the root's consolidated copy while it still holds the array, else from the results
+        template of the stored tasks, labels and fit parameters (deterministic): either equals
+        the metadata the chunks were written with, so the surviving chunks become readable
+        again (and are then checked against their markers)."""
         group = results_group(subject)
         broken = self.broken_results_metadata(subject, permutation)
         if not broken:
@@ -385,8 +387,20 @@ class StudyStore:
             template[broken].to_zarr(tmp, group=group, mode="w", zarr_format=3, consolidated=False,
                                      encoding=encoding, compute=False)
             for name in broken:
+                made = json.loads((Path(tmp) / group / name / "zarr.json").read_text())
+                # The consolidated copy is what the chunks were written with; the template only
+                # stands in once a later consolidation has dropped the array.
+                meta = self._consolidated_array_metadata(f"{group}/{name}") or made
                 target = self.path / group / name / "zarr.json"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(target, (Path(tmp) / group / name / "zarr.json").read_bytes())
+                write_atomic(target, json.dumps(meta, indent=2).encode())
         self._consolidate()
         return broken
+
+    def _consolidated_array_metadata(self, array: str) -> dict[str, Any] | None:
+        """The array's metadata as the root's consolidated metadata hold them, if they do."""
+        try:
+            meta = json.loads((self.path / "zarr.json").read_text())["consolidated_metadata"]["metadata"][array]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("node_type") == "array" else None
