@@ -67,7 +67,8 @@ def main() -> None:
     print(f"seal: {seal:.2f} s for {units} fit units + {a.tasks} finalize markers "
           f"({seal / (units + a.tasks) * 1e3:.1f} ms per marker, fsync included)")
 
-    size = sum(f.stat().st_size for f in (store.path / "results/S1").rglob("*") if f.is_file() and f.name != "zarr.json")
+    size = sum(f.stat().st_size for f in (store.path / "results/S1").rglob("*")
+               if f.is_file() and f.name != "zarr.json")
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         report = verify_store(store, ["S1"], tasks)
