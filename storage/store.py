@@ -27,8 +27,8 @@ import xarray as xr
 import zarr
 
 from neurotask.storage import schema
-from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
 from neurotask.storage.atomic import write_atomic
+from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
 from neurotask.storage.progress import Progress
 from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES,
                                       ChunkPlan, coordinate, features_group, responses_group, results_group, strings,

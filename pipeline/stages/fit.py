@@ -235,7 +235,7 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
         repaired = store.repair_results_metadata(subject, spec.permutation)
         if repaired:
             logger.warning(f"{results_group(subject)}: rewrote the missing array metadata of "
-                           f"{', '.join(repaired)} from the results template")
+                           f"{', '.join(repaired)} (from the consolidated metadata, or the results template)")
         ceiling = progress.read(Stage.CEILING, subject)
         if ceiling is not None and marker_damage(store, subject, (Stage.CEILING, subject), ceiling):
             logger.warning(f"recomputing the damaged noise ceiling of {subject}")
