@@ -3,7 +3,9 @@
 A marker is a small JSON file written atomically and durably (``storage.atomic``) *after* the unit's
 data are in the store, so a unit killed half-way is never marked done. Each marker carries the
 id of the store it refers to: markers left over from a deleted or recreated store are ignored.
-Layout: ``<progress dir>/<stage>/<part>/.../<unit>.json``.
+Layout: ``<progress dir>/<stage>/<part>/.../<unit>.json``. The markers of fit units, the noise
+ceiling and finalized pairs also list the size and crc32 of every chunk they vouch for
+(``storage.checksums``), so that damage to the data after the marker is found, not trusted.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Layout of ``<workdir>/``::
                               chunked (1 task, chunk_size): one fit unit writes exactly one chunk
       roi_results/<subject>   the same variables for ROI-only models (imported, Figure 1)
       analysis/<name>         written by the analysis stage
-    progress/<stage>/.../<unit>.json   the markers of :class:`Stage` (``storage.progress``)
+    progress/<stage>/.../<unit>.json   the markers of :class:`Stage` (``storage.progress``); those
+                              of fit, ceiling and finalize list the checksums of the chunks they
+                              vouch for (``storage.checksums``)
 
 Stages build group paths and marker names only through this module.
 """
@@ -66,6 +68,7 @@ class Stage(StrEnum):
     FEATURIZED = "featurized"  # featurized/<space>: every batch written
     FIT = "fit"  # fit/<subject>/<task>/<chunk>: one voxel chunk's results written
     CEILING = "ceiling"  # ceiling/<subject>: the noise ceiling written
+    FINALIZE = "finalize"  # finalize/<subject>/<task>: the pair's q-values and significance written
     IMPORT = "import"  # import/<subject>: published results imported
 
 

@@ -12,7 +12,9 @@ group=...)`` reads one file; region writes of data (workers) leave them as they 
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -25,6 +27,8 @@ import xarray as xr
 import zarr
 
 from neurotask.storage import schema
+from neurotask.storage.atomic import write_atomic
+from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
 from neurotask.storage.progress import Progress
 from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES,
                                       ChunkPlan, coordinate, features_group, responses_group, results_group, strings,
@@ -331,3 +335,72 @@ class StudyStore:
 
     def read_dataset(self, group: str) -> xr.Dataset:
         return self._open(group).load()
+
+    # ------------------------------------------------------------------ integrity
+
+    def seal_results(self, subject: str, variables: Sequence[str], region: Sequence[slice]) -> list[dict[str, Any]]:
+        """fsync the chunks of ``variables`` of ``results/<subject>`` that ``region`` (task, voxel
+        slices; per-voxel variables use the voxel slice) covers; their checksum records, for the
+        marker written next (``storage.checksums``)."""
+        return seal_region(self.path, results_group(subject), variables, region)
+
+    def check_results(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
+        """The chunks of ``results/<subject>`` among ``records`` (a marker's) that are damaged."""
+        return check_records(self.path, results_group(subject), unit, records)
+
+    def result_tasks(self, subject: str) -> list[str]:
+        """The stored task order of ``results/<subject>`` (metadata and the task coordinate only)."""
+        return [str(t) for t in self._open(results_group(subject))["task"].values]
+
+    def broken_results_metadata(self, subject: str, permutation: bool) -> list[str]:
+        """The variables of ``results/<subject>`` (with ``permutation``, its permutation-test
+        variables too) whose array metadata are missing or do not parse."""
+        broken = []
+        for name in [*schema.RESULT_VARS, *(schema.PERMUTATION_VARS if permutation else ()), *CEILING_VARS]:
+            try:
+                read_array_metadata(self.path, f"{results_group(subject)}/{name}")
+            except (OSError, ValueError):
+                broken.append(name)
+        return broken
+
+    def repair_results_metadata(self, subject: str, permutation: bool) -> list[str]:
+        """Rewrite the missing or unreadable array metadata (``zarr.json``) of the variables of
+        ``results/<subject>``; returns the variables repaired.
+
+        From the root's consolidated copy while it still holds the array, else from the results
+        template of the stored tasks, labels and fit parameters (deterministic): either equals
+        the metadata the chunks were written with, so the surviving chunks become readable
+        again (and are then checked against their markers)."""
+        group = results_group(subject)
+        broken = self.broken_results_metadata(subject, permutation)
+        if not broken:
+            return []
+        # Group metadata and coordinates are intact (else the group itself would be unreadable).
+        existing = zarr.open_group(str(self.path), path=group, mode="r", zarr_format=3)
+        tasks = [str(t) for t in existing["task"][:]]
+        labels = [str(t) for t in existing["task_label"][:]] if "task_label" in existing else tasks
+        attrs = dict(existing.attrs)
+        template = self._results_template(tasks, labels, self.responses(subject), attrs["fit"], permutation)
+        chunk = int(self.responses(subject).attrs["chunk_size"])
+        encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in broken}
+        with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".repair-") as tmp:
+            template[broken].to_zarr(tmp, group=group, mode="w", zarr_format=3, consolidated=False,
+                                     encoding=encoding, compute=False)
+            for name in broken:
+                made = json.loads((Path(tmp) / group / name / "zarr.json").read_text())
+                # The consolidated copy is what the chunks were written with; the template only
+                # stands in once a later consolidation has dropped the array.
+                meta = self._consolidated_array_metadata(f"{group}/{name}") or made
+                target = self.path / group / name / "zarr.json"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, json.dumps(meta, indent=2).encode())
+        self._consolidate()
+        return broken
+
+    def _consolidated_array_metadata(self, array: str) -> dict[str, Any] | None:
+        """The array's metadata as the root's consolidated metadata hold them, if they do."""
+        try:
+            meta = json.loads((self.path / "zarr.json").read_text())["consolidated_metadata"]["metadata"][array]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("node_type") == "array" else None

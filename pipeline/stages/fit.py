@@ -33,8 +33,9 @@ from neurotask.pipeline.ridge import design
 from neurotask.pipeline.stats import noise_ceiling
 from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.stages.status import FitRunState
+from neurotask.pipeline.stages.verify import CHUNKS, marker_damage
 from neurotask.pipeline.tasks import task_label
-from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
+from neurotask.storage import CEILING_VARS, ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,11 @@ def fit_unit(spec: FitSection, unit: Unit, store: StudyStore, decomposition: rid
         return {"unit": unit.name, "nan_r": None}
     values = fit_voxels(spec, decomposition, store.read_response_chunk(unit.subject, unit.voxels), alphas)
     store.write_result_chunk(unit.subject, unit.task_index, unit.voxels, values)
+    # Durable chunks and their checksums before the marker that vouches for them.
+    chunks = store.seal_results(unit.subject, list(values), (slice(unit.task_index, unit.task_index + 1), unit.voxels))
     # The SLURM job in the marker says which worker job wrote the chunk (None outside SLURM).
     progress.mark_done(*unit.marker, info={"voxels": unit.stop - unit.start,
-                                           "slurm_job": os.environ.get("SLURM_JOB_ID")})
+                                           "slurm_job": os.environ.get("SLURM_JOB_ID"), CHUNKS: chunks})
     return {"unit": unit.name, "nan_r": int(np.isnan(values["r"]).sum())}
 
 
@@ -141,11 +144,25 @@ def fit_unit(spec: FitSection, unit: Unit, store: StudyStore, decomposition: rid
 
 def plan_units(store: StudyStore, progress: Progress, subject: str, tasks: list[str],
                task_order: list[str]) -> dict[tuple[str, str], tuple[list[Unit], int]]:
-    """Per (subject, task): the units still to do, and how many are already done."""
+    """Per (subject, task): the units still to do, and how many are already done.
+
+    A done unit whose chunks no longer match its marker's checksums is unmarked and redone."""
     chunks = store.voxel_chunks(subject)
     out = {}
     for task in tasks:
         done = progress.done_units(Stage.FIT, subject, task)
+        damaged = []
+        for key in sorted(done):
+            parts = (Stage.FIT, subject, task, key)
+            record = progress.read(*parts)
+            if record is None or marker_damage(store, subject, parts, record):
+                damaged.append(key)
+        if damaged:
+            logger.warning(f"recomputing {len(damaged)} damaged unit(s): "
+                           + ", ".join(f"{subject}/{task}/chunk {int(k)}" for k in damaged))
+            for key in damaged:
+                progress.unmark(Stage.FIT, subject, task, key)
+            done -= set(damaged)
         units = [Unit(subject, task, task_order.index(task), k, *chunks.bounds(k)) for k in range(chunks.n_chunks)]
         todo = [u for u in units if chunk_key(u.chunk) not in done]
         out[(subject, task)] = (todo, len(units) - len(todo))
@@ -154,27 +171,32 @@ def plan_units(store: StudyStore, progress: Progress, subject: str, tasks: list[
 
 def finalize_pair(spec: FitSection, store: StudyStore, subject: str, task_index: int) -> None:
     """BH-FDR across all voxels of (subject, task), for the parametric and, if computed, the
-    permutation p-values: writes their q-values and significance."""
+    permutation p-values: writes their q-values and significance, then a finalize marker with
+    their chunks' checksums."""
     values = {}
     for suffix in ("", "_perm") if spec.permutation else ("",):
         q, significant = stats.fdr_bh(store.read_result(subject, "pvalue" + suffix, task_index), spec.fdr)
         values.update({"qvalue" + suffix: q, "significant" + suffix: significant})
     store.write_result_chunk(subject, task_index, slice(None), values)
+    chunks = store.seal_results(subject, list(values), (slice(task_index, task_index + 1), slice(None)))
+    task = store.result_tasks(subject)[task_index]
+    store.progress().mark_done(Stage.FINALIZE, subject, task, info={CHUNKS: chunks})
 
 
-def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray) -> bool:
+def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray) -> list[dict] | None:
     """Per-voxel noise ceiling of the test-set r from the subject's repeated images (NCSNR),
     for test responses averaging as many showings as each test image had. Written to
-    ``results/<subject>`` once; False when the subject has no repeated images."""
+    ``results/<subject>`` once; returns the checksum records of its chunks (durable), None
+    when the subject has no repeated images."""
     resp = store.responses(subject)
     if "repeat_responses" not in resp:
-        return False
+        return None
     m_test = resp["n_showings"].values[test_rows] if "n_showings" in resp else 1
     for sl in ChunkPlan(resp.sizes["voxel"], int(resp.attrs["chunk_size"])):
         sn = noise_ceiling.signal_noise(resp["repeat_responses"][:, :, sl].values.astype(np.float64))
         nc = noise_ceiling.noise_ceiling(sn.ncsnr, m_test)
         store.write_voxel_results(subject, sl, {"ncsnr": sn.ncsnr, "noise_ceiling_r": nc.r, "noise_ceiling_r2": nc.r2})
-    return True
+    return store.seal_results(subject, list(CEILING_VARS), (slice(None),))
 
 
 def _first(names: list[str], n: int = 5) -> str:
@@ -256,11 +278,23 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
             store.remove(results_group(subject))
             progress.clear(Stage.FIT, subject)
             progress.unmark(Stage.CEILING, subject)
+        if not store.has(results_group(subject)):
+            # Finalize markers of removed results (e.g. a re-ingest) vouch for chunks now gone.
+            progress.clear(Stage.FINALIZE, subject)
         order = store.ensure_results(subject, cfg.tasks, params, task_labels=labels, permutation=spec.permutation)
+        repaired = store.repair_results_metadata(subject, spec.permutation)
+        if repaired:
+            logger.warning(f"{results_group(subject)}: rewrote the missing array metadata of "
+                           f"{', '.join(repaired)} (from the consolidated metadata, or the results template)")
+        ceiling = progress.read(Stage.CEILING, subject)
+        if ceiling is not None and marker_damage(store, subject, (Stage.CEILING, subject), ceiling):
+            logger.warning(f"recomputing the damaged noise ceiling of {subject}")
+            progress.unmark(Stage.CEILING, subject)
         if not progress.is_done(Stage.CEILING, subject):
             n_images = store.responses(subject).sizes["image"]
-            if subject_noise_ceiling(store, subject, splits_for(spec, n_images).test):
-                progress.mark_done(Stage.CEILING, subject)
+            chunks = subject_noise_ceiling(store, subject, splits_for(spec, n_images).test)
+            if chunks is not None:
+                progress.mark_done(Stage.CEILING, subject, info={CHUNKS: chunks})
         for (subj, task), (todo, n_done) in plan_units(store, progress, subject, cfg.tasks, order).items():
             skipped += n_done
             if todo:
