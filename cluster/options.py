@@ -309,15 +309,17 @@ class _SlurmKeywordsBase(BaseModel):
             raise broken(f"cluster.slurm: expected a mapping of SLURMCluster options, got {_shown(value)}")
         problems = []
         for key in value:
+            # Each problem names its dotted key, like every other config message.
             if key in _RESERVED:
-                problems.append(f"{key!r} is set by neurotask ({_RESERVED[key]})")
+                problems.append(f"cluster.slurm.{key}: set by neurotask ({_RESERVED[key]})")
             elif key in _DEPRECATED:
-                problems.append(f"{key!r} is deprecated in dask-jobqueue; use {_DEPRECATED[key]!r}")
+                problems.append(f"cluster.slurm.{key}: deprecated in dask-jobqueue; use {_DEPRECATED[key]!r}")
             elif key not in accepted_options():
                 close = difflib.get_close_matches(str(key), accepted_options(), n=1)
-                problems.append(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                problems.append(f"cluster.slurm.{key}: unknown option"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
         if problems:
-            raise broken("cluster.slurm: " + "; ".join(problems) + ". Options are SLURMCluster keyword "
+            raise broken("; ".join(problems) + ". cluster.slurm options are SLURMCluster keyword "
                          "arguments: " + ", ".join(sorted(accepted_options())))
         return value
 

@@ -166,6 +166,12 @@ def import_published_command(cfg: Config, args: argparse.Namespace) -> None:
                 f"and `neurotask report --config {cfg.path}`")
 
 
+def verify_command(cfg: Config, args: argparse.Namespace) -> None:
+    from neurotask.pipeline.stages.verify import verify_command as verify
+
+    verify(cfg, args)
+
+
 def status_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.status import status_lines
     from neurotask.storage.lock import lock_holder
@@ -265,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("import-published", import_published_command, "the authors' published per-voxel results into the store",
          "Read the Neural Taskonomy authors' published per-voxel results into results/<subject> of the "
          "study's store, to analyse and report them like a fit of our own.", True),
+        ("verify", verify_command, "check every finished unit's chunks against its marker's checksums",
+         "Check that every chunk a progress marker vouches for (fit units, noise ceilings, q-values) is in "
+         "the store with the size and checksum recorded when it was written, and every results array's "
+         "metadata is readable. Lists each damaged or missing chunk and exits with status 2; the next "
+         "`neurotask fit` (or `run`) recomputes exactly those units.", False),
         ("status", status_command, "what is done in the study's store",
          "Show what is done, running and missing in the study's store.", False),
     ]

@@ -175,10 +175,16 @@ class FitSection(_Section):
     def fingerprint(self) -> dict[str, Any]:
         """The parameters that determine a fit's results; stored with them so that a rerun with
         different ones is refused rather than mixed into the same store. (Its keys and values
-        are those stored by every earlier version: existing stores must still match.)"""
+        are those stored by every earlier version, plus ``backend``: existing stores still match.)"""
         keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype",
                 "zscore_features", "n_permutations", "permutation_seed")
         out = {k: getattr(self, k) for k in keys}
+        # The backend changes the results' last bits (another BLAS, another summation order):
+        # a resume with another backend is refused, not mixed. Stores written before this key
+        # were all numpy (storage.store.LEGACY_FIT_PARAMS). A torch device is recorded when
+        # configured; device None picks CUDA per worker, which the docs tell users to pin.
+        out["backend"] = self.backend if self.backend == "numpy" or self.device is None \
+            else f"torch:{self.device.split(':')[0]}"
         if self.alphas != "paper":
             out["alphas"] = list(self.alphas)  # as the attribute reads back from the store
         if self.cv != "single_split":

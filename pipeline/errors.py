@@ -1,7 +1,8 @@
 """Exceptions for errors a user can cause. The CLI prints their message, without a
 traceback, and exits non-zero."""
 
-from neurotask.storage import StoreError  # noqa: F401  (raised by the store; also user-facing)
+# Raised by the store, also user-facing; describe_differences words the store's refusals.
+from neurotask.storage.store import StoreError, describe_differences  # noqa: F401
 
 
 class NeurotaskError(Exception):
@@ -22,25 +23,3 @@ class FitError(NeurotaskError):
 
 class WorkdirError(NeurotaskError):
     """The study's workdir cannot be written (permissions, not a directory)."""
-
-
-def _shown(value: object) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def describe_differences(stored: dict, wanted: dict) -> str:
-    """Only the keys whose values differ between ``stored`` parameters and the ``wanted`` ones
-    (the config), in the stored order then the config's new keys, e.g.
-    ``"n_folds: stored 5, config 7; seed: stored 0, config 1"``; a key missing on one side
-    shows as ``absent``. Empty when nothing differs. For refusals that should not make the
-    user diff two long dicts by eye."""
-    absent = object()
-    keys = list(stored) + [k for k in wanted if k not in stored]
-    parts = []
-    for key in keys:
-        a, b = stored.get(key, absent), wanted.get(key, absent)
-        if a is not absent and b is not absent and a == b:
-            continue
-        parts.append(f"{key}: stored {'absent' if a is absent else _shown(a)}, "
-                     f"config {'absent' if b is absent else _shown(b)}")
-    return "; ".join(parts)

@@ -35,8 +35,35 @@ from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPE
                                       voxel_coords)
 
 
+# Fit parameters added to the fingerprint later, with the value every result stored before
+# them was computed with: such stores still match a config asking for that value.
+LEGACY_FIT_PARAMS: dict[str, Any] = {"backend": "numpy"}
+
+
 class StoreError(Exception):
     """The store lacks something a stage needs, or holds data incompatible with the request."""
+
+
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def describe_differences(stored: dict, wanted: dict) -> str:
+    """Only the keys whose values differ between ``stored`` parameters and the ``wanted`` ones
+    (the config), in the stored order then the config's new keys, e.g.
+    ``"n_folds: stored 5, config 7; seed: stored 0, config 1"``; a key missing on one side
+    shows as ``absent``. Empty when nothing differs. For refusals that should not make the
+    user diff two long dicts by eye."""
+    absent = object()
+    keys = list(stored) + [k for k in wanted if k not in stored]
+    parts = []
+    for key in keys:
+        a, b = stored.get(key, absent), wanted.get(key, absent)
+        if a is not absent and b is not absent and a == b:
+            continue
+        parts.append(f"{key}: stored {'absent' if a is absent else _shown(a)}, "
+                     f"config {'absent' if b is absent else _shown(b)}")
+    return "; ".join(parts)
 
 
 class StudyStore:
@@ -277,10 +304,13 @@ class StudyStore:
         if self.has(group):
             existing = self._open(group)
             stored = existing.attrs.get("fit", {})
+            # Keys an older version did not store took the value named in LEGACY_FIT_PARAMS.
+            stored = {**{k: v for k, v in LEGACY_FIT_PARAMS.items() if k in fit_params}, **stored}
             if stored != fit_params:
                 raise StoreError(
-                    f"{self.path}: {group} were fitted with {stored}, the config asks for "
-                    f"{fit_params}. Use a new study.workdir, or `neurotask fit --overwrite` to discard them."
+                    f"{self.path}: {group} were fitted with other parameters ("
+                    f"{describe_differences(stored, fit_params)}). Use a new study.workdir, or "
+                    "`neurotask fit --overwrite` to discard them."
                 )
             if existing.sizes["voxel"] != v:
                 raise StoreError(f"{self.path}: {group} has {existing.sizes['voxel']} voxels, responses {v}")

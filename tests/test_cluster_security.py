@@ -19,9 +19,9 @@ def test_local_cluster_uses_tls_and_refuses_plain_clients():
         assert client.submit(lambda x: x + 1, 1).result() == 2
         port = address.rsplit(":", 1)[1]
         with pytest.raises((OSError, TimeoutError)):  # no certificate: the handshake fails
-            Client(f"tcp://127.0.0.1:{port}", timeout="2s")
+            Client(f"tcp://127.0.0.1:{port}", timeout="2s", set_as_default=False)
         with pytest.raises((OSError, TimeoutError, TypeError)):  # TypeError: no TLS context at all
-            Client(address, timeout="2s")  # tls:// but without the cluster's certificate
+            Client(address, timeout="2s", set_as_default=False)  # tls:// but without the cluster's certificate
 
 
 def test_tls_false_keeps_plain_tcp():

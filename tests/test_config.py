@@ -37,7 +37,8 @@ def test_demo_config_is_valid():
     assert cfg.fit.n_alphas == 100 and cfg.fit.n_folds == 7 and cfg.fit.test_fraction == 0.15
     assert cfg.fit.fingerprint() == {
         "test_fraction": 0.15, "cv": "kfold", "n_folds": 7, "alphas": "paper", "n_alphas": 100, "seed": 2019,
-        "dtype": "float32", "zscore_features": True, "n_permutations": 1000, "permutation_seed": 0}
+        "dtype": "float32", "zscore_features": True, "n_permutations": 1000, "permutation_seed": 0,
+        "backend": "numpy"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -20,7 +20,9 @@ from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import FitError
 from neurotask.pipeline.stages.simulate import ROI_DRIVER
 from neurotask.pipeline.tasks import task_cluster, task_info
-from neurotask.storage import StudyStore
+from neurotask.pipeline.stages.ingest import ingest
+from neurotask.pipeline.stages.simulate import simulate_study
+from neurotask.storage import StoreError, StudyStore
 from neurotask.cluster import open_client
 
 pytestmark = pytest.mark.slow  # every test uses small_study, one whole `neurotask run`
@@ -55,18 +57,34 @@ def test_fit_spec_fingerprint_is_what_existing_stores_hold(tmp_path):
     spec = load_config(write_config(tmp_path / "a.yaml", small_config_dict(tmp_path))).fit
     assert spec.fingerprint() == {"test_fraction": 0.15, "cv": "kfold", "n_folds": 5, "alphas": "paper",
                                   "n_alphas": 20, "seed": 2019, "dtype": "float32", "zscore_features": True,
-                                  "n_permutations": 200, "permutation_seed": 0}
+                                  "n_permutations": 200, "permutation_seed": 0, "backend": "numpy"}
     other = small_config_dict(tmp_path, fit={"cv": "single_split", "alphas": [10, 1.5], "n_permutations": 0})
     single = load_config(write_config(tmp_path / "b.yaml", other)).fit
     assert single.fingerprint() == {"test_fraction": 0.15, "cv": "single_split", "n_folds": 5,
                                     "validation_fraction": 0.15, "alphas": [10.0, 1.5], "n_alphas": 20, "seed": 2019,
                                     "dtype": "float32", "zscore_features": True, "n_permutations": 0,
-                                    "permutation_seed": 0}
+                                    "permutation_seed": 0, "backend": "numpy"}
     assert not single.permutation and spec.permutation
     np.testing.assert_array_equal(fit.alpha_grid(single, 48), [1.5, 10.0])
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         spec.seed = 1  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(spec)) == spec
+    torch_spec = small_config_dict(tmp_path, fit={"backend": "torch", "device": "cuda:1"})
+    assert load_config(write_config(tmp_path / "c.yaml", torch_spec)).fit.fingerprint()["backend"] == "torch:cuda"
+
+
+def test_resume_with_another_backend_is_refused_naming_it_and_legacy_stores_still_match(tmp_path):
+    """Results store their backend; one stored before the key existed counts as numpy."""
+    cfg = load_config(write_config(tmp_path / "a.yaml", small_config_dict(tmp_path)))
+    simulate_study(cfg)
+    ingest(cfg)
+    store = StudyStore(cfg.store_path)
+    legacy = {k: v for k, v in cfg.fit.fingerprint().items() if k != "backend"}
+    store.ensure_results("CSI1", cfg.tasks, legacy, task_labels=cfg.tasks)
+    store.ensure_results("CSI1", cfg.tasks, cfg.fit.fingerprint(), task_labels=cfg.tasks)  # numpy: matches
+    torch_params = dict(cfg.fit.fingerprint(), backend="torch")
+    with pytest.raises(StoreError, match=r"other parameters \(backend: stored 'numpy', config 'torch'\)"):
+        store.ensure_results("CSI1", cfg.tasks, torch_params, task_labels=cfg.tasks)
 
 
 def test_orchestrated_fit_equals_the_engine_alone(small_study):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,20 +115,35 @@ def test_network_filesystems_are_detected(tmp_path):
     assert mount_fstype(tmp_path) is not None  # this machine's /proc/mounts
 
 
-def test_a_read_only_workdir_is_refused_before_any_work(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    cfg = write_config(tmp_path / "study.yaml", small_config_dict(workdir))
-    workdir.chmod(0o555)
+def _as_unprivileged_user(cmd: list[str]) -> list[str]:
+    """``cmd`` run as an ordinary user: root writes anywhere, so as root the command runs as
+    ``nobody`` (setpriv), for whom a mode-555 folder is read-only as for any user."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+
+
+def test_a_read_only_workdir_is_refused_before_any_work():
+    """The installed command on a workdir its user cannot write: one line, exit 2, nothing
+    written (the folder lives outside root's private tmp so that `nobody` can reach it)."""
+    base = Path(tempfile.mkdtemp(prefix="neurotask-ro-", dir="/tmp"))
     try:
-        assert cli.main(["simulate", "--config", str(cfg)]) == 2
+        base.chmod(0o755)
+        workdir = base / "work"
+        workdir.mkdir()
+        cfg = write_config(base / "study.yaml", small_config_dict(workdir))
+        cfg.chmod(0o644)
+        workdir.chmod(0o555)
+        for command in ("simulate", "ingest", "fit"):
+            run = subprocess.run(_as_unprivileged_user([*neurotask_command(), command, "--config", str(cfg)]),
+                                 cwd=base, env=neurotask_env(), capture_output=True, text=True, timeout=120)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert "not writable" in run.stderr and str(workdir) in run.stderr, run.stderr
+            assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+            assert list(workdir.iterdir()) == []
     finally:
-        workdir.chmod(0o755)
-    err = capsys.readouterr().err
-    assert "not writable" in err and str(workdir) in err and "Traceback" not in err
-    assert list(workdir.iterdir()) == []
+        (base / "work").chmod(0o755)
+        shutil.rmtree(base)
 
 
 @pytest.mark.parametrize("error, words", [

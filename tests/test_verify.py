@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -195,35 +196,18 @@ def test_deleted_array_metadata_is_named_and_rewritten_from_the_template(study, 
 # --------------------------------------------------------------------------- the command
 
 
-@pytest.fixture
-def cli_with_verify(monkeypatch):
-    """pipeline.cli with a test-only `verify --config FILE` sub-command calling verify_command
-    (the real command is wired in cli.py separately), so main's error handling is exercised."""
-    import argparse
-
-    from neurotask.pipeline import cli
-
-    real = cli.build_parser
-
-    def build_parser() -> argparse.ArgumentParser:
-        parser = real()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        p = sub.add_parser("verify")
-        p.add_argument("--config", type=Path, required=True)
-        p.set_defaults(func=verify_command)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
-    return cli
-
-
-def test_verify_command_exits_2_naming_the_damaged_chunk(study, cli_with_verify, capsys):
+def test_verify_command_exits_2_naming_the_damaged_chunk(study, tmp_path):
+    """The installed `neurotask verify`, run from outside the checkout as users run it."""
     cfg = _config(study)
-    assert cli_with_verify.main(["verify", "--config", str(cfg)]) == 0
+    cmd = [*fs.neurotask_command(), "verify", "--config", str(cfg)]
+    ok = subprocess.run(cmd, cwd=tmp_path, env=fs.neurotask_env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "chunks verified, all intact" in ok.stdout
     _delete(study / "store.zarr/results/CSI1/r/c/1/3")
-    assert cli_with_verify.main(["verify", "--config", str(cfg)]) == 2
-    err = capsys.readouterr().err
-    assert f"results/CSI1/r/c/1/3 (fit/CSI1/{TASKS[1]}/00003): chunk file missing" in err
+    bad = subprocess.run(cmd, cwd=tmp_path, env=fs.neurotask_env(), capture_output=True, text=True)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert f"results/CSI1/r/c/1/3 (fit/CSI1/{TASKS[1]}/00003): chunk file missing" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_results_group_deleted_by_hand_is_refitted_not_trusted(study, reference, local_client):
