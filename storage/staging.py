@@ -10,7 +10,7 @@ failure leaves them byte-identical, and :func:`discard` removes the staging stor
 directory is atomic). Its plan is first written atomically to a journal,
 ``<workdir>/staging-journal.json``:
 
-1. the old group (if any) is renamed into ``<workdir>/staging-trash/<token>/``;
+1. the old group (if any; each of the groups swapped together) is renamed into ``<workdir>/staging-trash/<token>/``;
 2. the staged group is renamed into the store at the group's path;
 3. the groups to drop with it (e.g. the subject's results when its responses change) are
    moved to the trash, and the progress markers to clear (its fit and ceiling markers) are
@@ -67,21 +67,23 @@ def _journal_path(store: StudyStore) -> Path:
     return store.path.parent / JOURNAL
 
 
-def replace(store: StudyStore, group: str, *, drop_groups: Sequence[str] = (),
+def replace(store: StudyStore, groups: str | Sequence[str], *, drop_groups: Sequence[str] = (),
             clear_markers: Sequence[Sequence[str]] = ()) -> None:
-    """Swap the complete staged ``group`` (in :func:`staging_store`) into ``store``.
+    """Swap the complete staged ``groups`` (in :func:`staging_store`) into ``store``, in one
+    journaled step.
 
     ``drop_groups``: other groups of ``store`` that describe the old data (removed after the swap).
     ``clear_markers``: progress marker paths, as ``Progress`` parts (e.g. ``("fit", "CSI1")`` for a
     directory or ``("ingest", "CSI1")`` for one marker), deleted after the swap.
     """
-    staged = store.path.parent / STAGING_STORE / group
-    if not (staged / "zarr.json").is_file():
-        raise FileNotFoundError(f"no staged group {group} at {staged}")
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    staging_root = store.path.parent / STAGING_STORE
+    for group in groups:
+        if not (staging_root / group / "zarr.json").is_file():
+            raise FileNotFoundError(f"no staged group {group} in {staging_root}")
     store.create()
-    token = uuid.uuid4().hex
-    journal = {"group": group, "staged": str(staged), "target": str(store.path / group),
-               "trash": str(store.path.parent / TRASH / token),
+    journal = {"groups": groups, "staging": str(staging_root),
+               "trash": str(store.path.parent / TRASH / uuid.uuid4().hex),
                "drop_groups": list(drop_groups), "clear_markers": [list(m) for m in clear_markers]}
     write_json_atomic(_journal_path(store), journal)
     _apply(store, journal)
@@ -98,14 +100,15 @@ def recover(store: StudyStore) -> bool:
 
 def _apply(store: StudyStore, journal: dict[str, Any]) -> None:
     """Carry out the journal's steps; each one skipped when already done."""
-    staged, target, trash = Path(journal["staged"]), Path(journal["target"]), Path(journal["trash"])
-    old = trash / "old"
-    if staged.is_dir():  # step 2 not yet done
-        if target.is_dir() and not old.exists():  # step 1
-            old.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(target, old)
-        _ensure_parents(store, journal["group"])
-        os.rename(staged, target)  # step 2
+    staging_root, trash = Path(journal["staging"]), Path(journal["trash"])
+    for i, group in enumerate(journal["groups"]):
+        staged, target, old = staging_root / group, store.path / group, trash / f"old-{i}"
+        if staged.is_dir():  # step 2 not yet done for this group
+            if target.is_dir() and not old.exists():  # step 1
+                old.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(target, old)
+            _ensure_parents(store, group)
+            os.rename(staged, target)  # step 2
     for i, group in enumerate(journal["drop_groups"]):  # step 3
         d = store.path / group
         if d.is_dir():
