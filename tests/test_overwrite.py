@@ -8,6 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 
@@ -207,3 +208,43 @@ def test_analyse_overwrite_equals_the_first_run(tmp_path):
     xr.testing.assert_identical(first, again)
     assert not (cfg.workdir / staging.STAGING_STORE).exists()
     assert not (cfg.workdir / staging.JOURNAL).exists()
+
+
+# --------------------------------------------------------------------------- featurize
+
+from neurotask.pipeline.stages.featurize import FAULT_ENV, FeaturizeError, featurize  # noqa: E402
+from test_featurize import client, image_study, weights  # noqa: E402,F401  (module fixtures)
+
+
+@pytest.mark.slow
+def test_featurize_overwrite_failing_a_batch_leaves_the_workdir_byte_identical(tmp_path, weights, client):
+    cfg = load_config(image_study(tmp_path, weights))
+    featurize(cfg, client)
+    StudyStore(cfg.store_path).progress().mark_done("fit", "CSI1", cfg.features.space_names[0], "00000")
+    before = workdir_hashes(cfg.workdir)
+    client.run(lambda: os.environ.__setitem__(FAULT_ENV, "1"))  # batch 1 writes its first space, then fails
+    try:
+        with pytest.raises(FeaturizeError, match="injected fault"):
+            featurize(cfg, client, overwrite=True)
+    finally:
+        client.run(lambda: os.environ.pop(FAULT_ENV, None))
+    assert workdir_hashes(cfg.workdir) == before
+
+
+@pytest.mark.slow
+def test_featurize_overwrite_equals_a_fresh_run(tmp_path, weights, client):
+    cfg = load_config(image_study(tmp_path / "a", weights))
+    featurize(cfg, client)
+    store = StudyStore(cfg.store_path)
+    space = cfg.features.space_names[0]
+    store.progress().mark_done("fit", "CSI1", space, "00000")  # a fit made with the old features
+    featurize(cfg, client, overwrite=True)
+    fresh_cfg = load_config(image_study(tmp_path / "b", weights))
+    featurize(fresh_cfg, client)
+    fresh = StudyStore(fresh_cfg.store_path)
+    for name in cfg.features.space_names:
+        np.testing.assert_array_equal(store.read_features(name).values, fresh.read_features(name).values)
+        assert store.progress().done_units("featurize", name) == fresh.progress().done_units("featurize", name)
+        assert store.progress().is_done("featurized", name)
+    assert not store.progress().done_units("fit", "CSI1", space)
+    assert not (cfg.workdir / staging.STAGING_DIR).exists()
