@@ -12,7 +12,8 @@ byte-identical, and :func:`discard` removes the staging area.
 directory is atomic). Its plan is first written atomically to a journal,
 ``<workdir>/staging-journal.json``:
 
-1. the old group (if any; each of the groups swapped together) is renamed into ``<workdir>/staging-trash/<token>/``;
+1. the old group (if any; so for each of the groups swapped together) is renamed into
+   ``<workdir>/staging-trash/<token>/``;
 2. the staged group is renamed into the store at the group's path, and staged marker
    directories (``move_markers``, e.g. featurize's per-batch markers) likewise into ``progress/``;
 3. the groups to drop with it (e.g. the subject's results when its responses change) are
@@ -21,9 +22,10 @@ directory is atomic). Its plan is first written atomically to a journal,
 4. the store's metadata are consolidated, the trash and the journal deleted.
 
 Crash semantics: a crash before the journal exists leaves the old data in place (the staged
-group is garbage that the next :func:`discard` or :func:`replace` removes). A crash after it is
-*rolled forward* by :func:`recover` (idempotent: every step checks what is already done), which
-every stage should call before it reads the store. Between the two renames of steps 1-2 the
+group is garbage that the next :func:`discard` removes). A crash after it is *rolled forward*
+by :func:`recover` (idempotent: every step checks what is already done), which every stage
+calls before it reads the store; while a journal exists :func:`discard` keeps the staging
+area, whose staged groups the roll forward needs. Between the two renames of steps 1-2 the
 group is briefly absent, never half-written. New markers of the new data (e.g. ``ingest/<s>``)
 are written by the caller after :func:`replace`: a crash before that leaves the unit "not done",
 which a rerun redoes.
