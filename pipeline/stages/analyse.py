@@ -28,6 +28,7 @@ from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, str_
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.tasks import task_names
+from neurotask.storage import staging
 from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, analysis_group, results_group, roi_results_group
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,11 @@ def read_analysis(cfg: Config) -> xr.Dataset:
 def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
     """Analyse the study's stored results unless an analysis of the same inputs is stored.
 
-    Returns the stored analysis Dataset (read back from the store).
+    Returns the stored analysis Dataset (read back from the store). With ``overwrite``, the new
+    analysis is computed and written beside the old one, which is replaced only when it is
+    complete (``storage.staging``).
     """
+    staging.recover(StudyStore(cfg.store_path))  # a swap interrupted by a crash is finished first
     results, rois, tasks = load_inputs(cfg)
     if len(tasks) < 2:
         raise AnalysisStageError(f"task similarity needs at least 2 tasks; the study has {tasks}")
@@ -194,7 +198,12 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         subjects_source={s: str(ds.attrs.get("source", "fit")) for s, ds in results.items()},
     )
-    store.write_dataset(ANALYSIS_GROUP, _storable(out))
+    # Written beside the old analysis and swapped in once complete: a failure keeps the old one.
+    try:
+        staging.staging_store(store).write_dataset(ANALYSIS_GROUP, _storable(out))
+        staging.replace(store, ANALYSIS_GROUP)
+    finally:
+        staging.discard(store)
     logger.info(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
     return store.read_dataset(ANALYSIS_GROUP)
 

@@ -45,6 +45,7 @@ from neurotask.pipeline.features.spaces import (Extractor, FeatureSpace, Feature
 from neurotask.pipeline.features.images import find_images, images_dir, study_images
 from neurotask.pipeline.features.preprocess import BadImagesError, check_images, decode_images
 from neurotask.pipeline.features.weights import WeightsError, find_checkpoint
+from neurotask.storage import staging
 from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, features_group
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,15 @@ def check_workers(cfg: Config, client: Client) -> None:
 
 
 def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: list[FeatureSpace],
-                  provenances: list[dict[str, Any]], images: list[str], *, overwrite: bool) -> list[_Space]:
+                  provenances: list[dict[str, Any]], images: list[str], *, overwrite: bool,
+                  target: StudyStore | None = None) -> list[_Space]:
     """Create ``features/<space>`` where missing (or replaced with ``overwrite``); keep features
-    made with the same fingerprint (to resume into); refuse other stored features."""
+    made with the same fingerprint (to resume into); refuse other stored features.
+
+    ``target``: the store the new groups are created in (with ``overwrite``, the staging store
+    beside ``store``: ``store`` and its markers are then left as they are, to be replaced by
+    ``storage.staging.replace`` once every batch is written)."""
+    target = target or store
     bs = cfg.features.batch_size  # type: ignore[union-attr]
     out = [_Space(s, p, _jsonable(fingerprint(p, images, bs))) for s, p in zip(spaces, provenances)]
     conflicts = []
@@ -369,15 +376,14 @@ def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: li
         name = sp.space.name
         if overwrite or not store.has(features_group(name)):
             if store.has(features_group(name)):
-                logger.info(f"{features_group(name)}: replaced (--overwrite)")
-            # Unmark before replacing, so that a kill in between never leaves stale markers.
-            progress.unmark(Stage.FEATURIZED, name)
-            progress.clear(Stage.FEATURIZE, name)
-            for subject in _fitted_subjects(cfg, store, progress):  # their fits used the old features
-                progress.clear(Stage.FIT, subject, name)
+                logger.info(f"{features_group(name)}: to be replaced (--overwrite)")
+            if target is store:
+                # Unmark before creating, so that a kill in between never leaves stale markers.
+                progress.unmark(Stage.FEATURIZED, name)
+                progress.clear(Stage.FEATURIZE, name)
             n_features, described = _n_features(sp.space)
             attrs = {**sp.provenance, **described, "featurize": sp.fingerprint}
-            store.init_features(name, images, n_features, bs, attrs=attrs)
+            target.init_features(name, images, n_features, bs, attrs=attrs)
     return out
 
 
@@ -410,9 +416,47 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
     report = FeaturizeReport(spaces=[s.name for s in spaces], images=len(images))
     store = StudyStore(cfg.store_path)
+    staging.recover(store)  # a swap interrupted by a crash is finished first
     store.create()
     progress = store.progress()
-    planned = prepare_store(cfg, store, progress, spaces, provenances, images, overwrite=overwrite)
+    if overwrite:
+        # Every space is written beside the old one, batches and their markers too, and
+        # swapped in only when all are complete (storage.staging); a failure keeps the old.
+        staging.discard(store)  # an earlier failed overwrite's leftovers: not resumed
+        target = staging.staging_store(store)
+        try:
+            report = _featurize_into(cfg, client, store, target, plan, report, overwrite=True, t0=t0)
+            names = report.spaces
+            fitted = _fitted_subjects(cfg, store, progress)
+            staging.replace(store, [features_group(n) for n in names],
+                            move_markers=[(Stage.FEATURIZE, n) for n in names],
+                            clear_markers=[(Stage.FEATURIZED, n) for n in names]
+                            + [(Stage.FIT, subject, n) for subject in fitted for n in names])
+            for sp in plan_fingerprints(cfg, plan):
+                progress.mark_done(Stage.FEATURIZED, sp[0], info={"fingerprint": sp[1]})
+        finally:
+            staging.discard(store)
+        return report
+    return _featurize_into(cfg, client, store, store, plan, report, overwrite=False, t0=t0)
+
+
+def plan_fingerprints(cfg: Config, plan: Plan) -> list[tuple[str, Any]]:
+    """(space name, fingerprint) of every planned space."""
+    bs = cfg.features.batch_size  # type: ignore[union-attr]
+    return [(s.name, _jsonable(fingerprint(p, plan.images, bs))) for s, p in zip(plan.spaces, plan.provenances)]
+
+
+def _featurize_into(cfg: Config, client: Client, store: StudyStore, target: StudyStore, plan: Plan,
+                    report: FeaturizeReport, *, overwrite: bool, t0: float) -> FeaturizeReport:
+    """Featurize the plan's batches not done into ``target`` (the study store, or with
+    ``overwrite`` the staging store beside it); -> the report; raises FeaturizeError when
+    batches failed or images were bad (those written are kept, in ``target``). ``t0``: when the
+    stage started (for the report's seconds)."""
+    feat: FeaturesSection = cfg.features  # type: ignore[assignment]
+    images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
+    planned = prepare_store(cfg, store, store.progress(), spaces, provenances, images, overwrite=overwrite,
+                            target=target)
+    progress = target.progress()  # where the workers mark their batches
 
     batches = make_batches(len(images), feat.batch_size)
     for sp in planned:
@@ -433,7 +477,7 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
     futures: dict[Future, tuple[Batch, list[_Space]]] = {}
     for b, sps in work:
         names = images[b.start:b.stop]
-        f = client.submit(featurize_batch, store, b, [paths[n] for n in names], names, [sp.space for sp in sps],
+        f = client.submit(featurize_batch, target, b, [paths[n] for n in names], names, [sp.space for sp in sps],
                           [sp.provenance for sp in sps], options,
                           key=f"featurize-{b.index}-{time.time_ns()}", retries=feat.retries, pure=False)
         futures[f] = (b, sps)
@@ -454,10 +498,11 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
         f.release()
     bar.close()
 
-    for sp in planned:
-        name = sp.space.name
-        if progress.done_units(Stage.FEATURIZE, name) >= {b.key for b in batches} and not progress.is_done(Stage.FEATURIZED, name):
-            progress.mark_done(Stage.FEATURIZED, name, info={"fingerprint": sp.fingerprint})
+    if target is store:  # staged spaces are marked complete after their swap (featurize)
+        for sp in planned:
+            name = sp.space.name
+            if progress.done_units(Stage.FEATURIZE, name) >= {b.key for b in batches} and not progress.is_done(Stage.FEATURIZED, name):
+                progress.mark_done(Stage.FEATURIZED, name, info={"fingerprint": sp.fingerprint})
     report.seconds = time.perf_counter() - t0
     problems = []
     if report.bad_images:

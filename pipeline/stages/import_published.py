@@ -48,6 +48,7 @@ from neurotask.pipeline.formats.published import (
 )
 from neurotask.pipeline.stats.scores import with_fdr
 from neurotask.pipeline.tasks import task_label
+from neurotask.storage import staging
 from neurotask.storage import Stage, StudyStore, results_group, roi_results_group
 from neurotask.storage.schema import results_template, voxel_coords, with_values
 
@@ -199,12 +200,13 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
     tasks = None if cfg.study.tasks == "all" else cfg.tasks
     fdr = cfg.analysis.fdr
     store = StudyStore(cfg.store_path)
-    store.create()
-    progress = store.progress()
+    staging.recover(store)  # a swap interrupted by a crash is finished first
+    progress = store.progress() if store.exists() else None
     summary = {}
+    todo = []
     for subject, src in sources.items():
         fingerprint = _fingerprint(src, tasks, fdr)
-        record = progress.read(Stage.IMPORT, subject)
+        record = progress.read(Stage.IMPORT, subject) if progress else None
         if store.has(results_group(subject)) and not overwrite:
             if record and record.get("fingerprint") == fingerprint:
                 logger.info(f"{subject}: published results from {src.path} already imported, skipped")
@@ -213,21 +215,31 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
             raise PublishedImportError(
                 f"{cfg.store_path}: {results_group(subject)} already exist (from {record['source'] if record else 'a fit'}); "
                 "use --overwrite to replace them, or a new study.workdir")
-        whole, roi, shape = read_source(src, tasks, fdr)
+        todo.append((subject, src, fingerprint))
+    # Every subject's files are read (and so checked) before the store is touched.
+    read = [(subject, src, fingerprint, *read_source(src, tasks, fdr)) for subject, src, fingerprint in todo]
+    for subject, src, fingerprint, whole, roi, shape in read:
         if shape is None:
             logger.info(f"{subject}: no cortical mask given: voxels have no position, the report will draw no maps")
-        store.remove(results_group(subject))
-        store.remove(roi_results_group(subject))
-        progress.clear(Stage.FIT, subject)  # any earlier fit of this subject no longer describes its results
         label = f"published ({src.kind}) {src.path.resolve()}"
-        store.write_dataset(results_group(subject), to_store_layout(whole, subject, shape_ijk=shape, source=label))
-        if roi is not None:
-            store.write_dataset(roi_results_group(subject),
-                                to_store_layout(roi, subject, shape_ijk=None, source=label))
+        # Written beside the old results, swapped in together once complete; only then are the
+        # subject's fit markers (which no longer describe its results) and import marker cleared.
+        try:
+            beside = staging.staging_store(store)
+            beside.write_dataset(results_group(subject), to_store_layout(whole, subject, shape_ijk=shape, source=label))
+            groups = [results_group(subject)]
+            if roi is not None:
+                beside.write_dataset(roi_results_group(subject),
+                                     to_store_layout(roi, subject, shape_ijk=None, source=label))
+                groups.append(roi_results_group(subject))
+            staging.replace(store, groups, drop_groups=[] if roi is not None else [roi_results_group(subject)],
+                            clear_markers=[(Stage.FIT, subject), (Stage.IMPORT, subject)])
+        finally:
+            staging.discard(store)
         info = {"fingerprint": fingerprint, "source": label, "tasks": [str(x) for x in whole["task"].values],
                 "voxels": int(whole.sizes["voxel"]), "roi_voxels": int(roi.sizes["voxel"]) if roi is not None else 0,
                 "volume_shape": list(shape) if shape else None}
-        progress.mark_done(Stage.IMPORT, subject, info=info)
+        store.progress().mark_done(Stage.IMPORT, subject, info=info)
         logger.info(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
                     + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
         summary[subject] = info

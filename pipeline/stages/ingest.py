@@ -22,8 +22,11 @@ Order of work, so that bad input never touches the store and memory stays ~ one 
 2. per subject, read its data one session at a time (one trial volume at a time from each
    NIfTI), keep the selected voxels, z-score them within the session and write the trials to a
    staging file on disk; a voxel non-finite anywhere is dropped and reported;
-3. only then: with --overwrite, the subject's old marker, fit markers and results are cleared;
-   per voxel chunk, the image rows and repeated trials are written; the subject is marked done.
+3. per voxel chunk, the image rows and repeated trials are written into the staging store
+   beside the study store (``storage.staging``); only when they are complete are they swapped
+   in, and only then (with --overwrite) are the subject's old marker, fit markers, ceiling
+   marker and results cleared, in the same journaled step; the subject is marked done.
+A failure before the swap leaves the store and the progress markers byte-identical.
 A subject already ingested with the same parameters is skipped; with other parameters the run
 is refused (use --overwrite).
 """
@@ -41,6 +44,7 @@ from neurotask.pipeline.formats import bold5000
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
 from neurotask.storage import ChunkPlan, Stage, StudyStore, mask_to_ijk, responses_group, results_group
+from neurotask.storage import staging as staging_area
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +225,10 @@ def _check_events(cfg: Config, files: SubjectFiles, stim, counts: list[int] | No
 def check_subject(cfg: Config, files: SubjectFiles) -> SubjectPlan:
     """Everything that can be checked without reading the data; raises DataError."""
     stim = bold5000.read_stim_list(files.stim_list)
+    # The image grouping is checked here, not first when writing (a duplicated plain line is
+    # refused by image_trials): by then an --overwrite would have cleared the old subject.
+    bold5000.image_trials(stim, cfg.data.repeats)
+    bold5000.repeated_trials(stim)
     counts: list[int] | None = None
     grid = roi_voxels = None
     if cfg.data.format == "glmsingle":
@@ -474,6 +482,7 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
     responses, markers and results are replaced only once its new data were read in full."""
     files = validate_layout(cfg)
     store = StudyStore(cfg.store_path)
+    staging_area.recover(store)  # a swap interrupted by a crash is finished first
     progress = store.progress() if store.exists() else None
     params = ingest_params(cfg)
     done: dict[str, dict] = {}
@@ -510,18 +519,15 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
                 staged = _stage_release1(cfg, plan)
             if not staged.finite.any():
                 raise DataError(f"{subject}: no voxel is finite in every session")
-            # The new data are complete and valid: only now is the old subject replaced.
-            store.create()
-            progress = store.progress()
-            # Unmark first, so that a kill while writing leaves the subject "not ingested".
-            progress.unmark(Stage.INGEST, subject)
-            progress.clear(Stage.FIT, subject)
-            progress.unmark(Stage.CEILING, subject)
-            store.remove(results_group(subject))
-            summary = _write(cfg, store, plan, staged)
-            progress.mark_done(Stage.INGEST, subject, info=summary)
+            # Written beside the old subject; swapped in only once complete.
+            summary = _write(cfg, staging_area.staging_store(store), plan, staged)
+            staging_area.replace(store, responses_group(subject), drop_groups=[results_group(subject)],
+                                 clear_markers=[(Stage.INGEST, subject), (Stage.FIT, subject),
+                                                (Stage.CEILING, subject)])
+            store.progress().mark_done(Stage.INGEST, subject, info=summary)
         finally:
             staged = None
+            staging_area.discard(store)
             staging.unlink(missing_ok=True)
             if staging_dir.is_dir() and not any(staging_dir.iterdir()):
                 staging_dir.rmdir()
