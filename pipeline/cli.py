@@ -136,7 +136,8 @@ def fit_command(cfg: Config, args: argparse.Namespace) -> None:
     check_fit_against_data(cfg)
     with open_client(cfg.cluster) as client:
         report = fit(cfg, client, overwrite=args.overwrite)
-    logger.info(f"fit: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
+    done = report.skipped + report.found_done
+    logger.info(f"fit: {report.computed} unit(s) computed, {done} already done, {report.seconds:.1f} s")
     store = StudyStore(cfg.store_path)
     results = {s: store.results(s).sel(task=cfg.tasks) for s in cfg.study.subjects}
     logger.info("")
@@ -342,7 +343,19 @@ def _run(args: argparse.Namespace) -> None:
         return
     _check_writable(cfg.workdir)
     with driver_lock(cfg.workdir, " ".join(["neurotask", args.command, "--config", str(cfg.path)])):
+        _finish_interrupted_replacement(cfg)
         args.func(cfg, args)
+
+
+def _finish_interrupted_replacement(cfg: Config) -> None:
+    """An --overwrite killed while it swapped new data in left a journal: roll it forward
+    (under the lock, before any stage reads the store), so no stage sees half a swap."""
+    from neurotask.storage import StudyStore
+    from neurotask.storage.staging import recover
+
+    store = StudyStore(cfg.store_path)
+    if store.exists() and recover(store):
+        logger.info(f"{cfg.store_path}: finished the replacement an interrupted --overwrite had begun")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,12 +402,14 @@ def test_a_failing_reingest_keeps_the_subject_and_its_results(tmp_path, logs):
     assert store.responses("CSI1").attrs["repeats"] == "average"
 
 
-def test_a_write_failing_half_way_leaves_the_subject_not_ingested(tmp_path, monkeypatch, logs):
-    """A failure after the old responses were replaced (disk full, a kill) must not leave the
-    old marker claiming the half-written subject is done; a rerun then ingests it again."""
+def test_a_write_failing_half_way_keeps_the_old_subject(tmp_path, monkeypatch, logs):
+    """A failure while the new responses are written (disk full, a kill) happens beside the
+    old ones (staged overwrite): the old subject, its marker and its results stay as they
+    were; a rerun of the overwrite then replaces it."""
     cfg = make_cfg(tmp_path, chunk_size=64)
     write_glmsingle_subject(cfg, "CSI1")
     ingest(cfg)
+    before = snapshot(cfg, "CSI1")
     calls = []
     original = StudyStore.write_responses
 
@@ -420,11 +422,12 @@ def test_a_write_failing_half_way_leaves_the_subject_not_ingested(tmp_path, monk
     monkeypatch.setattr(StudyStore, "write_responses", failing)
     with pytest.raises(OSError, match="No space left"):
         ingest(cfg, overwrite=True)
-    assert not marker_valid(cfg, "CSI1")
+    assert snapshot(cfg, "CSI1") == before and marker_valid(cfg, "CSI1")
     monkeypatch.setattr(StudyStore, "write_responses", original)
     logs.clear()
-    ingest(cfg)
+    ingest(cfg, overwrite=True)
     assert logs[0].startswith("CSI1: ingesting") and marker_valid(cfg, "CSI1")
+    assert snapshot(cfg, "CSI1")[0] == before[0]  # the same inputs: the same responses
 
 
 # --------------------------------------------------------------------------- memory

@@ -139,8 +139,7 @@ def test_import_overwrite_with_a_bad_published_file_leaves_the_workdir_byte_iden
     bad.mkdir()
     good = (PUBLISHED / "CSI1.npz").read_bytes()
     (bad / "CSI1.npz").write_bytes(good[: len(good) // 2])  # truncated
-    # BadZipFile: formats/published.py does not yet wrap it in a DataError
-    with pytest.raises(Exception, match="not a zip file"):
+    with pytest.raises(DataError, match="CSI1.npz: File is not a zip file"):
         import_published(cfg, bad, overwrite=True)
     assert workdir_hashes(cfg.workdir) == before
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -323,6 +325,8 @@ class _SafeNpz:
     def __getitem__(self, key: str) -> np.ndarray:
         try:
             return self._z[key]
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # a damaged member
+            raise PublishedResultsError(f"{self.path}: cannot read array {key!r}: {exc}") from exc
         except ValueError as exc:
             if "Object arrays cannot be loaded" in str(exc):
                 raise DataError(f"{self.path}: array {key!r} holds Python objects (a pickle), which neurotask "
@@ -341,7 +345,7 @@ def _npz(path: str | Path) -> _SafeNpz:
     try:
         # allow_pickle=False: the npz holds plain arrays only; anything else is an error
         return _SafeNpz(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # BadZipFile: a truncated or corrupt npz
         raise PublishedResultsError(f"cannot read reference npz {path}: {exc}") from exc
 
 

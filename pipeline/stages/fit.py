@@ -69,6 +69,7 @@ class Unit:
 class FitReport:
     computed: int = 0
     skipped: int = 0
+    found_done: int = 0  # submitted, but a worker found the unit's marker (a re-execution)
     failed: list[str] = field(default_factory=list)
     finalized: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -385,9 +386,15 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
                 continue
             f = next(ac)
             unit, key = futures.pop(f)
-            failure = _failure_text(f.result() if f.status == "finished" else None, f, watch)
+            result = f.result() if f.status == "finished" else None
+            failure = _failure_text(result, f, watch)
             if failure is None:
-                report.computed += 1
+                # A rerun of a unit whose marker a worker found (fit_unit returns nan_r None)
+                # computed nothing: not counted as computed.
+                if isinstance(result, dict) and result.get("nan_r", 0) is None:
+                    report.found_done += 1
+                else:
+                    report.computed += 1
                 killed_in_a_row = 0
                 bar.update(1)
             else:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ def _read_mask(path: Path) -> np.ndarray:
             if "cortical_mask_zyx" not in z.files:
                 raise PublishedImportError(f"{path}: no array 'cortical_mask_zyx'")
             return np.asarray(z["cortical_mask_zyx"], dtype=bool)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # BadZipFile: a truncated or corrupt npz
         raise PublishedImportError(f"cannot read cortical mask {path}: {exc}") from exc
 
 
