@@ -14,13 +14,14 @@ The store is a local directory.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
+
+from neurotask.storage.atomic import fsync_path
 
 
 @dataclass(frozen=True)
@@ -68,25 +69,17 @@ def region_chunk_coords(meta: dict[str, Any], region: Sequence[slice]) -> list[t
     return list(product(*ranges))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def chunk_record(store: Path, array: str, variable: str, key: str) -> dict[str, Any]:
     """fsync the chunk file ``array/key`` and its directories up to the array; its record."""
     path = store / array / key
     if not path.is_file():
         return {"variable": variable, "key": key, "crc32": None, "size": 0}  # only fill value
     data = path.read_bytes()
-    _fsync(path)
+    fsync_path(path)
     # New directories (c/1/) must be durable too, or the file can vanish with its parent.
     d = path.parent
     while True:
-        _fsync(d)
+        fsync_path(d)
         if d == store / array:
             break
         d = d.parent

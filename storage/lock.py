@@ -1,7 +1,7 @@
 """One driver per workdir: an exclusive ``fcntl.flock`` on ``<workdir>/.neurotask.lock``.
 
 Every command that writes the study (run, simulate, featurize, ingest, fit, analyse,
-import-published) holds the lock for its whole run; ``status``, ``report`` and ``schema``
+import-published, verify) holds the lock for its whole run; ``status``, ``report`` and ``schema``
 do not take it. The lock file holds the holder's pid, host, command and start time (JSON),
 so a second driver is told who holds it.
 

@@ -38,10 +38,10 @@ from slurm_support import (fail_and_count, job_id_here, ship_to_workers, slurm_s
 # ---------------------------------------------------------------- checks needing no SLURM
 
 @pytest.mark.parametrize("slurm, named", [
-    ({"cores": 1, "memory": "2GB", "walltim": "00:10:00"}, ["'walltim'", "'walltime'"]),
-    ({"cores": 1, "memory": "2GB", "security": True}, ["'security'", "cluster.tls"]),
+    ({"cores": 1, "memory": "2GB", "walltim": "00:10:00"}, ["cluster.slurm.walltim", "'walltime'"]),
+    ({"cores": 1, "memory": "2GB", "security": True}, ["cluster.slurm.security", "cluster.tls"]),
     ({"cores": 1, "memory": "2GB", "env_extra": ["module load x"]},
-     ["'env_extra'", "'job_script_prologue'"]),
+     ["cluster.slurm.env_extra", "'job_script_prologue'"]),
     ({"cores": 1, "memory": "2GB", "job_extra_directives": "--exclusive"},
      ["cluster.slurm.job_extra_directives", "list of strings"]),
     ({"cores": "two", "memory": "2GB"}, ["cluster.slurm.cores", "positive integer"]),
@@ -126,7 +126,7 @@ def test_unknown_option_fails_before_any_job(slurm_node, tmp_path):
     job_name = unique_job_name()
     section = small_section(tmp_path, job_name, minimum_jobs=2,
                             slurm={"walltim": "00:05:00"})
-    with pytest.raises(ClusterConfigError, match="'walltim'.*did you mean 'walltime'"):
+    with pytest.raises(ClusterConfigError, match="cluster.slurm.walltim: unknown option .did you mean 'walltime'"):
         start_slurm_cluster(section)
     time.sleep(1.5)  # longer than an adaptive interval: a started cluster would have submitted
     assert squeue_ids(job_name) == []
