@@ -425,7 +425,9 @@ def test_scancelled_worker_mid_fit_is_replaced_and_chunks_written_once(
         neurotask.pipeline.stages.fit.fit_unit = real
     _cancel_jobs(job_name)
 
-    assert (report.computed, report.skipped, report.failed) == (total, 0, [])
+    # A unit whose result died with the cancelled worker is run again by Dask; that run finds
+    # the unit's marker and writes nothing (found_done), so every unit is written once.
+    assert (report.computed + report.found_done, report.skipped, report.failed) == (total, 0, [])
     fs.assert_same_results(fs.results(study), reference)
     found = fs.markers(study)
     assert len(found) == total
