@@ -23,6 +23,9 @@ from typing import Any
 
 from neurotask.storage.atomic import fsync_path
 
+# The marker key under which markers list the checksums of the chunks they vouch for.
+CHUNKS = "chunks"
+
 
 @dataclass(frozen=True)
 class Damage:

@@ -374,6 +374,16 @@ class StudyStore:
         marker written next (``storage.checksums``)."""
         return seal_region(self.path, results_group(subject), variables, region)
 
+    def seal_responses(self, subject: str) -> list[dict[str, Any]]:
+        """fsync every chunk of ``responses/<subject>`` (responses and, if stored, the repeated
+        trials); their checksum records, for the subject's ingest marker."""
+        names = [n for n in ("responses", "repeat_responses") if n in self.responses(subject).data_vars]
+        return seal_region(self.path, responses_group(subject), names, (slice(None),) * 3)
+
+    def check_responses(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
+        """The chunks of ``responses/<subject>`` among ``records`` (its ingest marker's) that are damaged."""
+        return check_records(self.path, responses_group(subject), unit, records)
+
     def check_results(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
         """The chunks of ``results/<subject>`` among ``records`` (a marker's) that are damaged."""
         return check_records(self.path, results_group(subject), unit, records)

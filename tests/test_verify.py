@@ -17,7 +17,7 @@ import pytest
 import fault_support as fs
 from neurotask.cluster import open_client
 from neurotask.pipeline.config import load_config
-from neurotask.pipeline.errors import DataError
+from neurotask.pipeline.errors import DataError, FitError
 from neurotask.pipeline.stages.fit import fit
 from neurotask.pipeline.stages.verify import verify_command, verify_store
 from neurotask.storage import CEILING_VARS, StudyStore
@@ -28,7 +28,8 @@ TASKS = fs.TASKS[:2]
 # The default fit runs the permutation test: what a fit unit and a pair's finalize write.
 FIT_VARS = {"r", "r2", "alpha", "pvalue", "pvalue_perm"}
 FINAL_VARS = {"qvalue", "significant", "qvalue_perm", "significant_perm"}
-N_CHUNKS = len(FIT_VARS) * 7 * len(TASKS) + len(FINAL_VARS) * 7 * len(TASKS) + len(CEILING_VARS) * 7
+N_CHUNKS = (len(FIT_VARS) * 7 * len(TASKS) + len(FINAL_VARS) * 7 * len(TASKS) + len(CEILING_VARS) * 7
+            + 2 * 7)  # the ingest marker's: responses and repeat_responses, 7 voxel chunks each
 
 
 def _config(workdir: Path) -> Path:
@@ -220,3 +221,24 @@ def test_results_group_deleted_by_hand_is_refitted_not_trusted(study, reference,
     assert report.computed == 7 * len(TASKS), report
     fs.assert_same_results(fs.results(study, SUBJECTS, TASKS), reference, TASKS)
     verify_command(cfg)
+
+
+def test_damaged_responses_are_named_by_verify_and_refused_by_fit(tmp_path, local_client):
+    """Responses are sealed by ingest like results by the fit; the fit cannot recompute them,
+    so a damaged response chunk is refused, naming it and the re-ingest, before any write."""
+    (tmp_path / "prepared").mkdir()
+    study = fs.copy_study(fs.prepare_study(tmp_path / "prepared"), tmp_path / "study")
+    cfg = load_config(_config(study))
+    verify_command(cfg)  # responses sealed at ingest, intact
+    record = json.loads((study / "progress/ingest/CSI1.json").read_text())
+    assert "responses" in {c["variable"] for c in record["chunks"]}
+    target = study / "store.zarr/responses/CSI1" / record["chunks"][1]["variable"] / record["chunks"][1]["key"]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"responses/CSI1/.*checksum"):
+        verify_command(cfg)
+    before = sorted(p.relative_to(study) for p in study.rglob("*"))
+    with pytest.raises(FitError, match="damaged response chunk.*ingest --overwrite"):
+        fit(cfg, local_client)
+    assert sorted(p.relative_to(study) for p in study.rglob("*")) == before

@@ -33,7 +33,7 @@ from neurotask.pipeline.ridge import design
 from neurotask.pipeline.stats import noise_ceiling
 from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.stages.status import FitRunState
-from neurotask.pipeline.stages.verify import CHUNKS, marker_damage
+from neurotask.pipeline.stages.verify import CHUNKS, marker_damage, responses_damage
 from neurotask.pipeline.tasks import task_label
 from neurotask.storage import CEILING_VARS, ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
 
@@ -273,6 +273,12 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
     pending: deque[tuple[str, str, list[Unit]]] = deque()
     complete_pairs: list[tuple[str, str, int]] = []
     skipped = 0
+    # Responses are the fit's input: damaged ones are refused before anything is written (the
+    # fit cannot recompute them; a re-ingest can).
+    damaged = [d for subject in cfg.study.subjects for d in (responses_damage(store, subject) or [])]
+    if damaged:
+        raise FitError(f"{cfg.store_path}: {len(damaged)} damaged response chunk(s); re-ingest with "
+                       "`neurotask ingest --overwrite`:\n  " + "\n  ".join(map(str, damaged)))
     for subject in cfg.study.subjects:
         store.responses(subject)  # clear error if not ingested
         if overwrite:

@@ -44,6 +44,7 @@ from neurotask.pipeline.formats import bold5000
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
 from neurotask.storage import ChunkPlan, Stage, StudyStore, mask_to_ijk, responses_group, results_group
+from neurotask.storage.checksums import CHUNKS
 from neurotask.storage import staging as staging_area
 
 logger = logging.getLogger(__name__)
@@ -520,11 +521,14 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
             if not staged.finite.any():
                 raise DataError(f"{subject}: no voxel is finite in every session")
             # Written beside the old subject; swapped in only once complete.
-            summary = _write(cfg, staging_area.staging_store(store), plan, staged)
+            staged_store = staging_area.staging_store(store)
+            summary = _write(cfg, staged_store, plan, staged)
+            # Durable, with checksums for `neurotask verify`, before the swap and the marker.
+            chunks = staged_store.seal_responses(subject)
             staging_area.replace(store, responses_group(subject), drop_groups=[results_group(subject)],
                                  clear_markers=[(Stage.INGEST, subject), (Stage.FIT, subject),
-                                                (Stage.CEILING, subject)])
-            store.progress().mark_done(Stage.INGEST, subject, info=summary)
+                                                (Stage.CEILING, subject), (Stage.FINALIZE, subject)])
+            store.progress().mark_done(Stage.INGEST, subject, info={**summary, CHUNKS: chunks})
         finally:
             staged = None
             staging_area.discard(store)

@@ -1,8 +1,8 @@
 """`neurotask verify`: check every chunk that a progress marker vouches for against the
 checksums the marker recorded (``storage.checksums``), without changing anything.
 
-Markers checked: fit/<subject>/<task>/<chunk>, ceiling/<subject> and finalize/<subject>/<task>
-of the configured subjects and tasks. Markers written before checksums were recorded are
+Markers checked: ingest/<subject> (the responses), fit/<subject>/<task>/<chunk>,
+ceiling/<subject> and finalize/<subject>/<task> of the configured subjects and tasks. Markers written before checksums were recorded are
 reported as unverifiable and do not fail the check. `neurotask fit` runs the same check on the
 markers it would trust, and recomputes the damaged units (``stages.fit.plan_units``).
 """
@@ -18,12 +18,10 @@ from typing import Any
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
 from neurotask.storage import Progress, Stage, StudyStore, results_group
-from neurotask.storage.checksums import Damage
+from neurotask.storage.checksums import CHUNKS, Damage
 
 logger = logging.getLogger(__name__)
 
-# The marker key under which fit, ceiling and finalize markers list their chunks' checksums.
-CHUNKS = "chunks"
 
 
 @dataclass
@@ -40,6 +38,16 @@ def marker_damage(store: StudyStore, subject: str, parts: Sequence[str],
     if CHUNKS not in record:
         return None
     return store.check_results(subject, "/".join(parts), record[CHUNKS])
+
+
+def responses_damage(store: StudyStore, subject: str) -> list[Damage] | None:
+    """The damaged chunks of ``responses/<subject>`` its ingest marker vouches for; None when
+    it is not ingested or its marker has no checksums. Damaged responses cannot be recomputed
+    by the fit: they need `neurotask ingest --overwrite`."""
+    record = store.progress().read(Stage.INGEST, subject) if store.exists() else None
+    if record is None or CHUNKS not in record:
+        return None
+    return store.check_responses(subject, f"{Stage.INGEST}/{subject}", record[CHUNKS])
 
 
 def subject_markers(progress: Progress, subject: str, tasks: Sequence[str]) -> list[tuple[str, ...]]:
@@ -62,6 +70,10 @@ def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str
     progress = store.progress()
     report = VerifyReport()
     for subject in subjects:
+        responses = responses_damage(store, subject)
+        if responses is not None:
+            report.chunks += len(store.progress().read(Stage.INGEST, subject)[CHUNKS])
+            report.damage += responses
         group = results_group(subject)
         if not store.has(group):
             continue  # nothing fitted yet (its markers, if any, belong to another store)
