@@ -60,6 +60,16 @@ class _StdoutHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            # The reader closed the pipe (`neurotask status | head`): the rest of our output
+            # goes to /dev/null instead of a "Logging error" traceback per line.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return
+        super().handleError(record)
+
 
 def configure_logging(level: int) -> None:
     """Our messages as plain lines on stdout (the progress bar has stderr). Dask's own loggers

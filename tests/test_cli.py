@@ -179,3 +179,32 @@ def test_fit_n_folds_above_the_ingested_images_is_refused_before_anything_is_wri
     err = capsys.readouterr().err
     assert f"{path}: fit.n_folds must be <= the training images of CSI1 (85 of its 100" in err and "got 90" in err
     assert not StudyStore(workdir / "store.zarr").has(results_group("CSI1"))
+
+
+def test_a_reader_closing_the_pipe_ends_our_output_quietly(tmp_path, monkeypatch, capfd):
+    """`neurotask status | head`: once head has gone, every further line used to print a
+    "--- Logging error ---" traceback; now the rest of the output is dropped."""
+    out = open(tmp_path / "out", "w")
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return out.fileno()
+
+    import logging as _logging
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    cli.configure_logging(_logging.INFO)
+    try:
+        for k in range(3):
+            _logging.getLogger("neurotask").info(f"line {k}")
+    finally:
+        monkeypatch.undo()
+        out.close()
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "BrokenPipeError" not in err
