@@ -115,35 +115,13 @@ def ingest_command(cfg: Config, args: argparse.Namespace) -> None:
     ingest(cfg, overwrite=args.overwrite)
 
 
-def check_fit_against_data(cfg: Config) -> None:
-    """Refuse fit settings the ingested data cannot take (fit.n_folds above a subject's training
-    images) before a cluster starts or the fit stage writes its results groups; subjects not
-    ingested yet are left to the stage's own error."""
-    from neurotask.pipeline.errors import ConfigError
-    from neurotask.storage import StoreError, StudyStore
-
-    store = StudyStore(cfg.store_path)
-    if not store.exists():
-        return
-    for subject in cfg.study.subjects:
-        try:
-            n_images = store.responses(subject).sizes["image"]
-        except StoreError:
-            continue
-        # the split's own count: make_splits holds out round(test_fraction * n) images
-        n_train = n_images - int(round(cfg.fit.test_fraction * n_images))
-        if cfg.fit.cv == "kfold" and cfg.fit.n_folds > n_train:
-            raise ConfigError(f"{cfg.path}: fit.n_folds must be <= the training images of {subject} ({n_train} of "
-                              f"its {n_images}, fit.test_fraction held out), got {cfg.fit.n_folds}")
-
-
 def fit_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.cluster import open_client
-    from neurotask.pipeline.stages.fit import fit
+    from neurotask.pipeline.stages.fit import check_splits, fit
     from neurotask.pipeline.stages.summary import summary_table
     from neurotask.storage import StudyStore
 
-    check_fit_against_data(cfg)
+    check_splits(cfg)
     with open_client(cfg.cluster) as client:
         report = fit(cfg, client, overwrite=args.overwrite)
     done = report.skipped + report.found_done

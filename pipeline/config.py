@@ -21,6 +21,7 @@ from neurotask.cluster import ClusterConfigError
 from neurotask.cluster.options import broken, cluster_options, error_lines, expecting
 from neurotask.cluster.options import json_schema as cluster_schema
 from neurotask.pipeline.errors import ConfigError
+from neurotask.pipeline.ridge.splits import n_training
 from neurotask.pipeline.tasks import task_names
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # an open interval: fdr, test sizes, confidence
@@ -315,7 +316,7 @@ class Config(_Section):
         # A simulated study has at most simulate.n_images images, so a bound on the folds that
         # needs no data (the fit checks the ingested count again).
         sim, fit = self.simulate, self.fit
-        n_train = None if sim is None else sim.n_images - int(round(fit.test_fraction * sim.n_images))
+        n_train = None if sim is None else n_training(sim.n_images, fit.test_fraction)
         _check([
             (n_train is None or fit.cv != "kfold" or fit.n_folds <= n_train,
              f"fit.n_folds must be <= the training images ({n_train}: simulate.n_images less the "

@@ -37,14 +37,13 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-from neurotask.storage.atomic import write_json_atomic
+from neurotask.storage.atomic import fsync_path, write_json_atomic
 from neurotask.storage.schema import PROGRESS_DIR
 from neurotask.storage.store import StudyStore
 
@@ -62,7 +61,7 @@ def staging_store(store: StudyStore) -> StudyStore:
         # The study store's id, so that markers written here stay valid once moved there.
         root.attrs["store_id"] = store.store_id if store.exists() else uuid.uuid4().hex
         root.attrs["layout"] = "neurotask-1"
-        _consolidate(path)
+        StudyStore(path).consolidate()
     return StudyStore(path)
 
 
@@ -117,39 +116,41 @@ def _apply(store: StudyStore, journal: dict[str, Any]) -> None:
     """Carry out the journal's steps; each one skipped when already done."""
     staging_root, trash = Path(journal["staging"]), Path(journal["trash"])
     for i, group in enumerate(journal["groups"]):
-        staged, target, old = staging_root / group, store.path / group, trash / f"old-{i}"
-        if staged.is_dir():  # step 2 not yet done for this group
-            if target.is_dir() and not old.exists():  # step 1
-                old.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(target, old)
-            _ensure_parents(store, group)
-            os.rename(staged, target)  # step 2
+        _ensure_parents(store, group)
+        _swap_in(staging_root / group, store.path / group, trash / f"old-{i}")
     staged_progress = staging_root.parent / PROGRESS_DIR
     for i, parts in enumerate(journal.get("move_markers", [])):
-        staged, target, old = staged_progress.joinpath(*parts), store.progress_dir.joinpath(*parts), trash / f"markers-{i}"
-        if staged.is_dir():
-            if target.is_dir() and not old.exists():
-                old.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(target, old)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staged, target)
+        target = store.progress_dir.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _swap_in(staged_progress.joinpath(*parts), target, trash / f"markers-{i}")
     for i, group in enumerate(journal["drop_groups"]):  # step 3
         d = store.path / group
         if d.is_dir():
             trash.mkdir(parents=True, exist_ok=True)
             os.rename(d, trash / f"drop-{i}")
-    progress_dir = store.progress_dir
-    for parts in journal["clear_markers"]:
-        d = progress_dir.joinpath(*parts)
-        if d.is_dir():
-            shutil.rmtree(d)
-        progress_dir.joinpath(*parts[:-1], f"{parts[-1]}.json").unlink(missing_ok=True)
-    _consolidate(store.path)  # step 4
+            fsync_path(d.parent)
+    progress = store.progress()
+    for parts in journal["clear_markers"]:  # a marker directory, or one marker
+        progress.clear(*parts)
+        progress.unmark(*parts)
+    store.consolidate()  # step 4
     shutil.rmtree(trash, ignore_errors=True)
     trash_root = trash.parent
     if trash_root.is_dir() and not any(trash_root.iterdir()):
         trash_root.rmdir()
     _journal_path(store).unlink(missing_ok=True)
+
+
+def _swap_in(staged: Path, target: Path, old: Path) -> None:
+    """Move ``target`` (if any) to ``old`` and ``staged`` to ``target``; each rename skipped
+    when done already (a rolled-forward journal), and made durable before the journal goes."""
+    if not staged.is_dir():
+        return
+    if target.is_dir() and not old.exists():  # step 1
+        old.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(target, old)
+    os.rename(staged, target)  # step 2
+    fsync_path(target.parent)
 
 
 def _ensure_parents(store: StudyStore, group: str) -> None:
@@ -158,9 +159,3 @@ def _ensure_parents(store: StudyStore, group: str) -> None:
     if parent and not (store.path / parent / "zarr.json").is_file():
         zarr.open_group(str(store.path), path=parent, mode="a", zarr_format=3)
 
-
-def _consolidate(path: Path) -> None:
-    # As StudyStore._consolidate (storage/store.py), which is private to that class.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(str(path), zarr_format=3)

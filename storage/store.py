@@ -66,6 +66,12 @@ def describe_differences(stored: dict, wanted: dict) -> str:
     return "; ".join(parts)
 
 
+def _results_encoding(template: xr.Dataset, names: Sequence[str], chunk: int) -> dict[str, dict]:
+    """Results chunking: one task x ``chunk`` voxels ((task, voxel) variables) or ``chunk``
+    voxels (per-voxel ones), the region a fit unit writes."""
+    return {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in names}
+
+
 class StudyStore:
     """A study's Zarr store at ``path`` (a directory ending in ``.zarr``) and the study's
     progress directory beside it (``<workdir>/progress``)."""
@@ -86,7 +92,7 @@ class StudyStore:
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         root.attrs["store_id"] = uuid.uuid4().hex
         root.attrs["layout"] = "neurotask-1"
-        self._consolidate()
+        self.consolidate()
 
     @property
     def store_id(self) -> str:
@@ -128,10 +134,11 @@ class StudyStore:
         write) is followed by the root's consolidation."""
         out = ds.to_zarr(str(self.path), group=group, consolidated=False, zarr_format=3, **kwargs)
         if "region" not in kwargs:
-            self._consolidate()
+            self.consolidate()
         return out
 
-    def _consolidate(self) -> None:
+    def consolidate(self) -> None:
+        """Rewrite the root's consolidated metadata (after groups were added, moved or removed)."""
         with warnings.catch_warnings():
             # zarr: consolidated metadata are not yet part of the v3 spec (zarr-python and
             # xarray read them; other readers ignore them and read each group's own metadata).
@@ -143,7 +150,7 @@ class StudyStore:
         target = self.path / group
         if target.is_dir():
             shutil.rmtree(target)
-            self._consolidate()
+            self.consolidate()
 
     # ------------------------------------------------------------------ features
 
@@ -324,7 +331,7 @@ class StudyStore:
                 self._write(template, group, append_dim="task")
             return have + new
         template = self._results_template(list(tasks), [labels[t] for t in tasks], resp, fit_params, permutation)
-        encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in template.data_vars}
+        encoding = _results_encoding(template, list(template.data_vars), chunk)
         self._write(template, group, mode="w", encoding=encoding)
         return list(tasks)
 
@@ -422,7 +429,7 @@ class StudyStore:
         attrs = dict(existing.attrs)
         template = self._results_template(tasks, labels, self.responses(subject), attrs["fit"], permutation)
         chunk = int(self.responses(subject).attrs["chunk_size"])
-        encoding = {name: {"chunks": (1, chunk) if template[name].ndim == 2 else (chunk,)} for name in broken}
+        encoding = _results_encoding(template, broken, chunk)
         with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".repair-") as tmp:
             template[broken].to_zarr(tmp, group=group, mode="w", zarr_format=3, consolidated=False,
                                      encoding=encoding, compute=False)
@@ -434,7 +441,7 @@ class StudyStore:
                 target = self.path / group / name / "zarr.json"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(target, json.dumps(meta, indent=2).encode())
-        self._consolidate()
+        self.consolidate()
         return broken
 
     def _consolidated_array_metadata(self, array: str) -> dict[str, Any] | None:

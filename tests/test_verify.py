@@ -177,7 +177,7 @@ def test_deleted_array_metadata_is_named_and_rewritten_from_the_template(study, 
     store = StudyStore(study / "store.zarr")
     (study / "store.zarr/results/CSI1/alpha/zarr.json").unlink()
     if reconsolidated:  # a later metadata write drops alpha from the consolidated metadata too
-        store._consolidate()
+        store.consolidate()
     cfg = load_config(_config(study))
     with pytest.raises(DataError) as err:
         verify_command(cfg)
@@ -215,7 +215,7 @@ def test_results_group_deleted_by_hand_is_refitted_not_trusted(study, reference,
     """Markers that outlive their results (group removed by hand) vouch for missing chunks:
     every unit is recomputed instead of being skipped as NaN."""
     shutil.rmtree(study / "store.zarr/results/CSI1")
-    StudyStore(study / "store.zarr")._consolidate()
+    StudyStore(study / "store.zarr").consolidate()
     cfg = load_config(_config(study))
     report = fit(cfg, local_client)
     assert report.computed == 7 * len(TASKS), report

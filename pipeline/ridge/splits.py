@@ -50,6 +50,12 @@ class Splits:
     folds: tuple[Fold, ...]
 
 
+def n_training(n_samples: int, test_fraction: float) -> int:
+    """How many of ``n_samples`` images :func:`make_splits` leaves for training (the rest,
+    ``round(test_fraction * n_samples)``, are held out for testing)."""
+    return n_samples - int(round(test_fraction * n_samples))
+
+
 def make_splits(
     n_samples: int,
     *,
@@ -85,7 +91,7 @@ def make_splits(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_samples)
-    n_test = int(round(test_fraction * n_samples))
+    n_test = n_samples - n_training(n_samples, test_fraction)
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
     shuffled = train[rng.permutation(train.size)]
     if cv == "kfold":

@@ -28,14 +28,15 @@ from neurotask.pipeline import ridge
 from neurotask.pipeline.config import Config, FitSection
 from neurotask.pipeline.console import ProgressBar
 from neurotask.cluster.watch import ReturnFailures, TaskFailure, WorkerWatch
-from neurotask.pipeline.errors import DataError, FitError
+from neurotask.pipeline.errors import ConfigError, DataError, FitError, StoreError
 from neurotask.pipeline.ridge import design
 from neurotask.pipeline.stats import noise_ceiling
 from neurotask.pipeline.stats import scores as stats
 from neurotask.pipeline.stages.status import FitRunState
 from neurotask.pipeline.stages.verify import CHUNKS, marker_damage, responses_damage
 from neurotask.pipeline.tasks import task_label
-from neurotask.storage import CEILING_VARS, ChunkPlan, Progress, Stage, StudyStore, chunk_key, results_group
+from neurotask.storage import (CEILING_VARS, ChunkPlan, Progress, Stage, StudyStore, chunk_key, features_group,
+                               results_group)
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def check_feature_values(cfg: Config, store: StudyStore, task: str) -> None:
     Constant columns are only warned about: z-scoring centres them, the ridge ignores them.
 
     Raises FitError naming the store group, the task and the first bad rows (image names)."""
-    group = f"features/{task}"
+    group = features_group(task)
     feats = store.read_features(task)
     names = [str(x) for x in feats["image"].values]
     position = {name: i for i, name in enumerate(names)}
@@ -261,6 +262,24 @@ def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
                        "interrupted); rerun `neurotask featurize`")
     for task in cfg.tasks:
         check_feature_values(cfg, store, task)
+
+
+def check_splits(cfg: Config) -> None:
+    """Refuse fit settings the ingested data cannot take (fit.n_folds above a subject's training
+    images) before a cluster starts or the fit writes its results groups; subjects not
+    ingested yet are left to the stage's own error."""
+    store = StudyStore(cfg.store_path)
+    if not store.exists():
+        return
+    for subject in cfg.study.subjects:
+        try:
+            n_images = store.responses(subject).sizes["image"]
+        except StoreError:
+            continue
+        n_train = ridge.n_training(n_images, cfg.fit.test_fraction)
+        if cfg.fit.cv == "kfold" and cfg.fit.n_folds > n_train:
+            raise ConfigError(f"{cfg.path}: fit.n_folds must be <= the training images of {subject} ({n_train} of "
+                              f"its {n_images}, fit.test_fraction held out), got {cfg.fit.n_folds}")
 
 
 def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, overwrite: bool
