@@ -3,6 +3,7 @@ DataError not retried, and a run whose workers all die stopping early with one m
 
 import shutil
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -163,3 +164,37 @@ def test_workers_dying_at_start_stop_the_run_early(tiny, monkeypatch, logs):
     assert message.startswith("fit stopped early: 2 units in a row failed with KilledWorker")
     assert "KilledWorker: the workers running it died 1 times" in message
     assert any("left:" in m and "Dask worker" in m for m in logs)  # logged as it happened
+
+
+def _kill_this_worker():
+    import os
+
+    os._exit(1)
+
+
+def test_a_result_lost_with_its_worker_is_waited_for_not_failed(tiny):
+    """The race CI hit in the scancel drill: as_completed yields a finished unit, then the worker
+    holding its result dies before the driver reads it. The future reads "lost" or "pending"
+    (not an error, and exception() is None); fit waits for Dask's recomputation instead."""
+    from distributed import as_completed
+
+    with open_client({**tiny.cluster, "processes": True, "n_workers": 2}) as client:
+        client.wait_for_workers(2)
+        f = client.submit(sum, [1, 2, 3], pure=False)
+        ac = as_completed([f])
+        f.result()
+        holder = next(iter(client.who_has([f])[f.key]))
+        try:
+            client.run(_kill_this_worker, workers=[holder])
+        except Exception:
+            pass  # the comm dies with the worker
+        deadline = time.monotonic() + 30
+        while f.status == "finished" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fit.lost_with_its_worker(f), f.status
+        yielded = next(ac)
+        assert yielded is f
+        if fit.lost_with_its_worker(f):
+            ac.add(f)
+            yielded = next(ac)
+        assert yielded.status == "finished" and yielded.result() == 6

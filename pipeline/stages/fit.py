@@ -336,6 +336,12 @@ STOP_AFTER_KILLED = 3
 STOP_WITHOUT_WORKERS_S = 120.0
 
 
+def lost_with_its_worker(future: Future) -> bool:
+    """True if a future that as_completed yielded is no longer done: its key finished but its
+    result was lost with the worker holding it ("lost"), or is being recomputed ("pending")."""
+    return future.status in ("lost", "pending")
+
+
 def _failure_text(result: object, future: Future, watch: WorkerWatch) -> str | None:
     """Why a unit failed (None if it did not): a deterministic error returned by the task, or
     the exception Dask reports after the retries, KilledWorker in words."""
@@ -410,6 +416,12 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
                 time.sleep(0.1)
                 continue
             f = next(ac)
+            if lost_with_its_worker(f):
+                # It finished, then the worker holding its (small) result died before we read
+                # it: Dask recomputes it since we still hold the future, and the rerun finds the
+                # unit's marker. Wait for that instead of calling it failed.
+                ac.add(f)
+                continue
             unit, key = futures.pop(f)
             result = f.result() if f.status == "finished" else None
             failure = _failure_text(result, f, watch)
