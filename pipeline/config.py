@@ -107,6 +107,9 @@ class DataSection(_Section):
     voxels: Literal["brain", "rois", "mask"] = "brain"  # which voxels enter the store
     roi_mat: str = "ROIs/CSI{n}/mat/CSI{n}_ROIs_TR{tr}.mat"  # format release1_rois
     trs: list[int] = [3, 4]  # release1_rois: TR files averaged
+    # the subject's anatomy in its functional space (T1w resampled to the betas, or a mean EPI),
+    # drawn under the report's maps; None: the mean of the betas, kept at ingest
+    anatomy: str | None = None
     stim_list: str = "raw/{subject}/CSI0{n}_stim_lists.txt"
     events: str | None = None  # per-run events files, cross-checked against the stimulus list
     repeats: Literal["exclude", "average"] = "exclude"
@@ -210,12 +213,23 @@ class AnalysisSection(_Section):
     ci: Fraction = 0.95
 
 
+class PycortexSection(_Section):
+    """A pycortex subject and transform: Figures 2-4 are drawn as flatmaps, as in the paper."""
+
+    subject: str  # a subject in pycortex's database (e.g. the example subject S1)
+    transform: str  # its transform from the functional volume to the surface (e.g. fullhead)
+    filestore: str | None = None  # the pycortex database folder; None: pycortex's configured one
+
+
 class ReportSection(_Section):
     """Figures, NIfTI maps and the HTML page (pipeline.stages.report)."""
 
     task: str | None = None  # task of the whole-brain r map (Figure 2); None: most significant voxels
-    n_slices: Count = 16  # axial slices per mosaic
+    n_slices: Count = 16  # slices per map
     graph_neighbours: Count = 2  # Figure 7: edges from each task to its most similar tasks
+    dpi: Annotated[int, Field(ge=72, le=1200)] = 200  # PNG resolution (every figure is also SVG)
+    pycortex: PycortexSection | None = None  # flatmaps; None: volume maps only
+    alpha_edge_warning: Fraction = 0.2  # warn when more voxels than this chose an end of the alpha grid
 
     @field_validator("task")
     @classmethod

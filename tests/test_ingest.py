@@ -16,7 +16,7 @@ from neurotask.pipeline.formats import bold5000 as b5
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import ConfigError, DataError
 from neurotask.pipeline.stages.ingest import ingest, validate_layout
-from neurotask.pipeline.stages.report import subject_maps
+from neurotask.pipeline.report.volumes import subject_maps
 from neurotask.storage import StudyStore, mask_to_ijk
 from bold5000_files import (REFERENCE, write_events_for, write_glmsingle_subject, write_nifti,
                                   write_release1_subject, write_roi_mat, write_stim_list)

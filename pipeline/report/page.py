@@ -9,12 +9,14 @@ This module only arranges what the report stage computed into rows for the templ
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 import xarray as xr
+from matplotlib.figure import Figure
 
 from neurotask.pipeline.report.figures import CLUSTER_COLOURS, CLUSTER_LABELS, task_clusters, task_labels
 
@@ -23,13 +25,51 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 @dataclass
 class PageFigure:
-    """A figure as the page shows it: anchor, title, caption, PNG bytes, files beside the page."""
+    """A figure as the page shows it: anchor, title, caption, PNG bytes, files beside the page
+    (its PNG/SVG, then ``links``: other files such as NIfTI maps or interactive views), and the
+    page section it belongs to."""
 
     key: str
     title: str
     caption: str
     png: bytes
     files: list[str]
+    section: str = ""
+    links: list[tuple[str, str]] = field(default_factory=list)  # (label, path relative to the page)
+
+
+@dataclass
+class ReportPage:
+    """What the page will show, gathered while the report stage writes the files.
+
+    ``add`` saves a figure under ``figures/`` (PNG at ``dpi``, and SVG when asked) and keeps it
+    for the page; ``section`` names the page section it goes in, ``links`` the files beside the
+    page it refers to (label, relative path)."""
+
+    outdir: Path
+    dpi: int = 110
+    figures: list[PageFigure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    nifti_rows: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def add(self, key: str, title: str, caption: str, fig: Figure, svg: bool = False, *,
+            section: str = "", links: Sequence[tuple[str, str]] = ()) -> None:
+        png, files = save_figure(fig, self.outdir, key, svg, self.dpi)
+        self.figures.append(PageFigure(key, title, caption, png, files, section, list(links)))
+
+
+def save_figure(fig: Figure, outdir: Path, name: str, svg: bool, dpi: int) -> tuple[bytes, list[str]]:
+    """Write ``figures/<name>.png`` (and ``.svg``) under ``outdir``. -> (PNG bytes, relative paths)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+    png = buf.getvalue()
+    (outdir / "figures").mkdir(parents=True, exist_ok=True)
+    (outdir / "figures" / f"{name}.png").write_bytes(png)
+    files = [f"figures/{name}.png"]
+    if svg:
+        fig.savefig(outdir / "figures" / f"{name}.svg", format="svg", facecolor=fig.get_facecolor())
+        files.append(f"figures/{name}.svg")
+    return png, files
 
 
 @dataclass
