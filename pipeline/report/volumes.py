@@ -16,7 +16,8 @@ import xarray as xr
 from neurotask.pipeline.report.figures import figure_mosaic, task_labels
 from neurotask.pipeline.report.page import ReportPage
 from neurotask.pipeline.stats.task_structure import CONTRASTS, significance_mask, str_labels, voxel_contrasts
-from neurotask.storage import save_nifti, to_volume
+from neurotask.pipeline.config import Config
+from neurotask.storage import StudyStore, save_nifti, to_volume
 
 
 
@@ -59,8 +60,19 @@ def subject_maps(subject: str, results: xr.Dataset) -> SubjectMaps | None:
     return maps
 
 
+@dataclass
+class MapOptions:
+    """How the maps are drawn: slices per map (more options to come with the anatomy)."""
+
+    n_slices: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: Config, store: StudyStore) -> MapOptions:
+        return cls(n_slices=cfg.report.n_slices)
+
+
 def subject_map_figures(page: ReportPage, analysis: xr.Dataset, ds: xr.Dataset, maps: SubjectMaps, task: str,
-                              n_slices: int) -> list[str]:
+                        options: MapOptions) -> list[str]:
     """One subject's NIfTI maps (r of every task, significance masks, Figures 2-3) and its
     Figures 2 and 3. -> the NIfTI files written, as the page lists them."""
     subject = maps.subject
@@ -88,9 +100,9 @@ def subject_map_figures(page: ReportPage, analysis: xr.Dataset, ds: xr.Dataset, 
              f"Test-set r of the {labels[task]} model in the voxels significant for it "
              f"({significance}, FDR q < {fdr:g}: {int(sig[ti].sum())} of {sig.shape[1]} voxels); axial slices, "
              "analysed voxels in grey, ROI outlines in colour.",
-             figure_mosaic(r_sig, maps.background, maps.rois, n_slices=n_slices,
+             figure_mosaic(r_sig, maps.background, maps.rois, n_slices=options.n_slices,
                            title=f"{subject}: {labels[task]} r (significant voxels)", cmap="hot",
-                           vmin=0.0, vmax=max(vmax, 1e-3), colorbar_label="test r"))
+                           vmin=0.0, vmax=max(vmax, 1e-3), colorbar_label="test r"), section="fig2")
     try:
         diffs = voxel_contrasts(ds)
     except ValueError:
@@ -108,7 +120,22 @@ def subject_map_figures(page: ReportPage, analysis: xr.Dataset, ds: xr.Dataset, 
         page.add(f"fig3_{name}_{subject}", f"Figure 3. {three_d} minus {two_d}, {subject}",
                  f"r({three_d}) - r({two_d}) in the {int(either.sum())} voxels "
                  f"significant for either task; red: the 3D task predicts better ({wins} voxels).",
-                 figure_mosaic(vol, maps.background, maps.rois, n_slices=n_slices,
+                 figure_mosaic(vol, maps.background, maps.rois, n_slices=options.n_slices,
                                title=f"{subject}: {three_d} - {two_d}",
-                               cmap="RdBu_r", vmin=-max(lim, 1e-3), vmax=max(lim, 1e-3), colorbar_label="r difference"))
+                               cmap="RdBu_r", vmin=-max(lim, 1e-3), vmax=max(lim, 1e-3), colorbar_label="r difference"), section="fig3")
     return written
+
+
+def map_figures(page: ReportPage, analysis: xr.Dataset, results: dict[str, xr.Dataset], task: str,
+                options: MapOptions) -> None:
+    """Every subject's NIfTI maps and map figures (Figures 2-3); notes for subjects without them."""
+    for subject, ds in results.items():
+        maps = subject_maps(subject, ds)
+        if maps is None:
+            page.notes.append(f"{subject}: voxels have no position in a volume; no maps or NIfTI files.")
+            continue
+        if ds.attrs.get("affine_note"):
+            page.notes.append(f"{subject}: voxel positions are exact; the affine is {ds.attrs['affine_note']}.")
+        written = subject_map_figures(page, analysis, ds, maps, task, options)
+        page.nifti_rows.append((subject, written))
+

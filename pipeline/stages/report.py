@@ -25,7 +25,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -34,15 +34,9 @@ import xarray as xr
 
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
-from neurotask.pipeline.report.figures import (
-    figure_graphs,
-    figure_roi_bars,
-    figure_similarity,
-    figure_similarity_subjects,
-    figure_trees,
-)
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
-from neurotask.pipeline.report.volumes import subject_map_figures, subject_maps
+from neurotask.pipeline.report.sections import roi_figures, structure_figures
+from neurotask.pipeline.report.volumes import MapOptions, map_figures
 from neurotask.pipeline.stages.summary import roi_table
 from neurotask.storage import StudyStore, results_group
 
@@ -50,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 PACKAGES = ("numpy", "scipy", "xarray", "zarr", "dask", "distributed", "scikit-learn", "networkx",
             "matplotlib", "nibabel", "torch", "himalaya", "pyyaml")
-PNG_DPI = 110
 
 
 class ReportError(NeurotaskError):
@@ -63,8 +56,9 @@ class ReportError(NeurotaskError):
 @dataclass
 class ReportOptions:
     task: str | None = None
-    n_slices: int = 16
     graph_neighbours: int = 2
+    dpi: int = 200
+    maps: MapOptions = field(default_factory=MapOptions)
 
 
 def chosen_task(analysis: xr.Dataset, task: str | None) -> str:
@@ -94,45 +88,13 @@ def build_report(
     options = options or ReportOptions()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    page = ReportPage(outdir, dpi=PNG_DPI)
+    page = ReportPage(outdir, dpi=options.dpi)
 
-    # Figure 1
-    if analysis.sizes.get("roi", 0):
-        source = ("the separate ROI-only models" if analysis.attrs.get("roi_source") == "roi_results"
-                  else "the whole-brain models' voxels in each ROI")
-        page.add("fig1_roi_bars", "Figure 1. Prediction per ROI and task",
-                 f"Mean test-set r (error bars: SEM over voxels) of each task in each ROI, from {source}; "
-                 "bars coloured by the task's Taskonomy cluster.", figure_roi_bars(analysis))
-    else:
-        page.notes.append("Figure 1 is not drawn: the results carry no ROI labels.")
-
-    # Figures 2-3 and NIfTI maps
+    roi_figures(page, analysis)
     task = chosen_task(analysis, options.task)
-    for subject, ds in results.items():
-        maps = subject_maps(subject, ds)
-        if maps is None:
-            page.notes.append(f"{subject}: voxels have no position in a volume; no maps or NIfTI files.")
-            continue
-        if ds.attrs.get("affine_note"):
-            page.notes.append(f"{subject}: voxel positions are exact; the affine is {ds.attrs['affine_note']}.")
-        written = subject_map_figures(page, analysis, ds, maps, task, options.n_slices)
-        page.nifti_rows.append((subject, written))
+    map_figures(page, analysis, results, task, options.maps)
     logger.info("report: figures 1-3 and NIfTI maps written")
-
-    # Figures 5-7
-    page.add("fig5_similarity", "Figure 5. Task similarity", "Brain-derived task similarity "
-             f"({analysis.attrs['metric']} of the FDR-masked r), subject mean, tasks in the leaf order of its "
-             f"{analysis.attrs['linkage']}-linkage tree; labels coloured by Taskonomy cluster.",
-             figure_similarity(analysis), svg=True)
-    if analysis.sizes["subject"] > 1:
-        page.add("fig5_similarity_subjects", "Figure 5 (per subject)", "Each subject's similarity matrix in the "
-                 "order of the subject-mean tree.", figure_similarity_subjects(analysis))
-    page.add("fig6_trees", "Figure 6. Task trees", "Left: the brain's task tree (subject-mean similarity). Right: "
-             "Taskonomy's tree from its transfer-out affinities, same linkage. Leaves coloured by the task's "
-             "cluster in Taskonomy's task tree.", figure_trees(analysis), svg=True)
-    page.add("fig7_graphs", "Figure 7. Task graphs", f"Each task joined to its {options.graph_neighbours} most "
-             "similar tasks (edge width ~ similarity), spring layout; left brain, right Taskonomy.",
-             figure_graphs(analysis, options.graph_neighbours), svg=True)
+    structure_figures(page, analysis, options.graph_neighbours)
 
     statistics = comparison_statistics(analysis)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
@@ -278,8 +240,8 @@ def write_report(cfg: Config) -> Path:
     if missing:
         raise ReportError(f"{cfg.store_path}: the analysis covers {', '.join(missing)} but their results are gone")
     results = {s: store.results(s) for s in subjects}
-    options = ReportOptions(task=cfg.report.task, n_slices=cfg.report.n_slices,
-                            graph_neighbours=cfg.report.graph_neighbours)
+    options = ReportOptions(task=cfg.report.task, graph_neighbours=cfg.report.graph_neighbours,
+                            dpi=cfg.report.dpi, maps=MapOptions.from_config(cfg, store))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
                          provenance=provenance(cfg, analysis, results))
