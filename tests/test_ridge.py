@@ -236,7 +236,11 @@ def test_certified_search_equals_exhaustive_on_strong_signals():
         gap = abs(full.cv_error[cert.alpha_index[j], j] - full.cv_error[full.alpha_index[j], j])
         assert gap <= _MARGIN[np.dtype(np.float32)] * 2 * scale[full.alpha_index[j], j]
     same = cert.alpha_index == full.alpha_index
-    np.testing.assert_allclose(cert.test_prediction[:, same], full.test_prediction[:, same], rtol=0, atol=0)
+    # Same alpha, same refit; only float32 round-off differs: OpenBLAS's sgemm kernels (chosen per
+    # CPU at run time) may block a 100-voxel batch's products differently from a 1000-voxel one's.
+    scale_pred = np.abs(full.test_prediction).max()
+    np.testing.assert_allclose(cert.test_prediction[:, same], full.test_prediction[:, same], rtol=0,
+                               atol=1e-4 * scale_pred)
 
 
 def test_located_optima_are_near_the_exact_ones():

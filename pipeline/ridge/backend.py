@@ -56,8 +56,15 @@ class NumpyBackend:
     def eigvalsh(self, a):
         return scipy.linalg.eigvalsh(a, check_finite=False)
 
+    def svd(self, a):
+        """Thin SVD ``a = U diag(S) Vh``, singular values descending (LAPACK's gesdd)."""
+        return scipy.linalg.svd(a, full_matrices=False, check_finite=False)
+
     def clip_min(self, x, low: float):
         return np.maximum(x, low)
+
+    def flip(self, x, axis: int):
+        return np.flip(x, axis=axis)
 
     def sum(self, x, axis: int, dtype=None):
         return x.sum(axis=axis, dtype=dtype)
@@ -140,6 +147,12 @@ class TorchBackend:
 
     def eigvalsh(self, a):
         return self._torch.linalg.eigvalsh(a)
+
+    def svd(self, a):
+        return self._torch.linalg.svd(a, full_matrices=False)
+
+    def flip(self, x, axis: int):
+        return self._torch.flip(x, dims=(axis,))
 
     def clip_min(self, x, low: float):
         return self._torch.clamp(x, min=low)

@@ -116,7 +116,7 @@ def _certified_bounds(bk: Backend, db: _DeviceBasis, t: _FoldTerms, alphas, fx: 
     dev = db.tau * bk.sqrt(bk.clip_min(bk.astype(bk.asarray(ex.residual_sq, dtype) @ y2, bk.float64), 0.0))
     dev = dev * (1.0 + 1e-5)  # the float32 product that summed it
     W32 = bk.astype(1.0 / (db.s[None, :] + alphas[:, None]), dtype)
-    cabs = bk.astype(W32 @ (t.CZ * t.CZ) ** 0.5, bk.float64)  # Σ_k |C_k Z_k| / (s_k + alpha)
+    cabs = bk.astype(W32 @ abs(t.CZ), bk.float64)  # Σ_k |C_k Z_k| / (s_k + alpha); abs: squaring overflows float32
     root = bk.sqrt(q_hat)
     high = (root + dev) ** 2
     low = bk.clip_min(root - dev, 0.0) ** 2

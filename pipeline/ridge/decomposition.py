@@ -6,8 +6,10 @@ Shared decompositions. For a training matrix with centred columns ``Xc = U S V�
 ``s = S²``), the ridge prediction of evaluation rows ``E = (X_eval - mean) V`` is
 ``P(alpha) = E diag(1 / (s + alpha)) Z`` with ``Z = (Xc V)ᵀ y``. The decomposition depends on the
 features only: it is computed in float64 (float32 eigendecompositions of XᵀX are unreliable on
-ill-conditioned features); the voxels' large products later run in ``dtype`` (float32 by
-default).
+ill-conditioned features), from the eigendecomposition of XᵀX (or of XXᵀ with fewer rows than
+features) where that is exact, and from the SVD of the centred rows where the spectrum runs
+into the Gram matrix's round-off (see ``_GRAM_RELIABLE``); the voxels' large products later run
+in ``dtype`` (float32 by default).
 
 Two forms in which responses reach each eigenbasis (see :class:`Basis`):
 - direct: ``Z = (Xc V)ᵀ y``, a product over the fold's fit rows;
@@ -33,6 +35,14 @@ from neurotask.pipeline.ridge.splits import Splits
 # they carry no signal and would only amplify noise at tiny alphas.
 _EIG_RTOL_FACTOR = 10.0
 
+# eigh of a Gram matrix XᵀX resolves its eigenvalues only to an absolute ~p·eps of the largest:
+# below ``_GRAM_RELIABLE`` of it they have few correct digits, and below the round-off level
+# above real directions and exact null ones look alike. A spectrum with a gap (real eigenvalues
+# above this level, null ones at round-off) is exact on the Gram; one that runs continuously
+# into round-off (eigenvalues kept but below this level) is decomposed instead by the SVD of the
+# centred rows, whose singular values are accurate to ~n·eps of the largest (squared: 1e-26).
+_GRAM_RELIABLE = 1e-8
+
 # The dtypes the voxels' products can run in.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -52,6 +62,8 @@ class Basis:
     proj_eval (n_eval, k): ``(X_eval - mean) V``, maps eigen-coefficients to predictions.
     whitened_norm: ``||proj_eval diag(eigvals^-1/2)||₂`` (float64), the constant of the
     certified search's error bound.
+    from_rows: True where the spectrum was too wide for the Gram matrix's eigh and the basis comes
+    from the SVD of the centred rows (see ``_GRAM_RELIABLE``).
     """
 
     fit_rows: np.ndarray
@@ -62,6 +74,7 @@ class Basis:
     fit_shift: np.ndarray | None
     proj_eval: np.ndarray
     whitened_norm: float
+    from_rows: bool = False  # decomposed by the SVD of the rows (a spectrum too wide for the Gram)
 
     @property
     def nbytes(self) -> int:
@@ -127,13 +140,21 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
         s, V = bk.eigh(G)
         del G
         keep = s > s[-1] * _EIG_RTOL_FACTOR * p * eps
+        wide = _too_wide(s, keep)
         s, V = s[keep], V[:, keep]
-        if not cross:  # the cross-product form never needs the fit rows' projection
-            proj_fit = (Xf @ V).T
     else:
         s, U = bk.eigh(Xf @ Xf.T)
         keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * eps
+        wide = _too_wide(s, keep)
         s, U = s[keep], U[:, keep]
+    if wide:
+        if Xf is None:
+            Xf = Xd[bk.index(fit_rows)] - mean
+        s, V, proj_fit = _row_svd(bk, Xf)
+    elif n_fit >= p:
+        if not cross:  # the cross-product form never needs the fit rows' projection
+            proj_fit = (Xf @ V).T
+    else:
         V = (Xf.T @ U) / bk.sqrt(s)  # right singular vectors, (p, k)
         proj_fit = U.T * bk.sqrt(s)[:, None]  # (Xc V)ᵀ = S Uᵀ
     del Xf
@@ -154,7 +175,25 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
         fit_shift=np.asarray(bk.to_numpy(mean - train_mean), dtype=np.float64) if cross else None,
         proj_eval=out(proj_eval),
         whitened_norm=float(np.sqrt(max(top, 0.0))),
+        from_rows=wide,
     )
+
+
+def _too_wide(s, keep) -> bool:
+    """True if a Gram matrix's spectrum ``s`` (ascending) keeps eigenvalues below
+    ``_GRAM_RELIABLE`` of its largest: eigh cannot resolve them (nor those it dropped)."""
+    kept = s[keep]
+    return bool(kept.shape[0]) and float(kept[0]) < float(s[-1]) * _GRAM_RELIABLE
+
+
+def _row_svd(bk: Backend, Xf):
+    """Eigenvalues (ascending, k), eigenvectors V (p, k) and ``(Xf V)ᵀ`` (k, n_fit) of the centred
+    rows Xf (n_fit, p) float64 from their thin SVD, keeping singular values above round-off."""
+    U, S, Vh = bk.svd(Xf)
+    keep = S > S[0] * _EIG_RTOL_FACTOR * max(Xf.shape) * np.finfo(np.float64).eps
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]
+    U, S, Vh = bk.flip(U, 1), bk.flip(S, 0), bk.flip(Vh, 0)  # ascending, as eigh's
+    return S * S, Vh.T, U.T * S[:, None]
 
 
 def _fold_order(splits: Splits, p: int, force: bool = False) -> np.ndarray | None:
@@ -231,8 +270,9 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "num
         most of a (subject, task)'s time). The result is numpy arrays either way.
     cross_products : bool or None
         The form in which responses reach each eigenbasis (see :class:`Basis`): None picks the
-        one with fewer flops (:func:`_fold_order`), False forces the direct form, True the
-        cross-product form (an error where it does not apply).
+        one with fewer flops (:func:`_fold_order`), except in float32 where a basis comes from
+        the rows' SVD (a wide spectrum: the direct form, see ``prepare``'s body); False forces
+        the direct form, True the cross-product form (an error where it does not apply).
 
     Returns
     -------
@@ -262,5 +302,10 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "num
     bases = [_decompose(bk, Xd, fit, val, dtype, train_mean=train_mean, fit_gram=None if grams is None else next(grams))
              for fit, val in list(splits.folds) + [(splits.train, splits.test)]]
     folds, final = tuple(bases[:-1]), bases[-1]
+    if cross_products is None and np.dtype(dtype) == np.float32 and any(b.from_rows for b in bases):
+        # Xcᵀy summed in float32 is exact only to ~1e-7 of its largest directions: projected on
+        # directions 1e4 and more below them (what a wide spectrum has) it is round-off. The
+        # direct form projects the rows themselves and stays accurate there.
+        return prepare(X, splits, dtype, backend, device, cross_products=False)
     centred = np.ascontiguousarray(bk.to_numpy(Xc), dtype=dtype)
     return Decomposition(folds=folds, final=final, n_samples=X.shape[0], centred=centred, order=order)

@@ -107,12 +107,15 @@ def ridge_cv(
     pred = np.empty((final.n_eval, v))
     for s0 in range(0, v, voxel_batch):
         sl = slice(s0, min(s0 + voxel_batch, v))
-        Yd = bk.asarray(_batch_responses(Y, sl))
+        Yb, scale = unit_scale(_batch_responses(Y, sl))
+        Yd = bk.asarray(Yb)
         batch, final_input = _batch_terms(bk, dd, Yd, al, watch)
         errors[:, sl], index[sl] = choose(batch, watch)
         del batch  # the fold terms, before the refit's temporaries
         with watch.phase("refit", 2 * (sl.stop - s0) * (_basis_flops(final) + final.s_np.size * final.n_eval)):
             pred[:, sl] = bk.to_numpy(_predict(bk, final, Yd, bk.asarray(alphas[index[sl]]), final_input))
+        errors[:, sl] *= scale * scale
+        pred[:, sl] *= scale
     return RidgeCVResult(alpha=alphas[index], alpha_index=index, cv_error=errors, test_prediction=pred)
 
 
@@ -136,6 +139,22 @@ def _check_arguments(decomposition: Decomposition, Y, alphas: np.ndarray, *, vox
             raise ValueError(f"rank must be >= 1, got {rank}")
         if tolerance is not None and not tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {tolerance}")
+
+
+def unit_scale(Yb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each voxel's responses divided by the power of two nearest its standard deviation.
+
+    Yb (n, v) float64 -> (Yb / scale, scale (v,)). Ridge is linear in y, so predictions scale by
+    ``scale`` and CV errors by its square and the chosen alphas do not move; dividing by a power
+    of two is exact, so responses already near unit variance (z-scored BOLD) are unchanged bit for
+    bit, while voxels in large units (sd 1e6-1e8) no longer overflow the float32 products or send
+    every alpha to the exact checks. Constant voxels keep scale 1.
+    """
+    sd = Yb.std(axis=0)
+    ok = np.isfinite(sd) & (sd > 0)
+    scale = np.ones(Yb.shape[1])
+    scale[ok] = np.exp2(np.round(np.log2(sd[ok])))
+    return (Yb if not (scale != 1).any() else Yb / scale), scale
 
 
 def _batch_responses(Y, sl: slice) -> np.ndarray:
