@@ -114,17 +114,42 @@ def has_roi_noise_ceiling(analysis: xr.Dataset) -> bool:
     return "roi_noise_ceiling" in analysis and bool(np.isfinite(analysis["roi_noise_ceiling"].values).any())
 
 
-def figure_roi_bars(analysis: xr.Dataset, subject: str, *, normalized: bool = False) -> Figure:
-    """Figure 1 of one subject: per ROI (one panel each; LH above RH) the mean test r of every
-    task (+- SEM over the ROI's voxels), tasks grouped and coloured by Taskonomy cluster and
-    named on the axis; the ROI's mean noise ceiling as a dashed line when the results have one.
+def roi_panel_values(analysis: xr.Dataset, subject: str | None, normalized: bool) -> dict[str, xr.DataArray | None]:
+    """What Figure 1 draws, (task, roi) each: ``value``, ``err`` (or None), ``significant``
+    (or None without the ROI-level test), ``ceiling`` (roi,) (or None), ``n_voxels`` (roi,).
+
+    For one ``subject``: its ROI means +- SEM over voxels, its test. For ``subject=None`` the
+    subject mean: the mean of the subjects' ROI means +- SEM over subjects (none for one
+    subject), significant when the test finds the ROI predicted in every subject
+    (conjunction), the subjects' mean ceiling, the smallest voxel count.
+    """
+    a = analysis if subject is None else analysis.sel(subject=[subject])
+    n = a.sizes["subject"]
+    value = a["roi_noise_normalized_r" if normalized else "roi_mean_r"]
+    out: dict[str, xr.DataArray | None] = {"value": value.mean("subject")}
+    if normalized:
+        out["err"] = value.std("subject", ddof=1) / np.sqrt(n) if n > 1 else None
+    else:
+        out["err"] = a["roi_sem_r"].isel(subject=0) if n == 1 else a["roi_mean_r"].std("subject", ddof=1) / np.sqrt(n)
+    out["significant"] = a["roi_significant"].all("subject") if has_roi_test(analysis) else None
+    out["ceiling"] = a["roi_noise_ceiling"].mean("subject") if has_roi_noise_ceiling(analysis) else None
+    out["n_voxels"] = a["roi_n_voxels"].min("subject")
+    return out
+
+
+def figure_roi_bars(analysis: xr.Dataset, subject: str | None = None, *, normalized: bool = False) -> Figure:
+    """Figure 1: per ROI (one panel each; LH above RH) the mean test r of every task, tasks
+    grouped and coloured by Taskonomy cluster and named on the axis; the ROI's mean noise
+    ceiling as a dashed line when the results have one. ``subject``: one subject (error
+    bars: SEM over the ROI's voxels) or None for the subject mean (``roi_panel_values``).
 
     Significance (when the analysis has ``roi_q``): filled bars are tasks that predict the ROI,
     open bars tasks that do not. The test, per (task, ROI): Simes' combination of the ROI's
     voxel p-values (the global null "no voxel of the ROI is predicted"; valid under the
     positive dependence of neighbouring voxels that BH over voxels already assumes, and not
     inflated by counting dependent voxels as independent samples), then BH at the analysis'
-    ``fdr`` over the subject's task x ROI cells.
+    ``fdr`` over the subject's task x ROI cells; the subject mean marks a bar when every
+    subject's test does.
 
     ``normalized``: bars are the median over the ROI's voxels of r / noise ceiling
     (``roi_noise_normalized_r``, the run summary's convention) with 1 (the ceiling) marked.
@@ -133,13 +158,10 @@ def figure_roi_bars(analysis: xr.Dataset, subject: str, *, normalized: bool = Fa
     order, x = task_positions(clusters)
     grid = roi_grid([str(r) for r in analysis["roi"].values])
     nrows, ncols = len(grid), len(grid[0])
-    a = analysis.sel(subject=subject)
-    tested = has_roi_test(analysis)
-    ceiling = a["roi_noise_ceiling"] if has_roi_noise_ceiling(analysis) else None
-    if normalized:
-        value, err = a["roi_noise_normalized_r"], None
-    else:
-        value, err = a["roi_mean_r"], a["roi_sem_r"]
+    vals = roi_panel_values(analysis, subject, normalized)
+    value, err, ceiling = vals["value"], vals["err"], vals["ceiling"]
+    tested = vals["significant"] is not None
+    n_sub = analysis.sizes["subject"]
     fig = Figure(figsize=(2.75 * ncols + 0.6, 2.1 * nrows + 1.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
     width = 0.8
@@ -150,7 +172,7 @@ def figure_roi_bars(analysis: xr.Dataset, subject: str, *, normalized: bool = Fa
                 ax.set_axis_off()
                 continue
             v = value.sel(roi=roi).values[order]
-            sig = a["roi_significant"].sel(roi=roi).values[order] if tested else np.ones(len(order), bool)
+            sig = vals["significant"].sel(roi=roi).values[order] if tested else np.ones(len(order), bool)
             colours = [CLUSTER_COLOURS[clusters[i]] for i in order]
             faces = [c if s else "white" for c, s in zip(colours, sig)]
             bars = ax.bar(x, np.nan_to_num(v), width, color=faces, edgecolor=colours, linewidth=0.8)
@@ -164,8 +186,8 @@ def figure_roi_bars(analysis: xr.Dataset, subject: str, *, normalized: bool = Fa
                 ax.axhline(1.0, color="k", lw=1.0, ls="--")
             elif ceiling is not None and np.isfinite(float(ceiling.sel(roi=roi))):
                 ax.axhline(float(ceiling.sel(roi=roi)), color="k", lw=1.0, ls="--")
-            n = int(a["roi_n_voxels"].sel(roi=roi))
-            ax.set_title(f"{roi} ({n} voxels)", fontsize=9)
+            n = int(vals["n_voxels"].sel(roi=roi))
+            ax.set_title(f"{roi} ({'>= ' if subject is None and n_sub > 1 else ''}{n} voxels)", fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="y", color="#DDDDDD", lw=0.5)
             ax.set_axisbelow(True)
@@ -185,14 +207,16 @@ def figure_roi_bars(analysis: xr.Dataset, subject: str, *, normalized: bool = Fa
     axes[0, 0].set_xlim(x[0] - 0.7, x[-1] + 0.7)
     handles = _cluster_legend(clusters)
     if tested:
-        handles += [Patch(facecolor="#999999", edgecolor="#999999", label="predicts the ROI (q < "
+        every = " in every subject" if subject is None and n_sub > 1 else ""
+        handles += [Patch(facecolor="#999999", edgecolor="#999999", label=f"predicts the ROI{every} (q < "
                           f"{analysis.attrs['fdr']:g})"),
                     Patch(facecolor="white", edgecolor="#999999", label="not significant")]
     if normalized or ceiling is not None:
         handles.append(Line2D([0], [0], color="k", lw=1.0, ls="--", label="noise ceiling (ROI mean)"
                               if not normalized else "noise ceiling (= 1)"))
     what = "median r / noise ceiling" if normalized else "mean test r"
-    fig.suptitle(f"{subject}: {what} per ROI and task", fontsize=10)
+    who = subject if subject is not None else (f"mean of {n_sub} subjects" if n_sub > 1 else str(analysis["subject"].values[0]))
+    fig.suptitle(f"{who}: {what} per ROI and task", fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 * ncols), fontsize=7.5,
                frameon=False)
     return fig
@@ -415,24 +439,48 @@ def figure_trees(analysis: xr.Dataset) -> Figure:
     return fig
 
 
-def shared_layout(graphs: Sequence[nx.Graph], seed: int = 0) -> dict[str, np.ndarray]:
-    """One node layout for several graphs over (mostly) the same tasks: a spring layout of
-    their union (an edge's weight its largest weight among the graphs), scaled to [-1, 1].
-    Tasks then sit at the same place in every panel, so the panels can be compared."""
-    union = nx.Graph()
+def hop_distances(graphs: Sequence[nx.Graph], nodes: Sequence[str]) -> np.ndarray:
+    """(n, n) mean over ``graphs`` of the shortest-path length (edges counted, not weighted)
+    between each pair of ``nodes``. A graph in which the pair is unconnected (or that lacks
+    a node) does not count for it, so one graph's isolated task is placed by the other; a
+    pair unconnected in every graph gets one more than the longest mean path."""
+    n = len(nodes)
+    total, count = np.zeros((n, n)), np.zeros((n, n))
     for g in graphs:
-        union.add_nodes_from(g.nodes)
-        for a, b, d in g.edges(data=True):
-            w = max(d.get("weight", 1.0), union.edges[a, b]["weight"] if union.has_edge(a, b) else 0.0)
-            union.add_edge(a, b, weight=w)
-    n = max(union.number_of_nodes(), 1)
-    # k: node spacing twice networkx's default 1/sqrt(n), room for the labels
-    pos = nx.spring_layout(union, weight="weight", seed=seed, k=2.0 / np.sqrt(n), iterations=200)
-    xy = np.array([pos[v] for v in union.nodes]) if n else np.zeros((0, 2))
-    if len(xy):
-        xy = xy - xy.mean(axis=0)
-        xy = xy / (np.abs(xy).max() or 1.0)
-    return {v: xy[i] for i, v in enumerate(union.nodes)}
+        lengths = dict(nx.all_pairs_shortest_path_length(g))
+        for i, a in enumerate(nodes):
+            for j, b in enumerate(nodes):
+                if a in g and b in g and b in lengths[a]:
+                    total[i, j] += lengths[a][b]
+                    count[i, j] += 1
+    out = np.full((n, n), np.nan)
+    np.divide(total, count, out=out, where=count > 0)
+    finite = np.isfinite(out)
+    out[~finite] = (out[finite].max() if finite.any() else 0.0) + 1.0
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def shared_layout(graphs: Sequence[nx.Graph]) -> dict[str, np.ndarray]:
+    """One node layout for several graphs over (mostly) the same tasks, scaled to [-1, 1]:
+    Kamada-Kawai (positions whose distances match path lengths) on the graphs' mean
+    path-length distances (``hop_distances``). A task then sits at the same place in every
+    panel; unlike a spring layout, disconnected parts stay at a readable distance instead of
+    being pushed to the edges. Deterministic (circular start)."""
+    nodes = list(dict.fromkeys(v for g in graphs for v in g.nodes))
+    if not nodes:
+        return {}
+    if len(nodes) == 1:
+        return {nodes[0]: np.zeros(2)}
+    d = hop_distances(graphs, nodes)
+    union = nx.Graph()
+    union.add_nodes_from(nodes)
+    dist = {a: {b: float(d[i, j]) for j, b in enumerate(nodes)} for i, a in enumerate(nodes)}
+    pos = nx.kamada_kawai_layout(union, dist=dist)
+    xy = np.array([pos[v] for v in nodes])
+    xy = xy - xy.mean(axis=0)
+    xy = xy / (np.abs(xy).max() or 1.0)
+    return {v: xy[i] for i, v in enumerate(nodes)}
 
 
 _NODE_SIZE = 140.0  # points^2, networkx's node_size
@@ -455,10 +503,10 @@ def _draw_graph(ax, g: nx.Graph, pos: dict[str, np.ndarray], colour_of: dict[str
     ax.set_axis_off()
 
 
-def figure_graphs(analysis: xr.Dataset, neighbours: int = 2, seed: int = 0) -> Figure:
+def figure_graphs(analysis: xr.Dataset, neighbours: int = 2) -> Figure:
     """Figure 7: the brain's task graph (subject mean, left) and Taskonomy's (right), each
     task joined to its ``neighbours`` most similar tasks (edge width ~ similarity), drawn in
-    ONE layout (``shared_layout``: a spring layout of the union of both graphs) so a task
+    ONE layout (``shared_layout``: Kamada-Kawai on both graphs' mean path lengths) so a task
     sits at the same place in both panels. Labels are placed beside their nodes where they
     overlap no other label or node (``label_placement``), with a white halo over edges; the
     same label positions in both panels. Tasks without a significant voxel in any subject:
@@ -474,7 +522,7 @@ def figure_graphs(analysis: xr.Dataset, neighbours: int = 2, seed: int = 0) -> F
     if len(known) >= 3:
         names = [labels[i] for i in known]
         tax = sim.task_graph(t[np.ix_(known, known)], names, neighbours, {n: attrs[n] for n in names})
-    pos = shared_layout([g for g in (brain, tax) if g is not None], seed)
+    pos = shared_layout([g for g in (brain, tax) if g is not None])
     # fixed axes (no constrained layout): label boxes are measured in display space, so the
     # axes must not move after placement
     fig = Figure(figsize=(14, 7.2))

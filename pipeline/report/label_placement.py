@@ -55,6 +55,7 @@ def place_labels(ax: Axes, pos: Mapping[str, Sequence[float]], labels: Mapping[s
     renderer = _renderer(ax)
     px_per_pt = ax.figure.dpi / 72.0
     r_px = node_radius_pt * px_per_pt
+    gap = 2.0 * px_per_pt  # clear space kept around labels and nodes
     names = list(pos)
     xy = ax.transData.transform(np.array([pos[n] for n in names], dtype=float))  # (n, 2) pixels
     node_boxes = [Bbox.from_extents(x - r_px, y - r_px, x + r_px, y + r_px) for x, y in xy]
@@ -76,8 +77,9 @@ def place_labels(ax: Axes, pos: Mapping[str, Sequence[float]], labels: Mapping[s
                 text.set_ha(ha)
                 text.set_va(va)
                 box = text.get_window_extent(renderer)
-                cost = sum(_overlap(box, b) for b in placed)
-                cost += sum(_overlap(box, b) for j, b in enumerate(node_boxes) if j != i)
+                padded = box.padded(gap)
+                cost = sum(_overlap(padded, b) for b in placed)
+                cost += sum(_overlap(padded, b) for j, b in enumerate(node_boxes) if j != i)
                 outside = box.width * box.height - _overlap(box, frame)
                 cost += 2.0 * outside
                 if best is None or cost < best[0]:
