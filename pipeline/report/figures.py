@@ -540,7 +540,9 @@ def figure_graphs(analysis: xr.Dataset, neighbours: int = 2) -> Figure:
     texts = place_labels(ax1, {v: pos[v] for v in brain.nodes}, shown, node_radius_pt=radius,
                          text_kw={"path_effects": halo})
     _style_graph_labels(texts, colour_of, zero)
-    fig.label_texts = {"brain": texts}  # for tests: the placed labels of each panel
+    # for tests and callers: the layout and the placed labels of each panel
+    fig.node_positions = pos
+    fig.label_texts = {"brain": texts}
     if tax is not None:
         _draw_graph(ax2, tax, pos, colour_of, set(), f"Taskonomy task graph ({neighbours} nearest tasks each)")
         # the brain panel's label places, so labels sit alike in both panels
