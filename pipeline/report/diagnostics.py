@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import PercentFormatter
 
+from neurotask.pipeline.report.figures import freeze_layout
 from neurotask.pipeline.ridge import paper_alphas
 from neurotask.storage import StudyStore
 
@@ -221,4 +222,4 @@ def figure_alpha_diagnostic(summary: xr.Dataset, threshold: float, task_order: S
     cb.ax.tick_params(labelsize=7)
     fig.suptitle(f"Chosen ridge alpha per task: share of voxels at each grid value (red outline: the grid's ends; "
                  f"red numbers: more than {100 * threshold:.0f}% at an end)", fontsize=9)
-    return fig
+    return freeze_layout(fig)

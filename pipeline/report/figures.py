@@ -1,12 +1,14 @@
 """The report's figures, drawn from the stored analysis and per-voxel maps.
 
-Numbers as in Neural Taskonomy: 1, mean r per ROI and task, per subject, bars coloured by
-Taskonomy cluster; 2, the whole-brain map of one task's r (significant voxels) as an axial
-slice mosaic with ROI outlines; 3, the 3D minus 2D contrasts (Keypoint, Edges) in the voxels
-significant for either task; 5, the task similarity matrix in the order of its tree; 6, the
-brain's task tree beside Taskonomy's, leaves coloured by Taskonomy cluster; 7, the brain's
-task graph beside Taskonomy's. Figures are drawn on ``matplotlib.figure.Figure`` objects
-(Agg canvas, no pyplot state), so they draw headless; saving them is the report stage's job.
+Numbers as in Neural Taskonomy: 1, mean r per ROI and task (one panel per ROI, every task
+named, grouped by Taskonomy cluster; open bars where the ROI-level test finds nothing; the
+ROI's noise ceiling), and 1b the same as r / noise ceiling; 2-3, the brain maps (drawn in
+:mod:`.volumes`; ``figure_mosaic`` here is their axial mosaic); 5, the task similarity
+matrix in the order of its tree; 6, the brain's task tree facing Taskonomy's as a
+tanglegram (:mod:`.tanglegram`); 7, the brain's task graph and Taskonomy's in one shared
+layout, labels placed clear of each other (:mod:`.label_placement`). Figures are drawn on
+``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot state), so they draw headless;
+saving them is the report page's job.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ def _cluster_legend(clusters: Sequence[str]) -> list[Patch]:
 def _colour_ticklabels(labels, colour_of: dict[str, str]) -> None:
     for t in labels:
         t.set_color(colour_of.get(t.get_text(), "#000000"))
+
+
+def freeze_layout(fig: Figure) -> Figure:
+    """Run the figure's (constrained) layout once and keep it: saving PNG and SVG then does
+    not lay out a many-panel figure again each time (the layout is in inches, so it holds at
+    any dpi)."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        if not hasattr(fig.canvas, "get_renderer"):
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            FigureCanvasAgg(fig)
+        engine.execute(fig)
+        fig.set_layout_engine("none")
+    return fig
 
 
 # --------------------------------------------------------------------------- figures
@@ -219,7 +236,7 @@ def figure_roi_bars(analysis: xr.Dataset, subject: str | None = None, *, normali
     fig.suptitle(f"{who}: {what} per ROI and task", fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 * ncols), fontsize=7.5,
                frameon=False)
-    return fig
+    return freeze_layout(fig)
 
 
 def slice_indices(background: np.ndarray, n_slices: int) -> np.ndarray:
@@ -304,24 +321,29 @@ def figure_mosaic(
 
 
 def figure_similarity(analysis: xr.Dataset) -> Figure:
-    """Figure 5: the subject-mean similarity matrix, tasks in the dendrogram order of its tree."""
+    """Figure 5: the subject-mean similarity matrix, tasks in the dendrogram order of its tree
+    (viridis: perceptually uniform and colour-blind safe). Tasks without a significant voxel
+    in any subject (a row of 0) have grey italic labels, "(0 sig. voxels)" on the rows."""
     order = [int(i) for i in analysis["leaves_mean"].values]
     labels, clusters = task_labels(analysis), task_clusters(analysis)
     names = [labels[i] for i in order]
+    zero = zero_significant_tasks(analysis)
     s = analysis["similarity_mean"].values[np.ix_(order, order)]
     fig = Figure(figsize=(7.5, 6.8), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(s, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(names)), [f"{n}{_ZERO_SUFFIX}" if n in zero else n for n in names], fontsize=8)
     colour_of = {labels[i]: CLUSTER_COLOURS[clusters[i]] for i in range(len(labels))}
-    _colour_ticklabels(ax.get_xticklabels(), colour_of)
-    _colour_ticklabels(ax.get_yticklabels(), colour_of)
+    for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for t, name in zip(ticks, names):
+            t.set_color(_ZERO_COLOUR if name in zero else colour_of.get(name, "#000000"))
+            t.set_fontstyle("italic" if name in zero else "normal")
     fig.colorbar(im, ax=ax, shrink=0.7, label=f"{analysis.attrs['metric']} similarity")
     n_sub = analysis.sizes["subject"]
     ax.set_title(f"Brain task similarity (mean of {n_sub} subject{'s' if n_sub > 1 else ''}), tree order", fontsize=10)
     fig.legend(handles=_cluster_legend(clusters), loc="outside lower center", ncols=5, fontsize=7, frameon=False)
-    return fig
+    return freeze_layout(fig)
 
 
 def figure_similarity_subjects(analysis: xr.Dataset) -> Figure:
@@ -436,7 +458,7 @@ def figure_trees(analysis: xr.Dataset) -> Figure:
         handles.append(Line2D([0], [0], color=_ZERO_COLOUR, lw=1.1, ls="--",
                               label="no significant voxel in any subject (similarity 0 to every task)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
-    return fig
+    return freeze_layout(fig)
 
 
 def hop_distances(graphs: Sequence[nx.Graph], nodes: Sequence[str]) -> np.ndarray:

@@ -103,14 +103,15 @@ def roi_figures(page: ReportPage, analysis: xr.Dataset) -> None:
 
 def structure_figures(page: ReportPage, analysis: xr.Dataset, graph_neighbours: int) -> None:
     """Figures 5-7: the task similarity matrix, the trees (a tanglegram) and the graphs."""
+    zero = sorted(zero_significant_tasks(analysis))
     page.add("fig5_similarity", "Figure 5. Task similarity", "Brain-derived task similarity "
              f"({analysis.attrs['metric']} of the FDR-masked r), subject mean, tasks in the leaf order of its "
-             f"{analysis.attrs['linkage']}-linkage tree; labels coloured by Taskonomy cluster.",
-             figure_similarity(analysis), svg=True, section="fig5")
+             f"{analysis.attrs['linkage']}-linkage tree; labels coloured by Taskonomy cluster."
+             + (f" Grey italic: {', '.join(zero)}, without a significant voxel in any subject (a row of 0)."
+                if zero else ""), figure_similarity(analysis), svg=True, section="fig5")
     if analysis.sizes["subject"] > 1:
         page.add("fig5_similarity_subjects", "Figure 5 (per subject)", "Each subject's similarity matrix in the "
                  "order of the subject-mean tree.", figure_similarity_subjects(analysis), svg=True, section="fig5")
-    zero = sorted(zero_significant_tasks(analysis))
     zero_note = ""
     if zero:
         one = len(zero) == 1
