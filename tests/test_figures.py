@@ -171,7 +171,7 @@ def test_tanglegram_links_join_each_task_and_mark_tasks_without_significant_voxe
         assert y0 == pytest.approx(yb[name]) and y1 == pytest.approx(yt[name])
     # curvature has no significant voxel: grey italic label with the note, dashed link
     curv = task_info("curvature").label
-    label = [t for t in brain_ax.get_yticklabels() if t.get_text().startswith(curv)][0]
+    label = next(t for t in brain_ax.get_yticklabels() if t.get_text().startswith(curv))
     assert label.get_text() == f"{curv} (0 sig. voxels)" and label.get_fontstyle() == "italic"
     assert links[curv].get_linestyle() == "--"
     assert all(ln.get_linestyle() == "-" for n, ln in links.items() if n != curv)
@@ -207,7 +207,7 @@ def _check_graph_figure(fig) -> None:
         radius = np.sqrt(F._NODE_SIZE) / 2 * fig.dpi / 72
         for name, t in texts.items():
             box = t.get_window_extent(renderer)
-            for other, t2 in texts.items():
+            for other in texts:
                 if other == name:
                     continue
                 x, y = to_px(fig.node_positions[other])

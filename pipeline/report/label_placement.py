@@ -66,7 +66,7 @@ def place_labels(ax: Axes, pos: Mapping[str, Sequence[float]], labels: Mapping[s
     crowd = {n: int((np.hypot(*(xy - xy[i]).T) < widths[n]).sum()) for i, n in enumerate(names)}
     placed: list[Bbox] = []
     for i in sorted(range(len(names)), key=lambda i: -crowd[names[i]]):
-        name, text = names[i], texts[names[i]]
+        text = texts[names[i]]
         best = None
         for ring in range(1, rings + 1):
             offset = r_px * (0.4 + 0.9 * ring)
