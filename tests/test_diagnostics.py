@@ -121,3 +121,13 @@ def test_the_figure_writes_the_end_shares_and_flags_those_above_the_threshold():
     texts = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
     assert {"44%", "5%", "0%", "30%"} <= set(texts)
     assert texts["44%"] == texts["30%"] == "#D62728" and texts["5%"] != "#D62728"
+
+
+def test_many_subjects_wrap_into_rows():
+    base = planted({"edge2d": 0.1, "rgb2depth": 0.1}, {"edge2d": 0.1, "rgb2depth": 0.1})
+    s = D.alpha_summary({f"subj{i:02d}": base for i in range(1, 7)}, N_FEATURES)
+    fig = D.figure_alpha_diagnostic(s, 0.2)
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 6
+    assert len({round(ax.get_position().y0, 3) for ax in maps}) == 2  # 4 + 2
+    assert fig.get_size_inches()[0] < 22

@@ -260,3 +260,24 @@ def test_published_figure7_labels_do_not_overlap_and_figure6_marks_curvature(pub
     captions = {f.key: f.caption for f in page.figures}
     assert "Curvature has no significant voxel in any subject" in captions["fig6_trees"]
     assert all(f.files[-1].endswith(".svg") for f in page.figures)
+
+
+def test_roi_grid_puts_hemispheres_in_rows_and_wraps_other_names():
+    assert F.roi_grid(["RHPPA", "LHEarlyVis", "LHPPA", "RHEarlyVis"]) == [["LHEarlyVis", "LHPPA"],
+                                                                          ["RHEarlyVis", "RHPPA"]]
+    assert F.roi_grid(["LHPPA", "LHEarlyVis", "RHPPA"]) == [["LHEarlyVis", "LHPPA"], [None, "RHPPA"]]
+    names = ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"]
+    grid = F.roi_grid(names)
+    assert [len(row) for row in grid] == [5, 5] and sorted(x for row in grid for x in row if x) == sorted(names)
+
+
+def test_figure1_names_the_tasks_above_a_missing_panel(planted):
+    _, a = planted
+    fig = F.figure_roi_bars(a.sel(roi=["LHEarlyVis", "RHEarlyVis", "LHPPA"]), "CSI1")
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes if ax.axison}
+    assert set(panels) == {"LHEarlyVis", "RHEarlyVis", "LHPPA"}
+    FigureCanvasAgg(fig).draw()
+    for roi in ("RHEarlyVis", "LHPPA"):  # the bottom of each column
+        shown = {t.get_text() for t in panels[roi].get_xticklabels() if t.get_visible()}
+        assert shown == {task_info(t).label for t in TASKS}, roi
+    assert not any(t.get_visible() for t in panels["LHEarlyVis"].get_xticklabels())

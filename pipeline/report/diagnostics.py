@@ -188,9 +188,14 @@ def figure_alpha_diagnostic(summary: xr.Dataset, threshold: float, task_order: S
     names = [str(x) for x in summary["label"].values] if "label" in summary.coords else tasks
     order = list(task_order) if task_order is not None else list(range(len(tasks)))
     a = summary.sizes["grid_position"]
-    width = 4.6 * len(subjects) + 1.6
-    fig = Figure(figsize=(width, 0.24 * len(tasks) + 1.9), layout="constrained")
-    axes = fig.subplots(1, len(subjects), squeeze=False, sharey=True)[0]
+    ncols = min(len(subjects), 4)  # NSD's 8 subjects: two rows of 4
+    nrows = -(-len(subjects) // ncols)
+    width = 4.6 * ncols + 1.6
+    fig = Figure(figsize=(width, (0.24 * len(tasks) + 1.3) * nrows + 0.6), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    for ax in grid.ravel()[len(subjects):]:
+        ax.set_axis_off()
+    axes = grid.ravel()[:len(subjects)]
     vmax = float(np.nanmax(summary["share"].values)) or 1.0
     norm = PowerNorm(0.5, vmin=0.0, vmax=vmax)  # the ends can hold half the voxels: keep the middle visible
     one_grid = bool(np.allclose(summary["grid"].values, summary["grid"].values[:1, :1], equal_nan=True))
