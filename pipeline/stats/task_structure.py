@@ -477,10 +477,11 @@ def simes_p(p: np.ndarray) -> float:
     """Simes' combined p-value of one family: min over i of n p_(i) / i. (n,) -> float.
 
     Tests the global null "no voxel of the ROI is predicted". Valid when the p-values are
-    independent or positively dependent (PRDS), the assumption BH over voxels already makes;
-    neighbouring voxels' test r are positively correlated, and unlike a test that treats
-    voxels as independent samples (a binomial count, a t-test over voxels) it does not gain
-    power from the ROI's size alone. NaN p are left out; NaN if none is finite.
+    independent or positively dependent (PRDS), the assumption BH over voxels already makes
+    and the one neighbouring voxels' positively correlated test r meet; a binomial count of
+    significant voxels or a t-test over voxels would instead treat dependent voxels as
+    independent samples and overstate the evidence. Simes' p <= q exactly when BH at q
+    within the ROI rejects at least one voxel. NaN p are left out; NaN if none is finite.
     """
     p = np.sort(np.asarray(p, dtype=np.float64)[np.isfinite(p)])
     if p.size == 0:
