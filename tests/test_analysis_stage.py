@@ -146,3 +146,21 @@ def test_permutation_significance_needs_permutation_p_values(study_copy):
     results = {s: store.results(s).drop_vars("pvalue_perm") for s in cfg.study.subjects}
     with pytest.raises(Exception, match=r"pvalue_perm.*fit.n_permutations > 0"):
         analyse(results, significance="permutation")
+
+
+def test_stored_analysis_has_the_roi_test_and_ceiling_and_an_older_version_is_recomputed(study_copy, monkeypatch,
+                                                                                           logs):
+    from neurotask.pipeline.stages import analyse as stage
+
+    cfg = load_config(study_copy)
+    a = read_analysis(cfg)
+    # the demo-like study has repeated images: a noise ceiling per ROI, and the ROI-level test
+    assert a["roi_noise_ceiling"].dims == ("subject", "roi") and np.isfinite(a["roi_noise_ceiling"].values).all()
+    assert a["roi_p"].dims == ("subject", "task", "roi") and np.isfinite(a["roi_p"].values).all()
+    assert a["roi_significant"].values.any() and not a["roi_significant"].values.all()
+    # an analysis stored by another analysis version is not reused
+    monkeypatch.setattr(stage, "ANALYSIS_VERSION", stage.ANALYSIS_VERSION - 1)
+    logs.clear()
+    old = run_analysis(cfg)
+    assert not any("skipped" in line for line in logs)
+    assert old.attrs["input_fingerprint"] != a.attrs["input_fingerprint"]

@@ -113,3 +113,71 @@ def test_with_fdr_is_benjamini_hochberg_per_task():
         np.testing.assert_array_equal(ds["qvalue"].values[i], q)
         np.testing.assert_array_equal(ds["significant"].values[i], reject)
     assert not ds["significant"].values[1, 3] and ds.attrs["fdr_alpha"] == 0.1
+
+
+# --------------------------------------------------------------------------- Figure 1's ROI test
+
+
+def test_simes_p_is_the_definition_and_rejects_exactly_when_bh_rejects_anything():
+    from neurotask.pipeline.stats.task_structure import simes_p
+
+    assert simes_p(np.array([0.01, 0.04, 0.03])) == pytest.approx(min(3 * 0.01, 3 / 2 * 0.03, 0.04))
+    assert simes_p(np.array([0.5, np.nan])) == 0.5  # NaN left out
+    assert np.isnan(simes_p(np.array([np.nan])))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = rng.uniform(size=rng.integers(1, 30)) ** rng.uniform(0.5, 4)
+        assert (simes_p(p) <= 0.05) == bool(stats.fdr_bh(p, 0.05)[1].any())
+
+
+def test_roi_tests_find_the_planted_roi_and_correct_over_cells():
+    from neurotask.pipeline.stats.task_structure import roi_tests
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["A", "B", ""], 50)
+    p = rng.uniform(size=(2, 150))
+    p[0, :10] = 1e-6  # task 0 predicts 10 voxels of A
+    combined, q = roi_tests(p, labels, ["A", "B", "C"], 0.05)
+    assert combined.shape == q.shape == (2, 3)
+    assert q[0, 0] < 0.05 and (q[:, 1] > 0.05).all() and q[1, 0] > 0.05
+    assert np.isnan(combined[:, 2]).all() and np.isnan(q[:, 2]).all()  # C has no voxel
+    expected = multipletests(combined[:, :2].ravel(), method="fdr_bh")[1].reshape(2, 2)
+    np.testing.assert_allclose(q[:, :2], expected)
+
+
+def test_roi_noise_summary_means_the_ceiling_and_takes_the_median_normalised_r():
+    from neurotask.pipeline.stats.task_structure import roi_noise_summary
+
+    labels = np.array(["A", "A", "A", "B", "B", ""])
+    ceiling = np.array([0.5, 0.25, np.nan, 0.0, 0.0, 0.9])
+    r = np.array([[0.25, 0.25, 0.3, 0.1, 0.1, 0.5]])
+    mean_c, norm = roi_noise_summary(r, ceiling, labels, ["A", "B"])
+    np.testing.assert_allclose(mean_c, [0.375, 0.0])
+    assert norm[0, 0] == pytest.approx(np.median([0.5, 1.0]))
+    assert np.isnan(norm[0, 1])  # a ceiling of 0: nothing to normalise by
+
+
+def test_analysis_carries_the_roi_test_and_ceiling_with_units():
+    import xarray as xr
+
+    from neurotask.pipeline.stats.task_structure import analyse
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(["LHPPA", "RHPPA", ""], 40)
+    r = rng.normal(0, 0.05, (3, 120))
+    r[0, :40] += 0.4
+    p = 2 * sps.norm.sf(np.abs(r) * np.sqrt(200))
+    ds = xr.Dataset({"r": (("task", "voxel"), r), "pvalue": (("task", "voxel"), p),
+                     "noise_ceiling_r": ("voxel", np.full(120, 0.5))},
+                    coords={"task": ["edge2d", "rgb2depth", "class_1000"], "roi": ("voxel", labels)})
+    out = analyse({"S1": ds}, n_clusters=2, n_bootstrap=3, n_permutations=5)
+    assert bool(out.roi_significant.sel(subject="S1", task="edge2d", roi="LHPPA"))
+    assert not bool(out.roi_significant.sel(subject="S1", task="edge2d", roi="RHPPA"))
+    np.testing.assert_allclose(out.roi_noise_ceiling.values, 0.5)
+    for name in ("roi_p", "roi_q", "roi_significant", "roi_noise_ceiling", "roi_noise_normalized_r"):
+        assert out[name].attrs["long_name"] and out[name].attrs["units"] == "1"
+    # without p-values or ceiling (e.g. significance 'stored' on results without pvalue): NaN, no error
+    bare = ds.drop_vars(["pvalue", "noise_ceiling_r"]).assign(significant=(("task", "voxel"), p < 0.001))
+    out = analyse({"S1": bare}, significance="stored", n_clusters=2, n_bootstrap=3, n_permutations=5)
+    assert np.isnan(out.roi_p.values).all() and np.isnan(out.roi_noise_ceiling.values).all()
+    assert not out.roi_significant.values.any()

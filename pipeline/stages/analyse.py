@@ -9,8 +9,9 @@ subject's fit is unfinished, and it touches neither the results nor the fit's pr
 markers.
 
 Resumable like every stage: the stored analysis carries a fingerprint of its inputs (the
-settings and the bytes of every r, p and significance array it read). A rerun on the same
-inputs finds it and does nothing; changed settings or results recompute it. Randomness
+settings, the analysis version and the bytes of every r, p, significance and noise-ceiling
+array it read). A rerun on the same inputs finds it and does nothing; changed settings or
+results, or a newer analysis version, recompute it. Randomness
 comes from ``analysis.seed`` only, so a recomputation gives identical numbers.
 """
 
@@ -36,7 +37,12 @@ logger = logging.getLogger(__name__)
 ANALYSIS_GROUP = analysis_group("task_structure")
 
 # the result variables whose values determine the analysis
-_INPUT_VARS = ("r", "pvalue", "pvalue_perm", "significant")
+_INPUT_VARS = ("r", "pvalue", "pvalue_perm", "significant", "noise_ceiling_r")
+
+# Bumped when the analysis gains or changes variables: part of the fingerprint, so a stored
+# analysis made by an older version is recomputed rather than reused without them
+# (2: Figure 1's ROI-level test and ROI noise ceiling).
+ANALYSIS_VERSION = 2
 
 
 class AnalysisStageError(NeurotaskError):
@@ -125,7 +131,7 @@ def settings(cfg: Config) -> dict:
 
 def input_fingerprint(results: dict[str, xr.Dataset], rois: dict[str, xr.Dataset] | None, kwargs: dict) -> str:
     """sha256 of the analysis settings and of every array the analysis reads."""
-    h = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**kwargs, "analysis_version": ANALYSIS_VERSION}, sort_keys=True).encode())
     for kind, group in (("results", results), ("roi_results", rois or {})):
         for subject, ds in group.items():
             h.update(f"{kind}/{subject}:{[str(t) for t in ds['task'].values]}".encode())

@@ -43,6 +43,14 @@ roi_mean_r, roi_sem_r,                 Figure 1: mean r (and its SEM) and the fr
   roi_fraction_significant (subject,     significant voxels per ROI
   task, roi); roi_n_voxels (subject,
   roi)
+roi_p, roi_q, roi_significant          Figure 1's ROI-level test: Simes combination of the
+  (subject, task, roi)                   ROI's voxel p-values (the ``significance`` setting's
+                                         p), BH-corrected over the subject's (task, ROI)
+                                         cells, significant at q < ``fdr``
+roi_noise_ceiling (subject, roi)       mean over the ROI's voxels of the correlation noise
+                                         ceiling (NaN without one)
+roi_noise_normalized_r (subject,       median over the ROI's voxels of r / noise ceiling
+  task, roi)                             (the run summary's convention)
 contrast_n_3d_wins, contrast_n_voxels, Figure 3: among voxels significant for either task
   contrast_mean_difference (subject,     of a 3D/2D pair, how many predict better with the
   contrast, roi_group)                   3D task, per ROI group; and over all voxels
@@ -64,6 +72,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from neurotask.pipeline.stats import similarity as sim
+from neurotask.pipeline.stats.noise_ceiling import noise_normalized
 from neurotask.pipeline.stats.scores import fdr_bh
 from neurotask.pipeline.stats.taskonomy import has_affinities, taskonomy_similarity
 from neurotask.pipeline.tasks import task_info
@@ -110,6 +119,11 @@ _VARIABLES: dict[str, tuple[str, str]] = {
     "roi_sem_r": ("1", "standard error of the mean test-set r over the ROI's voxels"),
     "roi_fraction_significant": ("1", "fraction of the ROI's voxels significant for the task"),
     "roi_n_voxels": ("voxels", "voxels in the ROI"),
+    "roi_p": ("1", "Simes combined p-value of the ROI's voxels (any voxel predicted)"),
+    "roi_q": ("1", "Benjamini-Hochberg q of roi_p over the subject's (task, ROI) cells"),
+    "roi_significant": ("1", "the task predicts the ROI: roi_q below the analysis' fdr"),
+    "roi_noise_ceiling": ("1", "mean correlation noise ceiling over the ROI's voxels"),
+    "roi_noise_normalized_r": ("1", "median over the ROI's voxels of test r / noise ceiling"),
     "contrast_n_3d_wins": ("voxels", "voxels better predicted by the 3D task of the pair"),
     "contrast_n_voxels": ("voxels", "voxels significant for either task of the 3D/2D pair"),
     "contrast_mean_difference": ("1", "mean r(3D task) - r(2D task) over those voxels"),
@@ -459,6 +473,77 @@ def _compare_with_taskonomy(
     out["spearman_taskonomy_mean_ci"] = ("bound", sp_mean_ci)
 
 
+def simes_p(p: np.ndarray) -> float:
+    """Simes' combined p-value of one family: min over i of n p_(i) / i. (n,) -> float.
+
+    Tests the global null "no voxel of the ROI is predicted". Valid when the p-values are
+    independent or positively dependent (PRDS), the assumption BH over voxels already makes
+    and the one neighbouring voxels' positively correlated test r meet; a binomial count of
+    significant voxels or a t-test over voxels would instead treat dependent voxels as
+    independent samples and overstate the evidence. Simes' p <= q exactly when BH at q
+    within the ROI rejects at least one voxel. NaN p are left out; NaN if none is finite.
+    """
+    p = np.sort(np.asarray(p, dtype=np.float64)[np.isfinite(p)])
+    if p.size == 0:
+        return float("nan")
+    return float(min(1.0, np.min(p.size * p / np.arange(1, p.size + 1))))
+
+
+def roi_tests(p: np.ndarray, roi_labels: np.ndarray, rois: Sequence[str], fdr: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Figure 1's ROI-level test of every (task, ROI) cell of one subject.
+
+    p (t, v) voxel p-values, roi_labels (v,), R ROI names -> (simes p (t, R), BH q (t, R)),
+    BH over the t * R cells with a finite p (NaN elsewhere: an ROI without voxels).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    labels = np.asarray(roi_labels)
+    combined = np.full((p.shape[0], len(rois)), np.nan)
+    for k, roi in enumerate(rois):
+        sel = labels == roi
+        if sel.any():
+            combined[:, k] = [simes_p(row) for row in p[:, sel]]
+    q = np.full(combined.shape, np.nan)
+    ok = np.isfinite(combined)
+    if ok.any():
+        q[ok] = fdr_bh(combined[ok], fdr)[0]
+    return combined, q
+
+
+def roi_noise_summary(r: np.ndarray, ceiling: np.ndarray, roi_labels: np.ndarray, rois: Sequence[str]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(t, v) r, (v,) correlation noise ceiling, (v,) labels, R names -> (mean ceiling (R,),
+    median r / ceiling (t, R)) over each ROI's voxels; NaN where the ROI has no finite
+    ceiling (``noise_normalized``: voxels with a ceiling <= 0 are left out)."""
+    r = np.asarray(r, dtype=np.float64)
+    ceiling = np.asarray(ceiling, dtype=np.float64)
+    labels = np.asarray(roi_labels)
+    mean_c = np.full(len(rois), np.nan)
+    norm = np.full((r.shape[0], len(rois)), np.nan)
+    for k, roi in enumerate(rois):
+        sel = (labels == roi) & np.isfinite(ceiling)
+        if not sel.any():
+            continue
+        mean_c[k] = ceiling[sel].mean()
+        nn = noise_normalized(r[:, sel], np.broadcast_to(ceiling[sel], r[:, sel].shape))
+        finite = np.isfinite(nn).any(axis=1)
+        norm[finite, k] = np.nanmedian(nn[finite], axis=1)
+    return mean_c, norm
+
+
+def _test_pvalues(ds: xr.Dataset, significance: str) -> np.ndarray | None:
+    """(task, voxel) p-values behind the significance setting (the parametric p for
+    "stored" and "none", which have none of their own), or None if the results lack them."""
+    name = "pvalue_perm" if significance == "permutation" else "pvalue"
+    return ds[name].transpose("task", "voxel").values.astype(np.float64) if name in ds else None
+
+
+def _noise_ceiling_of(ds: xr.Dataset) -> np.ndarray:
+    if "noise_ceiling_r" not in ds:
+        return np.full(ds.sizes["voxel"], np.nan)
+    return ds["noise_ceiling_r"].values.astype(np.float64)
+
+
 def _roi_statistics(
     out: xr.Dataset,
     subjects: list[str],
@@ -477,9 +562,12 @@ def _roi_statistics(
         if missing:
             raise AnalysisError(f"roi_results lack subject(s) {missing}")
     per_subject = []  # (r, significant, roi labels) used for ROI statistics
+    extras = []  # (voxel p-values or None, noise ceiling) of the same voxels
     for i, subject in enumerate(subjects):
         if roi_results is None:
+            ds = results[subject].sel(task=tasks).transpose("task", "voxel", ...)
             per_subject.append((rs[i], masks[i], _roi_labels(results[subject])))
+            extras.append((_test_pvalues(ds, significance), _noise_ceiling_of(ds)))
             continue
         ds = roi_results[subject]
         absent = [x for x in tasks if x not in ds["task"].values]
@@ -489,6 +577,7 @@ def _roi_statistics(
         per_subject.append(
             (ds["r"].values.astype(np.float64), significance_mask(ds, significance, fdr), _roi_labels(ds))
         )
+        extras.append((_test_pvalues(ds, significance), _noise_ceiling_of(ds)))
     rois: list[str] = []
     for _, _, labels in per_subject:
         rois += [x for x in dict.fromkeys(labels.tolist()) if x and x not in rois]
@@ -505,6 +594,17 @@ def _roi_statistics(
     out["roi_sem_r"] = (("subject", "task", "roi"), stats_["sem_r"])
     out["roi_fraction_significant"] = (("subject", "task", "roi"), stats_["fraction_significant"])
     out["roi_n_voxels"] = (("subject", "roi"), n_roi)
+    roi_p, roi_q = np.full((s, t, nr), np.nan), np.full((s, t, nr), np.nan)
+    ceiling, normalized = np.full((s, nr), np.nan), np.full((s, t, nr), np.nan)
+    for i, ((r, _, labels), (p, c)) in enumerate(zip(per_subject, extras)):
+        if p is not None:
+            roi_p[i], roi_q[i] = roi_tests(p, labels, rois, fdr)
+        ceiling[i], normalized[i] = roi_noise_summary(r, c, labels, rois)
+    out["roi_p"] = (("subject", "task", "roi"), roi_p)
+    out["roi_q"] = (("subject", "task", "roi"), roi_q)
+    out["roi_significant"] = (("subject", "task", "roi"), roi_q < fdr)
+    out["roi_noise_ceiling"] = (("subject", "roi"), ceiling)
+    out["roi_noise_normalized_r"] = (("subject", "task", "roi"), normalized)
 
     contrasts = [c for c, (a, b) in CONTRASTS.items() if a in tasks and b in tasks]
     groups = list(roi_groups)
