@@ -192,3 +192,12 @@ def problems(events: list[dict]) -> list[str]:
         elif method == "Network.loadingFailed" and not p.get("canceled"):
             out.append(f"load failed: {p.get('errorText')} ({p.get('type')})")
     return out
+
+
+def ensure_chromium(root: Path) -> Path:
+    """Debian's chromium, installed by ``scripts/ensure_chromium`` when missing."""
+    if not CHROMIUM.exists():
+        subprocess.run(["bash", str(root / "scripts" / "ensure_chromium")], check=False, timeout=900)
+    if not CHROMIUM.exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing and scripts/ensure_chromium could not install it")
+    return CHROMIUM

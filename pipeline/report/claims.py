@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-PAPER = "Wang, Tarr & Wehbe (2019), Neural Taskonomy, NeurIPS"
+PAPER = "Neural Taskonomy (Wang, Tarr & Wehbe, NeurIPS 2019)"
 PAPER_CODE = "github.com/ariaaay/NeuralTaskonomy"
 
 # The paper's statements the table quotes (its text and figures)
