@@ -22,6 +22,7 @@ import yaml
 from analysis_fixtures import ROOT, reference_path
 from neurotask.pipeline import cli
 from neurotask.pipeline.config import load_config
+from neurotask.pipeline.report.page import format_number
 from neurotask.pipeline.stages.analyse import read_analysis
 from neurotask.pipeline.stats.task_structure import analyse
 from neurotask.storage import StudyStore
@@ -57,7 +58,8 @@ def numbers(cell: str) -> list[float]:
 
 
 def r3(x: float) -> float:
-    return round(float(x), 3)
+    """The number as the report's page prints it (3 decimals, 3 significant digits below 1e-3)."""
+    return float(format_number(float(x)))
 
 
 class Mismatches(list):
@@ -185,7 +187,7 @@ def test_markdown_tables_and_a_mismatch_is_reported():
                                       (("CSI1", 0.5), ("CSI2", 0.25), ("mean", 0.4))}}
     section = "## Numbers on the demo study\n" + text
     assert demo_mismatches(section, stats, lambda link, k: 1.0) == []
-    stats["taskonomy_comparison"]["CSI2"]["spearman_taskonomy"] = 0.2504  # rounds to 0.250: still equal
+    stats["taskonomy_comparison"]["CSI2"]["spearman_taskonomy"] = 0.2504  # printed 0.250: still equal
     assert demo_mismatches(section, stats, lambda link, k: 1.0) == []
     stats["taskonomy_comparison"]["CSI2"]["spearman_taskonomy"] = 0.26
     (m,) = demo_mismatches(section, stats, lambda link, k: 1.0)

@@ -311,3 +311,11 @@ def test_page_shows_warnings_escaped_and_no_claims_for_a_fitted_study(analysis_s
     # the NIfTI files are links, the r maps under their task labels
     assert "<a href='nifti/CSI1/significant.nii.gz'>" in text
     assert f"<a href='nifti/CSI2/r_edge3d.nii.gz'>{task_info('edge3d').label}</a>" in text
+
+
+def test_format_number_cells():
+    from neurotask.pipeline.report.page import format_number
+
+    cells = [None, float("nan"), float("inf"), np.float32(0.12345), 0.5, 3, np.int64(4), 0.0001234, -0.0526, "CSI1"]
+    assert [format_number(x) for x in cells] == ["n/a", "n/a", "n/a", "0.123", "0.500", "3", "4", "0.000123",
+                                                 "-0.053", "CSI1"]

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 from PIL import Image
@@ -131,10 +134,14 @@ class RoiCriteria:
 
 
 def format_number(x: object, digits: int = 3) -> str:
-    """A table cell: floats to ``digits`` decimals (significant digits below 1e-3), None as n/a."""
+    """A table cell: reals to ``digits`` decimals (significant digits below 1e-3), None, NaN and
+    inf as n/a; integers, strings and the rest as they print."""
     if x is None:
         return "n/a"
-    if isinstance(x, float):
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral, np.integer)):
+        x = float(x)
+        if not math.isfinite(x):
+            return "n/a"
         return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
     return str(x)
 

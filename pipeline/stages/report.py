@@ -62,6 +62,7 @@ class ReportOptions:
     task: str | None = None
     graph_neighbours: int = 2
     dpi: int = 200
+    alpha_edge_warning: float = 0.2  # warn when more of a task's voxels chose an end of the alpha grid
     maps: MapOptions = field(default_factory=MapOptions)
 
 
@@ -103,7 +104,7 @@ def build_report(
 
     statistics = comparison_statistics(analysis)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
-    warnings: list[str] = []
+    warnings: list[str] = []  # shown at the top of the summary (the alpha diagnostics' warnings)
     claims = paper_claims(analysis, statistics) if is_published_import(results) else []
     html = render_page(analysis, statistics, page.figures, page.notes, page.nifti_rows, provenance or {}, task,
                        roi_criteria(results), warnings=warnings, claims=claims, outdir=outdir)
@@ -252,7 +253,8 @@ def write_report(cfg: Config) -> Path:
         raise ReportError(f"{cfg.store_path}: the analysis covers {', '.join(missing)} but their results are gone")
     results = {s: store.results(s) for s in subjects}
     options = ReportOptions(task=cfg.report.task, graph_neighbours=cfg.report.graph_neighbours,
-                            dpi=cfg.report.dpi, maps=MapOptions.from_config(cfg, store))
+                            dpi=cfg.report.dpi, alpha_edge_warning=cfg.report.alpha_edge_warning,
+                            maps=MapOptions.from_config(cfg, store))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
                          provenance=provenance(cfg, analysis, results))
