@@ -26,7 +26,7 @@ from neurotask.pipeline.stages.analyse import read_analysis
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.figures import montage, slice_indices
-from neurotask.pipeline.report.page import PageFigure, ReportPage, downscaled_png, page_sections, render_page
+from neurotask.pipeline.report.page import PageFigure, ReportPage, embedded_image, page_sections, render_page
 from neurotask.pipeline.stages.report import chosen_task
 from neurotask.pipeline.stats.taskonomy import transfer_out_affinities
 from neurotask.pipeline.tasks import task_info, task_names
@@ -207,7 +207,7 @@ def test_page_sections_in_paper_order_with_subjects_side_by_side():
     assert by_id["other"].title == "Other figures" and by_id["interactive"].title == "interactive"
 
 
-def test_embedded_png_is_downscaled_and_smaller():
+def test_embedded_image_is_the_same_pixels_and_smaller():
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 6))
@@ -220,12 +220,13 @@ def test_embedded_png_is_downscaled_and_smaller():
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=200)
     png = buf.getvalue()
-    small = downscaled_png(png, 600)
-    assert len(small) < len(png) / 2
-    with Image.open(io.BytesIO(small)) as im:
-        assert im.size == (600, 300)
-    narrow = downscaled_png(png, 5000)  # not wider: at most re-encoded, never larger
-    assert len(narrow) <= len(png) and Image.open(io.BytesIO(narrow)).size == (2400, 1200)
+    mime, data = embedded_image(png)
+    assert mime == "image/webp" and len(data) < len(png) / 2
+    with Image.open(io.BytesIO(data)) as webp, Image.open(io.BytesIO(png)) as original:
+        assert webp.size == original.size == (2400, 1200)
+        np.testing.assert_array_equal(np.asarray(webp.convert("RGBA")), np.asarray(original.convert("RGBA")))
+    f = PageFigure("k", "t", "c", png, [])
+    assert f.data_uri().startswith("data:image/webp;base64,UklGR")  # RIFF
 
 
 def test_a_figure_key_is_used_once(tmp_path):
