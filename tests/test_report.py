@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
-import io
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
