@@ -1,12 +1,11 @@
-"""The report: figures, NIfTI maps and the HTML page, opened in headless Chromium."""
+"""The report: figures, NIfTI maps, statistics and the HTML page's content and structure
+(the page opened in headless Chromium: tests/test_report_browser.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -24,74 +23,19 @@ from neurotask.pipeline import cli
 from neurotask.pipeline.stats.task_structure import significance_mask
 from neurotask.pipeline.stages.analyse import read_analysis
 from neurotask.pipeline.config import load_config
+from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.figures import montage, slice_indices
+from neurotask.pipeline.report.page import PageFigure, ReportPage, embedded_image, page_sections, render_page
 from neurotask.pipeline.stages.report import chosen_task
 from neurotask.pipeline.stats.taskonomy import transfer_out_affinities
 from neurotask.pipeline.tasks import task_info, task_names
 from neurotask.storage import StudyStore
-
-CHROMIUM = Path("/usr/bin/chromium")
-
-# Appended to a copy of the page: once everything has loaded, record for every <img> whether
-# it decoded (complete, with a natural size) and the page's size, in an element --dump-dom shows.
-_CHECK = """<script>
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0,
-                                                      w: i.naturalWidth, h: i.naturalHeight}));
-  const out = document.createElement('pre');
-  out.id = 'neurotask-check';
-  out.textContent = JSON.stringify({images: imgs, height: document.body.scrollHeight,
-                                    title: document.title});
-  document.body.appendChild(out);
-});
-</script>"""
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    """Debian's chromium, installed by scripts/ensure_chromium when missing."""
-    if not CHROMIUM.exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "ensure_chromium")], check=False, timeout=900)
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing and scripts/ensure_chromium could not install it")
-    return CHROMIUM
-
-
-def open_in_chromium(chromium: Path, page: Path, profile: Path) -> dict:
-    """Load ``page`` in headless Chromium; -> what the check script found after the load event."""
-    cmd = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-           "--dump-dom", page.resolve().as_uri()]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    m = re.search(r'<pre id="neurotask-check">(.*?)</pre>', done.stdout, re.S)
-    assert m, f"chromium did not render the page (exit {done.returncode}):\n{done.stderr[-2000:]}"
-    return json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"'))
-
 
 @pytest.mark.slow
 def test_run_ends_with_the_report(analysis_study):
     index = analysis_study.workdir / "report" / "index.html"
     assert index.is_file()
     assert analysis_study.output.rstrip().splitlines()[-1].endswith(f"report: {index}")
-
-
-@pytest.mark.slow
-def test_report_renders_in_chromium_with_every_image_loaded(analysis_study, chromium, tmp_path):
-    # self-contained: the folder copied elsewhere works (the page itself needs nothing beside it)
-    copy = tmp_path / "copied_report"
-    shutil.copytree(analysis_study.workdir / "report", copy)
-    page = copy / "index.html"
-    text = page.read_text()
-    assert re.findall(r"<img [^>]*src='(?!data:image/png;base64,)", text) == []
-    page.write_text(text.replace("</body>", _CHECK + "</body>"))
-    found = open_in_chromium(chromium, page, tmp_path / "profile")
-    images = found["images"]
-    # Figure 1; Figures 2 and 3 (two contrasts) per subject; 5, 5 per subject, 6, 7
-    assert len(images) == 1 + 2 * (1 + 2) + 4, images
-    assert all(i["ok"] for i in images), [i for i in images if not i["ok"]]
-    assert all(i["w"] > 300 and i["h"] > 200 for i in images)
-    assert found["height"] > 3000 and "neurotask report" in found["title"]
 
 
 def _upper(m: np.ndarray) -> np.ndarray:
@@ -235,3 +179,143 @@ def test_montage_and_slice_choice():
     bg[:, :, 2:8] = True
     np.testing.assert_array_equal(slice_indices(bg, 20), np.arange(2, 8))
     np.testing.assert_array_equal(slice_indices(bg, 3), [2, 4, 7])
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _figure(key: str, section: str) -> PageFigure:
+    return PageFigure(key, key, "", b"", [f"figures/{key}.png"], section)
+
+
+def test_page_sections_in_paper_order_with_subjects_side_by_side():
+    figs = [_figure(k, s) for k, s in [("fig5_similarity", "fig5"), ("fig2_r_edge3d_CSI2", "fig2"),
+                                       ("fig2_r_edge3d_CSI1", "fig2"), ("fig3_keypoint_CSI1", "fig3"),
+                                       ("fig3_edge_CSI1", "fig3"), ("fig3_keypoint_CSI2", "fig3"),
+                                       ("fig3_edge_CSI2", "fig3"), ("alphas", "diagnostics"), ("extra", ""),
+                                       ("fig1_roi_bars", "fig1"), ("views", "interactive")]]
+    sections = page_sections(figs, ["CSI1", "CSI2"], always=["fig4"])
+    assert [s.id for s in sections] == ["fig1", "fig2", "fig3", "fig4", "fig5", "diagnostics",
+                                         "interactive", "other"]
+    by_id = {s.id: s for s in sections}
+    assert by_id["fig4"].figures == [] and by_id["fig4"].title.startswith("Figure 4")
+    # one row per kind of figure, its subjects side by side in subject order
+    assert [[f.key for f in row] for row in by_id["fig2"].rows] == [["fig2_r_edge3d_CSI1", "fig2_r_edge3d_CSI2"]]
+    assert [[f.key for f in row] for row in by_id["fig3"].rows] == [
+        ["fig3_keypoint_CSI1", "fig3_keypoint_CSI2"], ["fig3_edge_CSI1", "fig3_edge_CSI2"]]
+    assert by_id["other"].title == "Other figures" and by_id["interactive"].title == "interactive"
+
+
+def test_embedded_image_is_the_same_pixels_and_smaller():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 6))
+    ax = fig.add_subplot()
+    x = np.linspace(0, 10, 400)
+    for i in range(12):  # anti-aliased lines and text, as the report's figures
+        ax.plot(x, np.sin(x + i / 3) * (1 + i / 10), lw=1.5, label=f"task {i}")
+    ax.legend(ncols=4)
+    ax.set_title("a title")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=200)
+    png = buf.getvalue()
+    mime, data = embedded_image(png)
+    assert mime == "image/webp" and len(data) < len(png) / 2
+    with Image.open(io.BytesIO(data)) as webp, Image.open(io.BytesIO(png)) as original:
+        assert webp.size == original.size == (2400, 1200)
+        np.testing.assert_array_equal(np.asarray(webp.convert("RGBA")), np.asarray(original.convert("RGBA")))
+    f = PageFigure("k", "t", "c", png, [])
+    assert f.data_uri().startswith("data:image/webp;base64,UklGR")  # RIFF
+
+
+def test_a_figure_key_is_used_once(tmp_path):
+    from matplotlib.figure import Figure
+
+    page = ReportPage(tmp_path, dpi=50)
+    page.add("fig5_similarity", "t", "c", Figure(figsize=(2, 2)), svg=True, section="fig5")
+    assert page.figures[0].files == ["figures/fig5_similarity.png", "figures/fig5_similarity.svg"]
+    with pytest.raises(ValueError, match="added twice"):
+        page.add("fig5_similarity", "t", "c", Figure(figsize=(2, 2)))
+
+
+# --------------------------------------------------------------------------- the paper's claims
+
+
+def _claims_inputs(curvature=(0, 3), whole=((90, 100), (80, 100)), scene=((95, 100), (90, 100)),
+                   early=((70, 100), (60, 100)), spearman=0.26, mantel=0.003):
+    subjects = ["CSI1", "CSI2"]
+    tasks = ["curvature", "keypoint3d", "keypoint2d"]
+    a = xr.Dataset(
+        {"contrast_n_3d_wins": (("subject", "contrast", "roi_group"),
+                                [[[scene[i][0], early[i][0]]] for i in range(2)]),
+         "contrast_n_voxels": (("subject", "contrast", "roi_group"), [[[scene[i][1], early[i][1]]] for i in range(2)]),
+         "roi_mean_r": (("roi",), [0.1])},
+        coords={"subject": subjects, "task": tasks, "label": ("task", ["Curvature", "3D Keypoint", "2D Keypoint"]),
+                "contrast": ["keypoint"], "roi_group": ["scene", "early_visual"], "roi": ["LHOPA"]})
+    stats = {"n_significant": {s: {"curvature": curvature[i], "keypoint3d": 500, "keypoint2d": 40}
+                               for i, s in enumerate(subjects)},
+             "contrasts_whole_brain": {s: {"keypoint": list(whole[i])} for i, s in enumerate(subjects)},
+             "taskonomy_comparison": {"mean": {"spearman_taskonomy": spearman, "spearman_ci": [0.2, 0.3],
+                                               "mantel_p": mantel}}}
+    return a, stats
+
+
+def test_paper_claims_agree_and_disagree_with_the_numbers():
+    claims = paper_claims(*_claims_inputs())
+    assert [c.agrees for c in claims] == [True, True, True, True, True]
+    assert claims[0].reproduced == "CSI1 0, CSI2 3"
+    assert "keypoint: CSI1 90/100 (90%), CSI2 80/100 (80%)" == claims[2].reproduced
+    assert "CSI1 95% vs 70%" in claims[3].reproduced and "0.260" in claims[4].reproduced
+    # each claim turns to "no" when its numbers go against the paper
+    assert not paper_claims(*_claims_inputs(curvature=(0, 10)))[0].agrees
+    assert not paper_claims(*_claims_inputs(whole=((90, 100), (50, 100))))[2].agrees
+    assert not paper_claims(*_claims_inputs(early=((70, 100), (95, 100))))[3].agrees
+    assert not paper_claims(*_claims_inputs(mantel=0.2))[4].agrees
+    assert not paper_claims(*_claims_inputs(spearman=-0.1))[4].agrees
+    a, stats = _claims_inputs()
+    stats["n_significant"]["CSI2"]["keypoint2d"] = 0
+    stats["n_significant"]["CSI1"]["keypoint2d"] = 9
+    other = paper_claims(a, stats)[1]
+    assert not other.agrees and "2D Keypoint in CSI2 (0)" in other.reproduced
+
+
+def test_the_claims_are_shown_only_for_published_results():
+    def ds(**attrs):
+        return xr.Dataset(attrs=attrs)
+
+    npz = ds(imported=True, source="published (npz) /x/CSI1.npz")
+    layout = ds(imported=True, source="authors' layout /x/subj1")
+    assert is_published_import({"CSI1": npz, "CSI2": layout})
+    assert not is_published_import({"CSI1": npz, "CSI2": ds(source="published but fitted")})
+    assert not is_published_import({"CSI1": ds(imported=True, source="test")})
+    assert not is_published_import({"CSI1": ds()}) and not is_published_import({})
+    assert upstream({"CSI1": ds(source_repository="github.com/a/b", source_commit="abc"),
+                     "CSI2": ds(source_repository="github.com/a/b", source_commit="abc")}) == [
+        ("upstream repository", "github.com/a/b"), ("upstream commit", "abc")]
+
+
+@pytest.mark.slow
+def test_page_shows_warnings_escaped_and_no_claims_for_a_fitted_study(analysis_study):
+    from neurotask.pipeline.stages.report import comparison_statistics
+
+    cfg = load_config(analysis_study.config)
+    a = read_analysis(cfg)
+    stats = comparison_statistics(a)
+    html = render_page(a, stats, [], [], [], {"study": "x"}, chosen_task(a, None),
+                       warnings=["43% of voxels chose the largest alpha <b>"])
+    summary = html[html.index("<section id='summary'>"):html.index("<section id='comparison'>")]
+    assert "role='alert'" in summary and "largest alpha &lt;b&gt;" in summary
+    assert "id='claims'" not in html and "Paper vs reproduction" not in html
+    text = (analysis_study.workdir / "report" / "index.html").read_text()
+    assert "id='claims'" not in text and "role='alert'" not in text
+    # the NIfTI files are links, the r maps under their task labels
+    assert "<a href='nifti/CSI1/significant.nii.gz'>" in text
+    assert f"<a href='nifti/CSI2/r_edge3d.nii.gz'>{task_info('edge3d').label}</a>" in text
+
+
+def test_format_number_cells():
+    from neurotask.pipeline.report.page import format_number
+
+    cells = [None, float("nan"), float("inf"), np.float32(0.12345), 0.5, 3, np.int64(4), 0.0001234, -0.0526, "CSI1"]
+    assert [format_number(x) for x in cells] == ["n/a", "n/a", "n/a", "0.123", "0.500", "3", "4", "0.000123",
+                                                 "-0.053", "CSI1"]

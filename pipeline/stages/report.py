@@ -3,9 +3,12 @@
 ``neurotask report --config FILE`` reads the stored analysis (``analysis/task_structure``)
 and the per-voxel results of the study and writes, under ``<workdir>/report/``:
 
-* ``index.html``: every figure (PNG embedded as base64 data URIs, so the page works alone
-  or with its folder copied anywhere), the comparison statistics and the run's provenance;
-* ``figures/``: the same figures as PNG, and as SVG for the matrix, trees and graphs;
+* ``index.html``: a table of contents, a summary (headline numbers, warnings), one section
+  per paper figure (each PNG embedded as a downscaled base64 data URI, so the page works
+  alone or with its folder copied anywhere, and linked to its files), the comparison
+  statistics, for the authors' published results the paper's claims beside the reproduced
+  numbers, and the run's provenance;
+* ``figures/``: the figures as PNG at ``report.dpi`` and as SVG where drawn so;
 * ``nifti/<subject>/``: per task the whole-brain r map (``r_<task>.nii.gz``, every analysed
   voxel, NaN elsewhere), the significance masks of all tasks (``significant.nii.gz``, one
   volume per task in the order of ``tasks.txt``) and the thresholded maps drawn in Figures
@@ -34,6 +37,7 @@ import xarray as xr
 
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
 from neurotask.pipeline.report.sections import roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
@@ -58,6 +62,7 @@ class ReportOptions:
     task: str | None = None
     graph_neighbours: int = 2
     dpi: int = 200
+    alpha_edge_warning: float = 0.2  # warn when more of a task's voxels chose an end of the alpha grid
     maps: MapOptions = field(default_factory=MapOptions)
 
 
@@ -83,7 +88,8 @@ def build_report(
 
     ``analysis``: the Dataset of :func:`pipeline.stats.task_structure.analyse`; ``results``: subject ->
     results (task, voxel) with voxel_i/j/k, roi and attrs volume_shape, affine (maps are
-    drawn only for subjects whose voxels have positions).
+    drawn only for subjects whose voxels have positions). The paper-vs-reproduction table is
+    drawn when ``results`` are the authors' published results (:func:`is_published_import`).
     """
     options = options or ReportOptions()
     outdir = Path(outdir)
@@ -98,8 +104,10 @@ def build_report(
 
     statistics = comparison_statistics(analysis)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
+    warnings: list[str] = []  # shown at the top of the summary (the alpha diagnostics' warnings)
+    claims = paper_claims(analysis, statistics) if is_published_import(results) else []
     html = render_page(analysis, statistics, page.figures, page.notes, page.nifti_rows, provenance or {}, task,
-                       roi_criteria(results))
+                       roi_criteria(results), warnings=warnings, claims=claims, outdir=outdir)
     index = outdir / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
@@ -214,9 +222,13 @@ def provenance(cfg: Config, analysis: xr.Dataset, results: dict[str, xr.Dataset]
     if commit:
         prov["neurotask commit"] = commit
     prov["results"] = {
-        s: {"source": str(ds.attrs.get("source", "fitted by neurotask")),
+        s: {"source": str(ds.attrs.get("source", "fitted by neurotask")), "imported": bool(ds.attrs.get("imported")),
             "parameters": json.dumps(ds.attrs.get("fit", {}), sort_keys=True) if "fit" in ds.attrs else ""}
         for s, ds in results.items()}
+    # where imported results came from upstream (repository, commit), as the import recorded it
+    prov["upstream"] = upstream(results)
+    if is_published_import(results) and not any(k == "upstream commit" for k, _ in prov["upstream"]):
+        prov["upstream"].append(("upstream commit", "not recorded by the import"))
     prov["packages"] = package_versions()
     try:
         prov["config_text"] = cfg.path.read_text()
@@ -241,7 +253,8 @@ def write_report(cfg: Config) -> Path:
         raise ReportError(f"{cfg.store_path}: the analysis covers {', '.join(missing)} but their results are gone")
     results = {s: store.results(s) for s in subjects}
     options = ReportOptions(task=cfg.report.task, graph_neighbours=cfg.report.graph_neighbours,
-                            dpi=cfg.report.dpi, maps=MapOptions.from_config(cfg, store))
+                            dpi=cfg.report.dpi, alpha_edge_warning=cfg.report.alpha_edge_warning,
+                            maps=MapOptions.from_config(cfg, store))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
                          provenance=provenance(cfg, analysis, results))
