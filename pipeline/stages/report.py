@@ -39,7 +39,8 @@ from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
-from neurotask.pipeline.report.sections import roi_figures, structure_figures
+from neurotask.pipeline.report.diagnostics import feature_counts
+from neurotask.pipeline.report.sections import diagnostic_figures, roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
 from neurotask.pipeline.stages.summary import roi_table
 from neurotask.storage import StudyStore, results_group
@@ -64,6 +65,7 @@ class ReportOptions:
     dpi: int = 200
     alpha_edge_warning: float = 0.2  # warn when more of a task's voxels chose an end of the alpha grid
     maps: MapOptions = field(default_factory=MapOptions)
+    n_features: dict[str, int] | None = None  # task -> feature count: rebuilds the paper's alpha grid
 
 
 def chosen_task(analysis: xr.Dataset, task: str | None) -> str:
@@ -101,10 +103,10 @@ def build_report(
     map_figures(page, analysis, results, task, options.maps)
     logger.info("report: figures 1-3 and NIfTI maps written")
     structure_figures(page, analysis, options.graph_neighbours)
+    warnings = diagnostic_figures(page, results, options.alpha_edge_warning, options.n_features, analysis)
 
     statistics = comparison_statistics(analysis)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
-    warnings: list[str] = []  # shown at the top of the summary (the alpha diagnostics' warnings)
     claims = paper_claims(analysis, statistics) if is_published_import(results) else []
     html = render_page(analysis, statistics, page.figures, page.notes, page.nifti_rows, provenance or {}, task,
                        roi_criteria(results), warnings=warnings, claims=claims, outdir=outdir)
@@ -254,7 +256,8 @@ def write_report(cfg: Config) -> Path:
     results = {s: store.results(s) for s in subjects}
     options = ReportOptions(task=cfg.report.task, graph_neighbours=cfg.report.graph_neighbours,
                             dpi=cfg.report.dpi, alpha_edge_warning=cfg.report.alpha_edge_warning,
-                            maps=MapOptions.from_config(cfg, store))
+                            maps=MapOptions.from_config(cfg, store),
+                            n_features=feature_counts(store, [str(t) for t in analysis["task"].values]))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
                          provenance=provenance(cfg, analysis, results))
