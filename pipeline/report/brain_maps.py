@@ -79,7 +79,7 @@ def axial_cuts(mask: np.ndarray, affine: np.ndarray, n: int) -> list[float]:
     lo, hi = np.percentile(z, [5, 95])
     step = abs(np.linalg.norm(affine[:3, 2])) or 1.0
     cuts = np.unique(np.round(np.linspace(lo, hi, max(1, n)) / step) * step)
-    return [float(c) for c in cuts]
+    return [float(c) + 0.0 for c in cuts]  # + 0.0: no "z=-0" label
 
 
 def _roi_legend(fig: Figure, rois: dict[str, np.ndarray], y: float) -> None:
