@@ -26,7 +26,8 @@ from matplotlib.lines import Line2D
 
 from neurotask.pipeline.report.colormaps import contrast_rgba, legend_square
 
-ROI_COLOURS = ["#00e5ff", "#76ff03", "#ffea00", "#ff4081", "#e040fb", "#ff9100", "#1de9b6", "#b0bec5",
+# no yellow, orange or red: those are the r maps' own colours
+ROI_COLOURS = ["#00e5ff", "#76ff03", "#e040fb", "#2979ff", "#ffffff", "#1de9b6", "#ff80ab", "#b0bec5",
                "#40c4ff", "#eeff41"]
 _ROW = 6  # axial cuts per row
 _BG = 0.55  # brightest underlay grey: coloured voxels stay brighter than any anatomy
@@ -83,17 +84,29 @@ def axial_cuts(mask: np.ndarray, affine: np.ndarray, n: int) -> list[float]:
 
 
 def _roi_legend(fig: Figure, rois: dict[str, np.ndarray], y: float) -> None:
-    handles = [Line2D([], [], color=ROI_COLOURS[i % len(ROI_COLOURS)], lw=1.6) for i in range(len(rois))]
-    fig.legend(handles, list(rois), loc="lower center", bbox_to_anchor=(0.45, y), ncol=min(len(rois), 10),
+    colours = roi_colours(rois)
+    handles = [Line2D([], [], color=c, lw=1.6) for c in colours.values()]
+    fig.legend(handles, list(colours), loc="lower center", bbox_to_anchor=(0.45, y), ncol=min(len(colours), 10),
                fontsize=7, frameon=False, labelcolor="white", handlelength=1.4, columnspacing=1.0,
-               title="ROI outlines", title_fontsize=7).get_title().set_color("white")
+               title="ROI outlines (both hemispheres)", title_fontsize=7).get_title().set_color("white")
+
+
+def roi_colours(rois: dict[str, np.ndarray]) -> dict[str, str]:
+    """One colour per ROI name without its hemisphere prefix (LHPPA and RHPPA alike)."""
+    bases = list(dict.fromkeys(_base(n) for n in rois))
+    return {b: ROI_COLOURS[i % len(ROI_COLOURS)] for i, b in enumerate(bases)}
+
+
+def _base(name: str) -> str:
+    return name[2:] if name[:2] in ("LH", "RH") and len(name) > 2 else name
 
 
 def _contours(display, rois: dict[str, np.ndarray], affine: np.ndarray) -> None:
-    for i, (name, m) in enumerate(rois.items()):
+    colours = roi_colours(rois)
+    for name, m in rois.items():
         if m.any():
             display.add_contours(nifti(m.astype(np.float32), affine), levels=[0.5],
-                                 colors=[ROI_COLOURS[i % len(ROI_COLOURS)]], linewidths=0.8)
+                                 colors=[colours[_base(name)]], linewidths=0.9)
 
 
 def _rows(cuts: list[float]) -> list[list[float]]:
@@ -154,7 +167,7 @@ def stat_mosaic(stat: np.ndarray, underlay: np.ndarray, affine: np.ndarray, rois
     rows = _rows(cuts)
     fig, row_h, bottom = _figure(len(rows), len(rows[0]), _slice_aspect(mask, affine), 0.3 if rois else 0.0)
     stat_img = nifti(np.nan_to_num(stat, nan=0.0), affine)
-    bg = nifti(underlay / _BG, affine)  # nilearn scales the underlay to its own range: dim it by hand
+    bg = nifti(underlay, affine)
     symmetric = vmin < 0
     for ax, row in zip(_axes_rows(fig, rows, row_h, bottom), rows):
         display = plotting.plot_stat_map(
@@ -195,7 +208,7 @@ def contrast_mosaic(r3d: np.ndarray, r2d: np.ndarray, underlay: np.ndarray, affi
     c2, _ = canonical(np.nan_to_num(r2d, nan=0.0), affine)
     rgba = contrast_rgba(c3, c2, vmax)
     step = np.diag(aff)[:3]
-    bg = nifti(underlay / _BG, affine)
+    bg = nifti(underlay, affine)
     for ax, row in zip(_axes_rows(fig, rows, row_h, bottom, right=0.86), rows):
         display = plotting.plot_img(bg, cut_coords=row, display_mode="z", figure=fig, axes=ax, colorbar=False,
                                     cmap="gray", black_bg=True, draw_cross=False, annotate=True,
@@ -207,8 +220,11 @@ def contrast_mosaic(r3d: np.ndarray, r2d: np.ndarray, underlay: np.ndarray, affi
             x0, y0 = aff[0, 3] - step[0] / 2, aff[1, 3] - step[1] / 2
             extent = (x0, x0 + step[0] * rgba.shape[0], y0, y0 + step[1] * rgba.shape[1])
             # imshow rows are y, columns x: the slice (i=x, j=y) transposed, origin at the bottom
+            limits = cut.ax.get_xlim(), cut.ax.get_ylim()
             cut.ax.imshow(rgba[:, :, k].transpose(1, 0, 2), origin="lower", extent=extent,
                           interpolation="nearest", zorder=5)
+            cut.ax.set_xlim(limits[0])  # imshow would widen the view to the whole grid
+            cut.ax.set_ylim(limits[1])
         _contours(display, rois, affine)
     _title(fig, title)
     h = fig.get_figheight()
@@ -237,7 +253,7 @@ def projections(stat: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, title
     widths = [hi[a] - lo[a] for _, _, (a, _b), _ in views]
     heights = [hi[b] - lo[b] for _, _, (_a, b), _ in views]
     fig = Figure(figsize=(11.0, 11.0 * max(heights) / sum(widths) * 1.05 + 0.9), facecolor="black")
-    gs = fig.add_gridspec(1, 4, width_ratios=[*widths, 0.05 * sum(widths)], left=0.04, right=0.93, bottom=0.08,
+    gs = fig.add_gridspec(1, 4, width_ratios=[*widths, 0.025 * sum(widths)], left=0.04, right=0.93, bottom=0.08,
                           top=0.86, wspace=0.3)
     norm = colors.Normalize(vmin, vmax)
     for n, (name, axis, (a, b), (neg, pos)) in enumerate(views):
@@ -286,8 +302,12 @@ def interactive_view(stat: np.ndarray, underlay: np.ndarray, affine: np.ndarray,
     loads nothing from the network (checked: ValueError otherwise)."""
     from nilearn import plotting
 
+    # nilearn stretches the underlay to its own range (a flat silhouette turns white or, dimmed,
+    # black): one corner voxel at full scale pins the range, so the brain shows at most _BG grey
+    bg = np.asarray(underlay, dtype=np.float32) * _BG
+    bg[0, 0, 0] = 1.0
     view = plotting.view_img(
-        nifti(np.nan_to_num(stat, nan=0.0), affine), bg_img=nifti(underlay, affine), threshold=threshold,
+        nifti(np.nan_to_num(stat, nan=0.0), affine), bg_img=nifti(bg, affine), threshold=threshold,
         cmap=cmap, vmax=vmax, symmetric_cmap=symmetric, title=title, black_bg=True, draw_cross=False,
         resampling_interpolation="nearest", dim=0, vmin=None if symmetric else 0.0)
     html = re.sub(r"<link[^>]*rel=\"icon\"[^>]*>", "", view.get_standalone(), flags=re.S)
