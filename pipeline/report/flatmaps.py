@@ -108,7 +108,7 @@ def flatmap(volume: np.ndarray, target: FlatmapTarget, *, title: str, cmap, vmin
                         vmin=vmin, vmax=vmax, cmap=name)
     fig = cortex.quickflat.make_figure(vol, with_colorbar=False, with_curvature=True, height=height,
                                        **_overlays())
-    cax = fig.add_axes((0.4, 0.06, 0.2, 0.025))
+    cax = fig.add_axes((0.4, 0.9, 0.2, 0.022))  # top centre: the one place no hemisphere reaches
     cb = fig.colorbar(matplotlib.cm.ScalarMappable(colors.Normalize(vmin, vmax), cmap), cax=cax,
                       orientation="horizontal")
     cb.set_label(colorbar_label, fontsize=9)
@@ -129,7 +129,7 @@ def flatmap_contrast(r3d: np.ndarray, r2d: np.ndarray, target: FlatmapTarget, *,
                                        **_overlays())
     w, h = fig.get_size_inches()
     side = 1.1
-    sq = fig.add_axes((0.5 - side / w / 2, 0.1, side / w, side / h))
+    sq = fig.add_axes((0.5 - side / w / 2, 0.94 - side / h, side / w, side / h))  # top centre, between the hemispheres
     legend_square(sq, vmax, f"r {labels[0]}", f"r {labels[1]}", background=(0.5, 0.5, 0.5))
     return _finish(fig, title, height)
 
