@@ -4,6 +4,7 @@ subject, transform or volume shape pycortex does not know is a clear error."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -109,3 +110,22 @@ def test_flatmap_figures_added_to_the_page(s1, tmp_path):
     assert [f.section for f in page.figures] == ["fig2", "fig3", "fig4"]
     assert all((tmp_path / f.files[0]).is_file() for f in page.figures)
     assert "inkscape" in page.figures[0].caption or "overlays drawn" in page.figures[0].caption
+
+
+def test_report_pycortex_config_errors_name_subject_and_store(s1, tmp_path):
+    from conftest import small_config_dict, write_config
+    from neurotask.pipeline.config import load_config
+    from neurotask.pipeline.report.volumes import MapOptions
+    from neurotask.storage import StudyStore
+
+    def options(**pycortex):
+        cfg = small_config_dict(tmp_path / "work", report={"pycortex": pycortex})
+        cfg = load_config(write_config(tmp_path / "study.yaml", cfg))
+        return MapOptions.from_config(cfg, StudyStore(cfg.store_path))
+
+    opts = options(subject="S1", transform="fullhead", filestore=s1.filestore)
+    assert opts.pycortex.shape == s1.shape
+    with pytest.raises(ConfigError, match=rf"subject 'S2' is not in the pycortex database {re.escape(s1.filestore)}"):
+        options(subject="S2", transform="fullhead", filestore=s1.filestore)
+    with pytest.raises(ConfigError, match=r"report.pycortex.filestore: no such folder .*nowhere"):
+        options(subject="S1", transform="fullhead", filestore=str(tmp_path / "nowhere"))

@@ -45,11 +45,11 @@ def underlay_volume(raw: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
     Robust contrast (2nd-98th percentile); where raw is NaN outside the brain, measured voxels
     start at 0.25 so that the brain's outline stays visible against the black background."""
     if raw is None:
-        return np.where(mask, 0.4, 0.0).astype(np.float32)
+        return np.where(mask, 0.55, 0.0).astype(np.float32)
     raw = np.asarray(raw, dtype=np.float64)
     finite = np.isfinite(raw)
     if not finite.any():
-        return np.where(mask, 0.4, 0.0).astype(np.float32)
+        return np.where(mask, 0.55, 0.0).astype(np.float32)
     lo, hi = np.percentile(raw[finite], [2, 98])
     scaled = np.clip((np.nan_to_num(raw, nan=lo) - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
     if not finite.all():
