@@ -87,8 +87,9 @@ def test_report_renders_in_chromium_with_every_image_loaded(analysis_study, chro
     page.write_text(text.replace("</body>", _CHECK + "</body>"))
     found = open_in_chromium(chromium, page, tmp_path / "profile")
     images = found["images"]
-    # Figure 1; Figures 2 and 3 (two contrasts) per subject; 5, 5 per subject, 6, 7
-    assert len(images) == 1 + 2 * (1 + 2) + 4, images
+    # Figure 1; per subject Figure 2 (slices, projections), 3 (two contrasts), 4 (noise ceiling);
+    # 5, 5 per subject, 6, 7
+    assert len(images) == 1 + 2 * (2 + 2 + 1) + 4, images
     assert all(i["ok"] for i in images), [i for i in images if not i["ok"]]
     assert all(i["w"] > 300 and i["h"] > 200 for i in images)
     assert found["height"] > 3000 and "neurotask report" in found["title"]
