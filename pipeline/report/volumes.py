@@ -242,7 +242,7 @@ def _figure_2(ctx: _Context, labels, r, sig, ti: int, task: str, threshold: str)
     n_sig, n = int(sig[ti].sum()), sig.shape[1]
     vmax = _percentile(vals, 99) if n_sig else 0.1
     cmap = significant_r_cmap()
-    links = ctx.view(name, vol, title=f"{subject}: {labels[task]} r (FDR significant)", cmap=cmap, vmax=vmax,
+    links = ctx.view(name, vol, title=f"{subject} {labels[task]} r", cmap=cmap, vmax=vmax,
                      threshold=1e-6, symmetric=False)
     links.append(("NIfTI", f"nifti/{subject}/{name}.nii.gz"))
     n_neg = int((sig[ti] & (r[ti] <= 0)).sum())
@@ -288,7 +288,7 @@ def _figure_3(ctx: _Context, labels, r, sig, tasks: list[str], threshold: str) -
         lim = _percentile(np.abs(r3 - r2), 99) if n_either else 0.1
         wins = int(((r3 - r2) > 0).sum())
         three_d, two_d = labels[t3], labels[t2]
-        links = ctx.view(stem, diff, title=f"{subject}: r({three_d}) - r({two_d})", cmap="RdBu_r", vmax=lim,
+        links = ctx.view(stem, diff, title=f"{subject} {three_d} - {two_d}", cmap="RdBu_r", vmax=lim,
                          threshold=1e-6, symmetric=True)
         links.append(("NIfTI (r difference)", f"nifti/{subject}/{stem}.nii.gz"))
         _add(ctx.page, f"fig3_{name}_{subject}", f"Figure 3. {three_d} versus {two_d}, {subject}",
@@ -319,7 +319,7 @@ def _figure_4(ctx: _Context, labels, ds: xr.Dataset, r, sig, ti: int, task: str,
     vmax = 1.0
     above = int((nnr > 1).sum())
     cmap = significant_r_cmap()
-    links = ctx.view(stem, vol, title=f"{subject}: {labels[task]} r / noise ceiling", cmap=cmap, vmax=vmax,
+    links = ctx.view(stem, vol, title=f"{subject} {labels[task]} r/ceiling", cmap=cmap, vmax=vmax,
                      threshold=1e-6, symmetric=False)
     links.append(("NIfTI", f"nifti/{subject}/{stem}.nii.gz"))
     median = f"median {np.nanmedian(nnr):.2f}" if n_drawn else "none drawn"
