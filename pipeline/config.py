@@ -107,8 +107,9 @@ class DataSection(_Section):
     voxels: Literal["brain", "rois", "mask"] = "brain"  # which voxels enter the store
     roi_mat: str = "ROIs/CSI{n}/mat/CSI{n}_ROIs_TR{tr}.mat"  # format release1_rois
     trs: list[int] = [3, 4]  # release1_rois: TR files averaged
-    # the subject's anatomy in its functional space (T1w resampled to the betas, or a mean EPI),
-    # drawn under the report's maps; None: the mean of the betas, kept at ingest
+    # the subject's anatomy (a T1w or a mean EPI, 3-D or 4-D) drawn under the report's maps; any
+    # grid: resampled to the betas' grid at ingest (or at report for imported results). None:
+    # the mean of the raw betas, kept at ingest (imported results: the analysed voxels' silhouette)
     anatomy: str | None = None
     stim_list: str = "raw/{subject}/CSI0{n}_stim_lists.txt"
     events: str | None = None  # per-run events files, cross-checked against the stimulus list

@@ -11,6 +11,8 @@ Layout of ``<workdir>/``::
       results/<subject>       RESULT_VARS (+ PERMUTATION_VARS) (task, voxel), CEILING_VARS (voxel)
                               chunked (1 task, chunk_size): one fit unit writes exactly one chunk
       roi_results/<subject>   the same variables for ROI-only models (imported, Figure 1)
+      anatomy/<subject>       underlay (i, j, k) float32: the report's anatomical underlay in the
+                              functional grid (data.anatomy resampled, or the mean of the raw betas)
       analysis/<name>         written by the analysis stage
     progress/<stage>/.../<unit>.json   the markers of :class:`Stage` (``storage.progress``); those
                               of fit, ceiling and finalize list the checksums of the chunks they
@@ -50,6 +52,11 @@ def results_group(subject: str) -> str:
 def roi_results_group(subject: str) -> str:
     """ROI-only models of a subject (the authors' published Figure 1 results), if imported."""
     return f"roi_results/{subject}"
+
+
+def anatomy_group(subject: str) -> str:
+    """A subject's anatomical underlay in its functional grid (written at ingest)."""
+    return f"anatomy/{subject}"
 
 
 def analysis_group(name: str) -> str:
@@ -172,6 +179,9 @@ RESPONSES = Variable(("image", "voxel"), np.float32, np.nan, "1",
                      "response to each image (GLM beta; z-scored within each session if so ingested)")
 REPEAT_RESPONSES = Variable(("showing", "repeated_image", "voxel"), np.float32, np.nan, "1",
                             "single-trial responses of the images shown more than once (NaN: fewer showings)")
+
+UNDERLAY = Variable(("i", "j", "k"), np.float32, np.nan, "1",
+                    "anatomical underlay in the functional grid (NaN: not measured)")
 
 # Coordinates: long_name always, units for numbers.
 COORDINATES: dict[str, dict[str, str]] = {

@@ -30,8 +30,8 @@ from neurotask.storage import schema
 from neurotask.storage.atomic import write_atomic
 from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
 from neurotask.storage.progress import Progress
-from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES,
-                                      ChunkPlan, coordinate, features_group, responses_group, results_group, strings,
+from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES, UNDERLAY,
+                                      ChunkPlan, anatomy_group, coordinate, features_group, responses_group, results_group, strings,
                                       voxel_coords)
 
 
@@ -363,6 +363,35 @@ class StudyStore:
         if not self.has(results_group(subject)):
             raise StoreError(f"{self.path}: no results for subject '{subject}'; run `neurotask fit` first")
         return self._open(results_group(subject)).load()
+
+    # ------------------------------------------------------------------ anatomy
+
+    def write_anatomy(self, subject: str, underlay: np.ndarray, affine: np.ndarray, source: str) -> None:
+        """``anatomy/<subject>``: the report's underlay (i, j, k) in the functional grid, its
+        affine (4, 4) and what it is (``source``, shown in the figure captions)."""
+        underlay = np.asarray(underlay, dtype=np.float32)
+        affine = np.asarray(affine, dtype=np.float64)
+        if underlay.ndim != 3 or affine.shape != (4, 4):
+            raise StoreError(f"{anatomy_group(subject)}: an underlay (i, j, k) and a (4, 4) affine are needed, "
+                             f"got {underlay.shape} and {affine.shape}")
+        ds = xr.Dataset({"underlay": xr.Variable(UNDERLAY.dims, underlay, attrs=UNDERLAY.attrs)},
+                        attrs={"subject": subject, "affine": affine.tolist(), "source": source,
+                               "volume_shape": list(underlay.shape)})
+        self._write(ds, anatomy_group(subject), mode="w")
+
+    def anatomy(self, subject: str) -> xr.Dataset | None:
+        """A subject's stored underlay (loaded), or None when none was stored (imported results)."""
+        if not self.has(anatomy_group(subject)):
+            return None
+        return self._open(anatomy_group(subject)).load()
+
+    def seal_anatomy(self, subject: str) -> list[dict[str, Any]]:
+        """fsync the underlay's chunks; their checksum records, for the subject's ingest marker."""
+        return seal_region(self.path, anatomy_group(subject), ["underlay"], (slice(None),) * 3)
+
+    def check_anatomy(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
+        """The chunks of ``anatomy/<subject>`` among ``records`` that are damaged."""
+        return check_records(self.path, anatomy_group(subject), unit, records)
 
     # ------------------------------------------------------------------ analysis
 

@@ -43,13 +43,16 @@ import numpy as np
 from neurotask.pipeline.formats import bold5000
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
-from neurotask.storage import ChunkPlan, Stage, StudyStore, mask_to_ijk, responses_group, results_group
+from neurotask.pipeline.formats.anatomy import AnatomyFileError, anatomy_in_grid, check_anatomy_header
+from neurotask.storage import (ChunkPlan, Stage, StudyStore, anatomy_group, mask_to_ijk, responses_group,
+                               results_group, to_volume)
 from neurotask.storage.checksums import CHUNKS
 from neurotask.storage import staging as staging_area
 
 logger = logging.getLogger(__name__)
 
 _MAX_GAP = 40  # how far past a missing session/run we look for stray later files
+ANATOMY_CHUNKS = "anatomy_chunks"  # ingest marker: checksum records of anatomy/<subject>
 _ZSCORE_ELEMENTS = 1 << 16  # values z-scored at once: bounds the float64 temporary (512 KiB)
 
 
@@ -69,6 +72,7 @@ class SubjectFiles:
     roi_mats: dict[int, Path] = field(default_factory=dict)  # release1_rois: TR -> file
     brain_mask: Path | None = None
     voxel_mask: Path | None = None
+    anatomy: Path | None = None  # data.anatomy: the report's underlay
     roi_masks: dict[str, Path] = field(default_factory=dict)  # ROI -> existing file (any spelling)
     events: list[list[Path]] = field(default_factory=list)  # per session, its runs
     missing: list[str] = field(default_factory=list)
@@ -129,7 +133,9 @@ def locate_files(cfg: Config, subject: str) -> SubjectFiles:
             files.brain_mask = data_file(cfg, "brain_mask", subject)
         if d.voxels == "mask":
             files.voxel_mask = data_file(cfg, "voxel_mask", subject)
-        for p in (files.brain_mask, files.voxel_mask):
+        if d.anatomy:
+            files.anatomy = data_file(cfg, "anatomy", subject)
+        for p in (files.brain_mask, files.voxel_mask, files.anatomy):
             if p is not None and not p.is_file():
                 files.missing.append(str(p))
         for roi in d.rois:
@@ -206,6 +212,11 @@ def _check_glmsingle(cfg: Config, files: SubjectFiles, stim: bold5000.StimList) 
             shp = bold5000.nifti_shape(p)
             if shp[:3] != grid or len(shp) not in (3, 4) or (len(shp) == 4 and shp[3] != 1):
                 raise DataError(f"mask {p} has shape {shp}, the betas' grid is {grid}")
+    if files.anatomy is not None:  # any grid: resampled to the betas' at ingest
+        try:
+            check_anatomy_header(files.anatomy)
+        except AnatomyFileError as e:
+            raise DataError(f"{files.subject}: data.anatomy {e}") from e
     return counts, grid
 
 
@@ -269,6 +280,7 @@ class Staged:
     finite: np.ndarray
     constant: np.ndarray
     attrs: dict[str, Any]
+    mean_beta: np.ndarray | None = None  # (v,) float64: each voxel's mean raw beta over every trial
 
 
 def zscore_columns(block: np.ndarray) -> np.ndarray:
@@ -332,6 +344,7 @@ def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path) -> Staged:
     trials = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float32, shape=(n_trials, v))
     finite = np.ones(v, dtype=bool)
     constant = np.zeros(v, dtype=bool)
+    raw_sum = np.zeros(v, dtype=np.float64)  # before z-scoring: the mean-beta underlay
     start = 0
     i, j, k = ijk[:, 0], ijk[:, 1], ijk[:, 2]
     for s, (path, count) in enumerate(zip(files.sessions, plan.session_trials), start=1):
@@ -344,6 +357,7 @@ def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path) -> Staged:
         ok = np.isfinite(block).all(axis=0)
         finite &= ok
         block[:, ~ok] = 0.0
+        raw_sum += block.sum(axis=0, dtype=np.float64)
         if cfg.data.zscore_sessions:
             constant |= zscore_columns(block) & ok
         trials[start : start + count] = block
@@ -358,7 +372,7 @@ def _stage_glmsingle(cfg: Config, plan: SubjectPlan, staging: Path) -> Staged:
         "affine_source": "mask file" if mask_affine is not None else "betas (unreliable in release 2.0)",
         "voxel_selection": source, "roi_overlap_voxels": overlap,
     }
-    return Staged(trials, ijk, roi, finite, constant, attrs)
+    return Staged(trials, ijk, roi, finite, constant, attrs, mean_beta=raw_sum / max(n_trials, 1))
 
 
 def _stage_release1(cfg: Config, plan: SubjectPlan) -> Staged:
@@ -476,6 +490,28 @@ def _describe_policy(cfg: Config, plan: SubjectPlan) -> None:
                         "prefix and are left out by repeats 'exclude' (use 'average' to keep them)")
 
 
+def subject_underlay(plan: SubjectPlan, staged: Staged) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The report's underlay for a subject in its functional grid: data.anatomy resampled to
+    the betas' grid, else each kept voxel's mean raw beta (NaN elsewhere). -> (volume (i, j, k),
+    affine (4, 4), what it is), or None when the voxels have no volume (release-1.0 ROI files)."""
+    if staged.attrs.get("voxel_space") != "volume":
+        return None
+    shape = tuple(int(x) for x in staged.attrs["volume_shape"])
+    affine = np.asarray(staged.attrs["affine"], dtype=np.float64)
+    if plan.files.anatomy is not None:
+        try:
+            volume = anatomy_in_grid(plan.files.anatomy, shape, affine)
+        except AnatomyFileError as e:
+            raise DataError(f"{plan.subject}: data.anatomy {e}") from e
+        if not np.isfinite(volume).any():
+            raise DataError(f"{plan.subject}: data.anatomy {plan.files.anatomy} does not overlap the betas' grid "
+                            "(check its affine)")
+        return volume, affine, f"anatomy {plan.files.anatomy.name} (data.anatomy, in the functional grid)"
+    keep = staged.finite
+    volume = to_volume(np.asarray(staged.mean_beta, dtype=np.float32)[keep], staged.ijk[keep], shape)
+    return volume, affine, "mean of the raw betas over every trial (analysed voxels only)"
+
+
 def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
     """Ingest every subject of the config that is not ingested yet (all with ``overwrite``).
 
@@ -523,12 +559,21 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
             # Written beside the old subject; swapped in only once complete.
             staged_store = staging_area.staging_store(store)
             summary = _write(cfg, staged_store, plan, staged)
+            underlay = subject_underlay(plan, staged)
+            groups, drop = [responses_group(subject)], [results_group(subject)]
             # Durable, with checksums for `neurotask verify`, before the swap and the marker.
             chunks = staged_store.seal_responses(subject)
-            staging_area.replace(store, responses_group(subject), drop_groups=[results_group(subject)],
+            info: dict[str, Any] = {}
+            if underlay is not None:
+                staged_store.write_anatomy(subject, *underlay)
+                info = {"anatomy": underlay[2], ANATOMY_CHUNKS: staged_store.seal_anatomy(subject)}
+                groups.append(anatomy_group(subject))
+            else:
+                drop.append(anatomy_group(subject))  # an old underlay would not match the new voxels
+            staging_area.replace(store, groups, drop_groups=drop,
                                  clear_markers=[(Stage.INGEST, subject), (Stage.FIT, subject),
                                                 (Stage.CEILING, subject), (Stage.FINALIZE, subject)])
-            store.progress().mark_done(Stage.INGEST, subject, info={**summary, CHUNKS: chunks})
+            store.progress().mark_done(Stage.INGEST, subject, info={**summary, **info, CHUNKS: chunks})
         finally:
             staged = None
             staging_area.discard(store)

@@ -4,7 +4,8 @@ Everything downstream (ingest, fit, analysis) runs on it exactly as on real data
 
 - per subject, a release-1.0 style stimulus list (presentation order; every showing of a
   repeated image but one prefixed ``rep_``), GLMsingle-style betas (one 4D NIfTI per session,
-  float32, NaN outside the brain, a per-session offset and gain per voxel), a brain mask and
+  float32, NaN outside the brain, a per-session offset and gain per voxel; the offsets share
+  a smooth EPI-like mean intensity, so the mean beta looks like an anatomy), a brain mask and
   ROI masks ``sub-CSI{n}_mask-{LH,RH}{EarlyVis,LOC,OPA,PPA,RSC}.nii.gz``;
 - a feature bank for the 21 Taskonomy tasks in the study store, as the featurizer stores it,
   except for the feature spaces that the config's ``features`` section computes;
@@ -94,6 +95,20 @@ def _ellipsoid(shape, centre, radii) -> np.ndarray:
     grid = np.indices(shape, dtype=float)
     d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
     return d <= 1.0
+
+
+def mean_intensity(shape: tuple[int, int, int]) -> np.ndarray:
+    """A smooth, EPI-like mean intensity (i, j, k) in [0.3, 1]: a bright folded shell (the
+    cortex) over a darker core. Added to every session's offset, so that the mean of a voxel's
+    raw betas, the report's default underlay, shows a plausible anatomy instead of noise; the
+    per-session z-scoring removes it from the responses."""
+    grid = np.indices(shape, dtype=float)
+    centre = [(n - 1) / 2 for n in shape]
+    d = np.sqrt(sum(((g - c) / (0.47 * n)) ** 2 for g, c, n in zip(grid, centre, shape)))
+    shell = np.exp(-(((d - 0.82) / 0.16) ** 2))
+    i, j, k = grid
+    folds = 0.65 + 0.35 * np.cos(1.3 * i + 0.7 * j) * np.cos(0.9 * j - 1.1 * k)
+    return 0.3 + 0.7 * shell * folds
 
 
 def brain_and_rois(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -243,9 +258,10 @@ def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = -np.array(shape) + 1.0
     sessions = np.array_split(np.arange(n_trials), sim.n_sessions)
+    intensity = 30.0 * mean_intensity(shape)[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
     for s, trials in enumerate(sessions, start=1):
         gain = rng.uniform(0.5, 2.0, v)
-        offset = rng.normal(0.0, 3.0, v)
+        offset = intensity + rng.normal(0.0, 3.0, v)
         vals = betas[trials] * gain + offset
         vals[:, const_voxel] = 5.0
         if s == min(2, sim.n_sessions):
