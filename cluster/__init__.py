@@ -7,6 +7,9 @@ Kinds:
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` (see ``cluster.slurm``);
 - ``address``: an existing scheduler, e.g. ``tcp://127.0.0.1:8786`` or ``tls://...``.
 
+The dashboard's Groups page fails on our task graphs (a distributed bug, harmless to the run):
+``cluster.dashboard`` keeps that traceback off the terminal.
+
 The section's keys, defaults and checks are in ``cluster.options`` (a dashboard reachable from
 other hosts is refused unless ``dashboard_public: true``). The dashboard link printed is the
 address the scheduler actually bound. Imports nothing else of neurotask.
@@ -75,7 +78,10 @@ def open_client(section: Mapping[str, Any] | None) -> Iterator[Client]:
     ``section`` is the config's ``cluster:`` mapping (``neurotask.cluster.options``)."""
     from distributed import Client
 
+    from neurotask.cluster.dashboard import quiet_groups_page_failures
+
     options = cluster_options(section or None)  # raises ClusterConfigError naming each bad key
+    quiet_groups_page_failures()  # the dashboard's one known, harmless failure (cluster.dashboard)
     with contextlib.ExitStack() as stack:
         cluster = None
         if isinstance(options, LocalOptions):
