@@ -149,6 +149,16 @@ def test_a_running_featurize_overwrite_is_not_told_to_rerun_featurize(tmp_path):
     assert f"featurize tiny: 1/3 batches done (running: `{command}`)" in text
     assert "rerun" not in text
 
+    # finished, then redone with --overwrite: the stored features look done, but are being redone
+    for batch in ("00001", "00002"):
+        store.progress().mark_done(Stage.FEATURIZE, "tiny", batch)
+    store.progress().mark_done(Stage.FEATURIZED, "tiny")
+    assert "featurize: 1/1 feature space(s) done\n" in "\n".join(status_lines(cfg)) + "\n"
+    with driver_lock(cfg.workdir, command):
+        text = "\n".join(status_lines(cfg))
+    assert "featurize: 1/1 feature space(s) done (running)" in text
+    assert f"featurize tiny: being recomputed (running: `{command}`)" in text
+
 
 def test_status_reads_markers_and_metadata_never_the_arrays(imported, ingested, monkeypatch):
     """Every way to open a dataset or array (xarray, zarr) raises: status still answers."""

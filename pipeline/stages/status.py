@@ -251,10 +251,16 @@ def _featurize_lines(cfg: Config, store_path: Path, progress: Progress, command:
         return [f"featurize: not configured ({len(spaces)} feature space(s) in the store, written by "
                 "simulate or an earlier featurize)"]
     running = _running(command, "featurize")
+    # --overwrite computes beside the stored features and swaps them in at the end: the stored
+    # ones look done meanwhile, yet are being redone
+    redoing = running and "--overwrite" in (command or "").split()
     lines = []
     done = [sp for sp in configured if progress.is_done(Stage.FEATURIZED, sp)]
     for space in configured:
         if space in done:
+            if redoing:
+                lines.append(f"  featurize {space}: being recomputed (running: `{command}`); the stored "
+                             "features stay until the new ones are complete")
             continue
         attrs = _attrs(store_path, features_group(space))
         shape = _shape(store_path, f"{features_group(space)}/features")
@@ -270,7 +276,7 @@ def _featurize_lines(cfg: Config, store_path: Path, progress: Progress, command:
         else:
             lines.append(f"  featurize {space}: missing (run `neurotask featurize`)")
     head = f"featurize: {len(done)}/{len(configured)} feature space(s) done"
-    return [head + (" (running)" if running and lines else "")] + lines
+    return [head + (" (running)" if running and (lines or redoing) else "")] + lines
 
 
 def _pair_state(done: int, running: int, queued: int, waiting: int, missing: int, n_units: int,
