@@ -21,12 +21,14 @@ Groups page cannot be drawn. Every other dashboard error still reaches the termi
 from __future__ import annotations
 
 import logging
+import sys
 from types import TracebackType
 
 logger = logging.getLogger(__name__)
 
 # The loggers the failure reaches: tornado's for the page request, distributed's log_errors for
-# the component, bokeh's for a periodic update of an open page.
+# the component, bokeh's for each periodic re-draw of a Groups page left open (it opens fine
+# before the fit, while no task group depends on another, then fails on every re-draw).
 LOGGERS = ("tornado.application", "distributed.dashboard.components.scheduler", "distributed.utils",
            "bokeh.util.tornado", "bokeh.server")
 _LAYOUT_FUNCTIONS = frozenset({"update_layout", "tg_graph_doc"})
@@ -43,6 +45,24 @@ def raised_in_groups_layout(tb: TracebackType | None) -> bool:
     return False
 
 
+def _periodic_callback_exception() -> BaseException | None:
+    """The exception bokeh's periodic-callback runner is logging, if that is who logs now.
+
+    A page left open re-draws every few hundred ms; when that fails, ``bokeh.util.tornado``'s
+    ``on_done`` logs two records ("Error thrown from periodic callback:" and the formatted
+    traceback) without ``exc_info``: the exception is only in that frame's ``ex``."""
+    frame = sys._getframe(1)
+    for _ in range(30):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "on_done" and code.co_filename.replace("\\", "/").endswith("bokeh/util/tornado.py"):
+            ex = frame.f_locals.get("ex")
+            return ex if isinstance(ex, BaseException) else None
+        frame = frame.f_back
+    return None
+
+
 class GroupsPageFilter(logging.Filter):
     """Drops the Groups page's layout failures; says so once."""
 
@@ -52,7 +72,11 @@ class GroupsPageFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info
-        if not (exc and exc[0] is not None and raised_in_groups_layout(exc[2])):
+        tb = exc[2] if exc and exc[0] is not None else None
+        if tb is None and record.name.startswith("bokeh"):
+            ex = _periodic_callback_exception()
+            tb = ex.__traceback__ if ex is not None else None
+        if not raised_in_groups_layout(tb):
             return True
         self.dropped += 1
         if self.dropped == 1:
