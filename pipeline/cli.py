@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 # Everything of ours is imported when a command runs, not here: the config and the errors
 # pull in Dask and xarray, and `neurotask --help` should answer at once.
 if TYPE_CHECKING:
+    from distributed import Client
+
     from neurotask.pipeline.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -211,18 +213,14 @@ class SharedCluster:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._stack = contextlib.ExitStack()
-        self._client = None
+        self._client: Client | None = None
 
-    def client(self):
+    def client(self) -> Client:
         if self._client is None:
             from neurotask.cluster import open_client
 
             self._client = self._stack.enter_context(open_client(self.cfg.cluster))
         return self._client
-
-    @property
-    def started(self) -> bool:
-        return self._client is not None
 
     def __enter__(self) -> SharedCluster:
         return self
