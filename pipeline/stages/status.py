@@ -248,6 +248,8 @@ def _featurize_lines(cfg: Config, store_path: Path, progress: Progress, command:
     spaces = _members(store_path, "features")
     configured = list(cfg.features.space_names) if cfg.features is not None else []
     if not configured:
+        if not spaces:
+            return ["featurize: not configured (no features: section)"]
         return [f"featurize: not configured ({len(spaces)} feature space(s) in the store, written by "
                 "simulate or an earlier featurize)"]
     running = _running(command, "featurize")
