@@ -7,6 +7,9 @@ Kinds:
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` (see ``cluster.slurm``);
 - ``address``: an existing scheduler, e.g. ``tcp://127.0.0.1:8786`` or ``tls://...``.
 
+The dashboard's Groups page fails on our task graphs (a distributed bug, harmless to the run):
+``cluster.dashboard`` keeps that traceback off the terminal.
+
 The section's keys, defaults and checks are in ``cluster.options`` (a dashboard reachable from
 other hosts is refused unless ``dashboard_public: true``). The dashboard link printed is the
 address the scheduler actually bound. Imports nothing else of neurotask.
@@ -18,12 +21,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
-
-from distributed import Client, LocalCluster, Scheduler
+from typing import TYPE_CHECKING, Any
 
 from neurotask.cluster.errors import ClusterConfigError  # noqa: F401  (raised here; imported from here)
 from neurotask.cluster.options import LocalOptions, SlurmOptions, cluster_options
+
+# distributed is imported when a cluster is started, not here: the config imports this package
+# for its options, and `neurotask status` (or `--help`) should not pay ~0.7 s for it.
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ def local_cluster(options: LocalOptions) -> LocalCluster:
     """A LocalCluster on loopback. Defaults: one single-threaded worker process per core, at
     most 4 (the ridge sweep is BLAS-bound; distributed pins each worker's BLAS to one thread);
     TLS with a temporary certificate (``options.tls``)."""
+    from distributed import LocalCluster
     if options.tls:
         from neurotask.cluster.security import temporary_security
 
@@ -69,7 +76,12 @@ def open_client(section: Mapping[str, Any] | None) -> Iterator[Client]:
     """Start (or connect to) the configured cluster; yield a Client; shut down what we started.
 
     ``section`` is the config's ``cluster:`` mapping (``neurotask.cluster.options``)."""
+    from distributed import Client
+
+    from neurotask.cluster.dashboard import quiet_groups_page_failures
+
     options = cluster_options(section or None)  # raises ClusterConfigError naming each bad key
+    quiet_groups_page_failures()  # the dashboard's one known, harmless failure (cluster.dashboard)
     with contextlib.ExitStack() as stack:
         cluster = None
         if isinstance(options, LocalOptions):

@@ -8,6 +8,7 @@ with 130 and keeps every finished unit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 # Everything of ours is imported when a command runs, not here: the config and the errors
 # pull in Dask and xarray, and `neurotask --help` should answer at once.
 if TYPE_CHECKING:
+    from distributed import Client
+
     from neurotask.pipeline.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -94,16 +97,15 @@ def simulate_command(cfg: Config, args: argparse.Namespace) -> None:
     simulate_study(cfg)
 
 
-def featurize_command(cfg: Config, args: argparse.Namespace) -> None:
-    from neurotask.cluster import open_client
+def featurize_command(cfg: Config, args: argparse.Namespace, cluster: SharedCluster | None = None) -> None:
     from neurotask.pipeline.stages.featurize import all_done, featurize, preflight
 
     if not args.overwrite and all_done(cfg):
         logger.info("features already computed for every feature space and image, skipped")
         return
     plan = preflight(cfg)  # missing images or weights fail here, before a cluster is started
-    with open_client(cfg.cluster) as client:
-        report = featurize(cfg, client, overwrite=args.overwrite, plan=plan)
+    with _cluster_for(cfg, cluster) as shared:
+        report = featurize(cfg, shared.client(), overwrite=args.overwrite, plan=plan)
     devices = ", ".join(sorted(report.devices)) or "-"
     logger.info(f"featurize: {report.batches} batch(es) run, {report.computed} (space, batch) pair(s) computed, "
         f"{report.skipped} already done, device {devices}, {report.seconds:.1f} s")
@@ -115,15 +117,14 @@ def ingest_command(cfg: Config, args: argparse.Namespace) -> None:
     ingest(cfg, overwrite=args.overwrite)
 
 
-def fit_command(cfg: Config, args: argparse.Namespace) -> None:
-    from neurotask.cluster import open_client
+def fit_command(cfg: Config, args: argparse.Namespace, cluster: SharedCluster | None = None) -> None:
     from neurotask.pipeline.stages.fit import check_splits, fit
     from neurotask.pipeline.stages.summary import summary_table
     from neurotask.storage import StudyStore
 
     check_splits(cfg)
-    with open_client(cfg.cluster) as client:
-        report = fit(cfg, client, overwrite=args.overwrite)
+    with _cluster_for(cfg, cluster) as shared:
+        report = fit(cfg, shared.client(), overwrite=args.overwrite)
     done = report.skipped + report.found_done
     logger.info(f"fit: {report.computed} unit(s) computed, {done} already done, {report.seconds:.1f} s")
     store = StudyStore(cfg.store_path)
@@ -163,11 +164,7 @@ def verify_command(cfg: Config, args: argparse.Namespace) -> None:
 
 def status_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.status import status_lines
-    from neurotask.storage.lock import lock_holder
 
-    holder = lock_holder(cfg.workdir)
-    if holder is not None:
-        logger.info(f"driver: {holder}")
     for line in status_lines(cfg):
         logger.info(line)
 
@@ -187,20 +184,60 @@ def schema_command(cfg: None, args: argparse.Namespace) -> None:
 
 
 def run_command(cfg: Config, args: argparse.Namespace) -> None:
-    """Every stage the config asks for, in order; each skips what the store already holds."""
+    """Every stage the config asks for, in order; each skips what the store already holds.
+
+    One Dask cluster serves the whole run: started when the first stage needs it (a rerun
+    with nothing to featurize or fit starts none early), kept through featurize, fit and the
+    analysis, so its dashboard link, printed once, stays valid for the run."""
     t0 = time.perf_counter()
-    if cfg.simulate is not None:
-        simulate_command(cfg, args)
-    if cfg.features is not None and cfg.features.space_names:
-        featurize_command(cfg, args)
-    ingest_command(cfg, args)
-    fit_command(cfg, args)
-    if len(cfg.tasks) < 2:
-        logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
-        return
-    analyse_command(cfg, args)
+    with SharedCluster(cfg) as cluster:
+        if cfg.simulate is not None:
+            simulate_command(cfg, args)
+        if cfg.features is not None and cfg.features.space_names:
+            featurize_command(cfg, args, cluster)
+        ingest_command(cfg, args)
+        fit_command(cfg, args, cluster)
+        if len(cfg.tasks) < 2:
+            logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
+            return
+        analyse_command(cfg, args)
     index = report_command(cfg, args)
     logger.info(f"done in {time.perf_counter() - t0:.1f} s; report: {index}")
+
+
+class SharedCluster:
+    """The Dask client of a command, opened (``cluster.open_client``) on the first
+    :meth:`client` call and shut down when the ``with`` block ends, so the stages of one
+    ``neurotask run`` share one cluster and one dashboard."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._stack = contextlib.ExitStack()
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            from neurotask.cluster import open_client
+
+            self._client = self._stack.enter_context(open_client(self.cfg.cluster))
+        return self._client
+
+    def __enter__(self) -> SharedCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client = None
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def _cluster_for(cfg: Config, shared: SharedCluster | None):
+    """``shared`` as it is (the run closes it), or a cluster of this command alone."""
+    if shared is not None:
+        yield shared
+        return
+    with SharedCluster(cfg) as own:
+        yield own
 
 
 # --------------------------------------------------------------------------- parser
@@ -330,7 +367,10 @@ def _run(args: argparse.Namespace) -> None:
         args.func(cfg, args)
         return
     _check_writable(cfg.workdir)
-    with driver_lock(cfg.workdir, " ".join(["neurotask", args.command, "--config", str(cfg.path)])):
+    # The command as `neurotask status` shows it, --overwrite included (a stage being redone
+    # is running, not unfinished).
+    command = ["neurotask", args.command, "--config", str(cfg.path)] + (["--overwrite"] if getattr(args, "overwrite", False) else [])
+    with driver_lock(cfg.workdir, " ".join(command)):
         _finish_interrupted_replacement(cfg)
         args.func(cfg, args)
 

@@ -149,3 +149,40 @@ def test_fit_on_slurm_from_a_folder_with_its_own_pipeline_and_storage(study, ref
     jobs = set(re.findall(r"SLURM job (\d+) submitted for Dask worker", output))
     assert jobs, output
     fs.check_marker_records(study, fs.markers(study), jobs)  # the worker jobs did the fit
+
+
+# ------------------------------------------------------------------ the whole run, status, the API
+
+
+def test_run_status_and_the_python_api_as_a_user_runs_them(study, tmp_path):
+    """`neurotask run` from a folder outside the checkout: one cluster, so one dashboard link;
+    then `neurotask status` (every stage done) and `neurotask.open_study` from that folder."""
+    folder = user_folder(tmp_path, shadowed=False)
+    fs.write_config(folder / "study.yaml", study)
+    log = folder.parent / "run.log"
+    proc = fs.start_neurotask(["run", "--config", "study.yaml"], log, cwd=folder)
+    try:
+        status = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            fs.kill_group(proc)
+    output = log.read_text()
+    assert status == 0, output[-3000:]
+    assert len(re.findall(r"^Dask dashboard: http://127\.0\.0\.1:\d+/status$", output, re.M)) == 1, output
+    assert "Traceback" not in output
+
+    done = subprocess.run([*fs.neurotask_command(), "status", "--config", "study.yaml"], cwd=folder,
+                          env=fs.neurotask_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "driver: none" in text and "analysis: done" in text and "report: done" in text
+    pairs = [line.split() for line in text.splitlines() if line.startswith("  ") and line.split()[0] in fs.TASKS]
+    assert len(pairs) == len(fs.SUBJECTS) * len(fs.TASKS) and all(p[1] == "done" for p in pairs)
+    assert all("significant" in " ".join(p) for p in pairs)
+
+    code = ("import neurotask; s = neurotask.open_study('study.yaml'); r = s.results('CSI1'); "
+            "print(s.subjects, dict(r.sizes), sorted(s.analysis().attrs)[:1])")
+    api = subprocess.run([sys.executable, "-c", code], cwd=folder, env=fs.neurotask_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert api.returncode == 0, api.stderr
+    assert api.stdout.startswith("['CSI1', 'CSI2'] {'task': 4, 'voxel': ")

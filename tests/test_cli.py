@@ -208,3 +208,62 @@ def test_a_reader_closing_the_pipe_ends_our_output_quietly(tmp_path, monkeypatch
         out.close()
     err = capfd.readouterr().err
     assert "Logging error" not in err and "BrokenPipeError" not in err
+
+
+class _FakeResults:
+    def sel(self, **kwargs):
+        return self
+
+
+def test_run_shares_one_cluster_between_featurize_fit_and_the_analysis(tmp_path, monkeypatch):
+    """`neurotask run` opens one cluster (so one dashboard, one link) for featurize, the fit and
+    the analysis, and closes it before the report; `fit` alone opens its own."""
+    import contextlib
+
+    import neurotask.cluster
+    import neurotask.pipeline.stages.featurize as featurize_stage
+    import neurotask.pipeline.stages.fit as fit_stage
+    import neurotask.pipeline.stages.summary as summary
+    import neurotask.storage
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def open_client(section):
+        client = f"client{sum(e.startswith('open') for e in events)}"
+        events.append(f"open {client}")
+        yield client
+        events.append(f"close {client}")
+
+    class Report:
+        batches = computed = skipped = found_done = 0
+        devices: set = set()
+        seconds = 0.0
+
+    monkeypatch.setattr(neurotask.cluster, "open_client", open_client)
+    monkeypatch.setattr(featurize_stage, "all_done", lambda cfg: False)
+    monkeypatch.setattr(featurize_stage, "preflight", lambda cfg: None)
+    monkeypatch.setattr(featurize_stage, "featurize",
+                        lambda cfg, client, **kw: events.append(f"featurize on {client}") or Report())
+    monkeypatch.setattr(fit_stage, "check_splits", lambda cfg: None)
+    monkeypatch.setattr(fit_stage, "fit", lambda cfg, client, **kw: events.append(f"fit on {client}") or Report())
+    monkeypatch.setattr(summary, "summary_table", lambda results: "")
+    monkeypatch.setattr(neurotask.storage.StudyStore, "results", lambda self, subject: _FakeResults())
+    for name in ("simulate_command", "ingest_command"):
+        monkeypatch.setattr(cli, name, lambda cfg, args: None)
+    monkeypatch.setattr(cli, "analyse_command", lambda cfg, args: events.append("analyse"))
+    monkeypatch.setattr(cli, "report_command", lambda cfg, args: events.append("report") or tmp_path / "index.html")
+
+    config = tmp_path / "study.yaml"
+    config.write_text(f"study: {{name: one-cluster, workdir: {tmp_path / 'work'}, subjects: [CSI1], "
+                      "tasks: [tiny, edge2d]}\n"
+                      "features: {tasks: [], extra: [{name: tiny, kind: torch_module, "
+                      "factory: 'torch.nn:Conv2d', kwargs: {in_channels: 3, out_channels: 4, kernel_size: 5}, "
+                      "image_size: 64}]}\n")
+    assert cli.main(["run", "--config", str(config)]) == 0
+    assert events == ["open client0", "featurize on client0", "fit on client0", "analyse", "close client0",
+                      "report"]
+
+    events.clear()
+    assert cli.main(["fit", "--config", str(config)]) == 0
+    assert events == ["open client0", "fit on client0", "close client0"]

@@ -182,7 +182,9 @@ def finalize_pair(spec: FitSection, store: StudyStore, subject: str, task_index:
     store.write_result_chunk(subject, task_index, slice(None), values)
     chunks = store.seal_results(subject, list(values), (slice(task_index, task_index + 1), slice(None)))
     task = store.result_tasks(subject)[task_index]
-    store.progress().mark_done(Stage.FINALIZE, subject, task, info={CHUNKS: chunks})
+    # the count, for `neurotask status` (which reads markers, never the results arrays)
+    store.progress().mark_done(Stage.FINALIZE, subject, task,
+                               info={CHUNKS: chunks, "significant": int(np.sum(values["significant"]))})
 
 
 def subject_noise_ceiling(store: StudyStore, subject: str, test_rows: np.ndarray) -> list[dict] | None:

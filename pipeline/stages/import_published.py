@@ -239,7 +239,9 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
             staging.discard(store)
         info = {"fingerprint": fingerprint, "source": label, "tasks": [str(x) for x in whole["task"].values],
                 "voxels": int(whole.sizes["voxel"]), "roi_voxels": int(roi.sizes["voxel"]) if roi is not None else 0,
-                "volume_shape": list(shape) if shape else None}
+                "volume_shape": list(shape) if shape else None,
+                # per task, for `neurotask status` (which reads markers, never the results arrays)
+                "significant": {str(t): int(whole["significant"].sel(task=t).sum()) for t in whole["task"].values}}
         store.progress().mark_done(Stage.IMPORT, subject, info=info)
         logger.info(f"{subject}: imported {len(info['tasks'])} task(s) x {info['voxels']} voxels"
                     + (f" (+ ROI models, {info['roi_voxels']} voxels)" if roi is not None else "") + f" from {src.path}")
