@@ -172,6 +172,13 @@ def _kill_this_worker():
     os._exit(1)
 
 
+def _slow_sum(values):
+    import time
+
+    time.sleep(1.5)  # the recomputation lasts long enough for the driver to see the key lost
+    return sum(values)
+
+
 def test_a_result_lost_with_its_worker_is_waited_for_not_failed(tiny):
     """The race CI hit in the scancel drill: as_completed yields a finished unit, then the worker
     holding its result dies before the driver reads it. The future reads "lost" or "pending"
@@ -180,7 +187,7 @@ def test_a_result_lost_with_its_worker_is_waited_for_not_failed(tiny):
 
     with open_client({**tiny.cluster, "processes": True, "n_workers": 2}) as client:
         client.wait_for_workers(2)
-        f = client.submit(sum, [1, 2, 3], pure=False)
+        f = client.submit(_slow_sum, [1, 2, 3], pure=False)
         ac = as_completed([f])
         f.result()
         holder = next(iter(client.who_has([f])[f.key]))
