@@ -151,7 +151,7 @@ def report_command(cfg: Config, args: argparse.Namespace) -> Path:
 def import_published_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.import_published import import_published
 
-    import_published(cfg, args.directory, masks=args.masks, overwrite=args.overwrite)
+    import_published(cfg, args.directory, masks=args.masks, overwrite=args.overwrite, upstream=args.upstream)
     logger.info(f"results: {cfg.store_path}; next: `neurotask analyse --config {cfg.path}` "
                 f"and `neurotask report --config {cfg.path}`")
 
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("directory", type=Path, help="folder with subj<N>/ (the authors' layout) or CSI<N>.npz")
             p.add_argument("--masks", type=Path, default=None,
                            help="folder of CSI<N>.npz holding cortical_mask_zyx (for the authors' pickle layout)")
+            p.add_argument("--upstream", default=None, metavar="REPOSITORY@COMMIT",
+                           help="where the files were released (kept for the report's provenance), e.g. "
+                                "github.com/ariaaay/NeuralTaskonomy@5400d0e8d671e3078918f846f18508b012299795")
     p = sub.add_parser("schema", help="the JSON schema of a study config, for editors",
                        description="Print the JSON schema of a study config file (or write it to --output). "
                                    "Editors with a YAML language server validate and complete a config that "

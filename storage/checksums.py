@@ -25,6 +25,7 @@ from neurotask.storage.atomic import fsync_path
 
 # The marker key under which markers list the checksums of the chunks they vouch for.
 CHUNKS = "chunks"
+ANATOMY_CHUNKS = "anatomy_chunks"  # the ingest marker's checksum records of anatomy/<subject>
 
 
 @dataclass(frozen=True)

@@ -195,3 +195,17 @@ def test_imported_results_have_the_layout_of_fitted_ones(tmp_path):
         np.testing.assert_array_equal(imported[name].values, fitted[name].values, err_msg=name)
     np.testing.assert_array_equal(imported["r"].values, published["r"].values.astype(np.float32))
     assert np.isnan(imported["alpha"].values).all()  # not published
+
+
+def test_upstream_is_kept_in_the_results_attrs_and_a_malformed_one_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path / "study.yaml", {"study": {"name": "pub", "workdir": str(tmp_path / "work"),
+                                                               "subjects": ["CSI1"], "tasks": ["curvature"]}})
+    assert cli.main(["import-published", str(PUBLISHED), "--config", str(config),
+                     "--upstream", "github.com/ariaaay/NeuralTaskonomy"]) == 2
+    assert "expected REPOSITORY@COMMIT" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "store.zarr").exists()  # refused before anything is written
+    assert cli.main(["import-published", str(PUBLISHED), "--config", str(config),
+                     "--upstream", "github.com/ariaaay/NeuralTaskonomy@5400D0E8"]) == 0
+    attrs = StudyStore(load_config(config).store_path).results("CSI1").attrs
+    assert attrs["source_repository"] == "github.com/ariaaay/NeuralTaskonomy"
+    assert attrs["source_commit"] == "5400d0e8"

@@ -236,6 +236,14 @@ def test_ingest_stores_the_mean_beta_underlay(tmp_path):
     assert store.check_anatomy("CSI1", "ingest/CSI1", marker["anatomy_chunks"]) == []
     opts = MapOptions.from_config(cfg, store)
     assert "CSI1" in opts.stored and opts.stored["CSI1"].volume.shape == tuple(resp.attrs["volume_shape"])
+    # verify vouches for the underlay too: a flipped bit in one of its chunks is named
+    assert cli.main(["verify", "--config", str(path)]) == 0
+    record = marker["anatomy_chunks"][0]
+    target = cfg.store_path / "anatomy" / "CSI1" / record["variable"] / record["key"]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert cli.main(["verify", "--config", str(path)]) == 2
 
 
 def test_data_anatomy_at_ingest_and_report(tmp_path, capsys):

@@ -43,7 +43,8 @@ def published_report(tmp_path_factory) -> Path:
     cfg["study"]["workdir"] = str(d / "work")
     config = d / "published.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    assert cli.main(["import-published", str(reference_path() / "published"), "--config", str(config)]) == 0
+    assert cli.main(["import-published", str(reference_path() / "published"), "--config", str(config),
+                     "--upstream", "github.com/ariaaay/NeuralTaskonomy@5400d0e8d671e3078918f846f18508b012299795"]) == 0
     assert cli.main(["analyse", "--config", str(config)]) == 0
     assert cli.main(["report", "--config", str(config)]) == 0
     return d / "work" / "report"
@@ -125,3 +126,6 @@ def test_published_report_in_chromium(published_report, browser, tmp_path):
     # the page stays light enough to open: 14 figures at 200 dpi, embedded as lossless WebP
     assert (published_report / "index.html").stat().st_size < 1_500_000
     assert found.height > 2000
+    # the provenance names where the imported results were released (import-published --upstream)
+    page = (published_report / "index.html").read_text()
+    assert "github.com/ariaaay/NeuralTaskonomy" in page and "5400d0e8d671e3078918f846f18508b012299795" in page

@@ -136,14 +136,29 @@ def grid_affine(shape_ijk: Sequence[int], voxel_size: float = VOXEL_SIZE_MM) -> 
     return affine
 
 
-def to_store_layout(ds: xr.Dataset, subject: str, *, shape_ijk: Sequence[int] | None, source: str) -> xr.Dataset:
+def parse_upstream(text: str | None) -> dict[str, str]:
+    """``REPOSITORY@COMMIT`` (where the released files come from, e.g.
+    ``github.com/ariaaay/NeuralTaskonomy@5400d0e8...``) -> the results attrs ``source_repository``
+    and ``source_commit``; None -> {}. PublishedImportError naming what is wrong otherwise."""
+    if text is None:
+        return {}
+    repository, _, commit = text.rpartition("@")
+    if not repository or not re.fullmatch(r"[0-9a-fA-F]{7,40}", commit):
+        raise PublishedImportError(f"--upstream {text!r}: expected REPOSITORY@COMMIT with a 7-40 digit hex commit, "
+                                   "e.g. github.com/ariaaay/NeuralTaskonomy@5400d0e8d671e3078918f846f18508b012299795")
+    return {"source_repository": repository, "source_commit": commit.lower()}
+
+
+def to_store_layout(ds: xr.Dataset, subject: str, *, shape_ijk: Sequence[int] | None, source: str,
+                    upstream: dict[str, str] | None = None) -> xr.Dataset:
     """A :mod:`pipeline.formats.published` results Dataset -> ``results/<subject>``: the fit's
-    results template (without noise ceiling and permutation test) holding the published values."""
+    results template (without noise ceiling and permutation test) holding the published values;
+    ``upstream``: the attrs of :func:`parse_upstream`."""
     tasks = [str(x) for x in ds["task"].values]
     ijk = np.stack([ds[c].values for c in ("i", "j", "k")], axis=1)
     voxels = voxel_coords(ijk, [str(x) for x in ds["roi"].values])
     attrs = {"subject": subject, "imported": True, "source": source, "model": ds.attrs.get("model", "whole_brain"),
-             "fdr_alpha": float(ds.attrs.get("fdr_alpha", 0.05))}
+             "fdr_alpha": float(ds.attrs.get("fdr_alpha", 0.05)), **(upstream or {})}
     template = results_template(tasks, [task_label(t) for t in tasks], voxels, permutation=False, ceiling=False,
                                 attrs=attrs)
     # alpha stays NaN: the authors' chosen ridge penalties are not in the released files
@@ -182,21 +197,27 @@ def read_source(src: PublishedSource, tasks: Sequence[str] | None, fdr: float
     return with_fdr(whole, fdr), (with_fdr(roi, fdr) if roi is not None else None), shape
 
 
-def _fingerprint(src: PublishedSource, tasks: Sequence[str] | None, fdr: float) -> str:
+def _fingerprint(src: PublishedSource, tasks: Sequence[str] | None, fdr: float,
+                 upstream: dict[str, str] | None = None) -> str:
     """Identifies the imported files (name, size, mtime) and the settings of the import."""
     files = sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]
     files = [p for p in files if p.is_file()] + ([src.mask] if src.mask else [])
     record = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return hashlib.sha256(json.dumps([record, list(tasks or []), fdr]).encode()).hexdigest()[:16]
+    settings = [record, list(tasks or []), fdr] + ([upstream] if upstream else [])  # old stores keep their print
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
 def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | None = None,
-                     overwrite: bool = False) -> dict[str, dict]:
+                     overwrite: bool = False, upstream: str | None = None) -> dict[str, dict]:
     """Import every study subject's published results into the store. -> per-subject summary.
+
+    ``upstream``: ``REPOSITORY@COMMIT`` the files were released from, kept in the results' attrs
+    for the report's provenance.
 
     A subject already imported from the same files is skipped; one whose results came from
     elsewhere (a fit, other files) is refused unless ``overwrite``.
     """
+    origin = parse_upstream(upstream)
     sources = locate_sources(directory, cfg.study.subjects, masks)
     tasks = None if cfg.study.tasks == "all" else cfg.tasks
     fdr = cfg.analysis.fdr
@@ -206,7 +227,7 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
     summary = {}
     todo = []
     for subject, src in sources.items():
-        fingerprint = _fingerprint(src, tasks, fdr)
+        fingerprint = _fingerprint(src, tasks, fdr, origin)
         record = progress.read(Stage.IMPORT, subject) if progress else None
         if store.has(results_group(subject)) and not overwrite:
             if record and record.get("fingerprint") == fingerprint:
@@ -227,11 +248,12 @@ def import_published(cfg: Config, directory: str | Path, *, masks: str | Path | 
         # subject's fit markers (which no longer describe its results) and import marker cleared.
         try:
             beside = staging.staging_store(store)
-            beside.write_dataset(results_group(subject), to_store_layout(whole, subject, shape_ijk=shape, source=label))
+            beside.write_dataset(results_group(subject), to_store_layout(whole, subject, shape_ijk=shape, source=label,
+                                                                        upstream=origin))
             groups = [results_group(subject)]
             if roi is not None:
                 beside.write_dataset(roi_results_group(subject),
-                                     to_store_layout(roi, subject, shape_ijk=None, source=label))
+                                     to_store_layout(roi, subject, shape_ijk=None, source=label, upstream=origin))
                 groups.append(roi_results_group(subject))
             staging.replace(store, groups, drop_groups=[] if roi is not None else [roi_results_group(subject)],
                             clear_markers=[(Stage.FIT, subject), (Stage.IMPORT, subject)])

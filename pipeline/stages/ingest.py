@@ -46,13 +46,12 @@ from neurotask.pipeline.errors import DataError
 from neurotask.pipeline.formats.anatomy import AnatomyFileError, anatomy_in_grid, check_anatomy_header
 from neurotask.storage import (ChunkPlan, Stage, StudyStore, anatomy_group, mask_to_ijk, responses_group,
                                results_group, to_volume)
-from neurotask.storage.checksums import CHUNKS
+from neurotask.storage.checksums import ANATOMY_CHUNKS, CHUNKS
 from neurotask.storage import staging as staging_area
 
 logger = logging.getLogger(__name__)
 
 _MAX_GAP = 40  # how far past a missing session/run we look for stray later files
-ANATOMY_CHUNKS = "anatomy_chunks"  # ingest marker: checksum records of anatomy/<subject>
 _ZSCORE_ELEMENTS = 1 << 16  # values z-scored at once: bounds the float64 temporary (512 KiB)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import DataError
 from neurotask.storage import Progress, Stage, StudyStore, results_group
-from neurotask.storage.checksums import CHUNKS, Damage
+from neurotask.storage.checksums import ANATOMY_CHUNKS, CHUNKS, Damage
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ def responses_damage(store: StudyStore, subject: str) -> list[Damage] | None:
     return store.check_responses(subject, f"{Stage.INGEST}/{subject}", record[CHUNKS])
 
 
+def anatomy_damage(store: StudyStore, subject: str) -> list[Damage]:
+    """The damaged chunks of ``anatomy/<subject>`` (the maps' underlay) its ingest marker vouches
+    for. The fit does not read it; the report would draw a wrong underlay; a re-ingest repairs it."""
+    record = store.progress().read(Stage.INGEST, subject) if store.exists() else None
+    if not record or not record.get(ANATOMY_CHUNKS):
+        return []
+    return store.check_anatomy(subject, f"{Stage.INGEST}/{subject}", record[ANATOMY_CHUNKS])
+
+
 def subject_markers(progress: Progress, subject: str, tasks: Sequence[str]) -> list[tuple[str, ...]]:
     """The names of every valid fit, ceiling and finalize marker of ``subject`` and ``tasks``."""
     out: list[tuple[str, ...]] = []
@@ -72,8 +81,9 @@ def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str
     for subject in subjects:
         responses = responses_damage(store, subject)
         if responses is not None:
-            report.chunks += len(store.progress().read(Stage.INGEST, subject)[CHUNKS])
-            report.damage += responses
+            ingested = store.progress().read(Stage.INGEST, subject)
+            report.chunks += len(ingested[CHUNKS]) + len(ingested.get(ANATOMY_CHUNKS) or [])
+            report.damage += responses + anatomy_damage(store, subject)
         group = results_group(subject)
         if not store.has(group):
             continue  # nothing fitted yet (its markers, if any, belong to another store)
