@@ -322,7 +322,7 @@ def test_failing_chunk_is_retried_then_named_and_others_kept(kind, study, refere
     found = fs.markers(study)
     assert set(found) == {(s, t, c) for s in subjects for t in tasks for c in range(n)} - {bad}
     lines = status_lines(load_config(cfg_path))
-    assert "fit run: failed" in lines[2]
+    assert any("fit run: failed" in line for line in lines), lines
     assert re.search(rf"partial +{n - 1}/{n} chunks done, 1 missing", _pair_line(lines, "CSI1", "rgb2sfnorm"))
     # The finished chunks are in the store as the reference has them (q-values wait for the pair).
     got, want = fs.results(study, subjects, tasks)["CSI1"], reference["CSI1"]

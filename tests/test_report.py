@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from markupsafe import escape as html_escape
 
 import nibabel as nib
 import numpy as np
@@ -307,7 +308,19 @@ def test_page_shows_warnings_escaped_and_no_claims_for_a_fitted_study(analysis_s
     assert "role='alert'" in summary and "largest alpha &lt;b&gt;" in summary
     assert "id='claims'" not in html and "Paper vs reproduction" not in html
     text = (analysis_study.workdir / "report" / "index.html").read_text()
-    assert "id='claims'" not in text and "role='alert'" not in text
+    assert "id='claims'" not in text
+    # the stage's summary warnings are the alpha diagnostic's, every one shown (escaped), no other
+    from neurotask.pipeline.report import diagnostics
+
+    store = StudyStore(cfg.store_path)
+    tasks = [str(t) for t in a["task"].values]
+    results = {str(s_): store.results(str(s_)) for s_ in a["subject"].values}
+    expected = diagnostics.alpha_warnings(diagnostics.alpha_summary(results, diagnostics.feature_counts(store, tasks)),
+                                          cfg.report.alpha_edge_warning)
+    assert ("role='alert'" in text) == bool(expected)
+    assert not expected or f"<b>Warnings ({len(expected)})</b>" in text
+    for w in expected:
+        assert str(html_escape(w)) in text  # as jinja2 autoescapes it
     # the NIfTI files are links, the r maps under their task labels
     assert "<a href='nifti/CSI1/significant.nii.gz'>" in text
     assert f"<a href='nifti/CSI2/r_edge3d.nii.gz'>{task_info('edge3d').label}</a>" in text

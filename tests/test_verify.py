@@ -29,7 +29,8 @@ TASKS = fs.TASKS[:2]
 FIT_VARS = {"r", "r2", "alpha", "pvalue", "pvalue_perm"}
 FINAL_VARS = {"qvalue", "significant", "qvalue_perm", "significant_perm"}
 N_CHUNKS = (len(FIT_VARS) * 7 * len(TASKS) + len(FINAL_VARS) * 7 * len(TASKS) + len(CEILING_VARS) * 7
-            + 2 * 7)  # the ingest marker's: responses and repeat_responses, 7 voxel chunks each
+            + 2 * 7  # the ingest marker's: responses and repeat_responses, 7 voxel chunks each
+            + 1)  # and its anatomy underlay (the maps' mean-beta volume), one chunk
 
 
 def _config(workdir: Path) -> Path:
