@@ -13,20 +13,10 @@ import pytest
 
 import neurotask
 from conftest import ROOT, write_config
-from neurotask.pipeline import cli
 from neurotask.pipeline.config import load_config
 from neurotask.pipeline.errors import ConfigError, NeurotaskError
 from neurotask.storage.lock import driver_lock
-from test_status import TASKS, tiny_published
-
-
-@pytest.fixture
-def imported(tmp_path) -> Path:
-    source = tiny_published(tmp_path / "published")
-    config = write_config(tmp_path / "study.yaml", {
-        "study": {"name": "api", "workdir": str(tmp_path / "work"), "subjects": ["CSI1"], "tasks": TASKS}})
-    assert cli.main(["import-published", str(source), "--config", str(config)]) == 0
-    return config
+from test_status import TASKS, imported  # noqa: F401  (the imported study's config, a fixture)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
