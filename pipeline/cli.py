@@ -40,6 +40,7 @@ crash or a kill without redoing what finished. In the order `neurotask run` take
   featurize   the study's images -> features of every feature space (if it has features:)
   ingest      betas, masks and stimulus list -> responses in the store
   fit         ridge cross-validation of every (subject, task, voxel chunk); a summary
+  partition   variance partitioning and banded ridge of groups of feature spaces (if it has partition:)
   analyse     task similarity, trees, graphs and the comparison with Taskonomy
   report      figures, NIfTI maps and one HTML page
 
@@ -134,6 +135,24 @@ def fit_command(cfg: Config, args: argparse.Namespace, cluster: SharedCluster | 
     logger.info(f"\nresults: {cfg.store_path} (groups results/<subject>)")
 
 
+def partition_command(cfg: Config, args: argparse.Namespace, cluster: SharedCluster | None = None) -> None:
+    from neurotask.pipeline.errors import ConfigError
+    from neurotask.pipeline.stages.fit import check_splits
+    from neurotask.pipeline.stages.partition import check_partition_features, partition, summary_lines
+    from neurotask.storage import StudyStore
+
+    check_splits(cfg)
+    if cfg.partition is None:
+        raise ConfigError(f"{cfg.path}: no partition: section; add partition.analyses (named groups of feature "
+                          "spaces) to run variance partitioning")
+    check_partition_features(cfg, StudyStore(cfg.store_path))  # before a cluster starts
+    with _cluster_for(cfg, cluster) as shared:
+        report = partition(cfg, shared.client(), overwrite=args.overwrite)
+    logger.info(f"partition: {report.computed} unit(s) computed, {report.skipped} already done, {report.seconds:.1f} s")
+    for line in summary_lines(cfg, StudyStore(cfg.store_path)):
+        logger.info(line)
+
+
 def analyse_command(cfg: Config, args: argparse.Namespace) -> None:
     from neurotask.pipeline.stages.analyse import run_analysis, summary_lines
 
@@ -197,6 +216,8 @@ def run_command(cfg: Config, args: argparse.Namespace) -> None:
             featurize_command(cfg, args, cluster)
         ingest_command(cfg, args)
         fit_command(cfg, args, cluster)
+        if cfg.partition is not None:
+            partition_command(cfg, args, cluster)
         if len(cfg.tasks) < 2:
             logger.info(f"done in {time.perf_counter() - t0:.1f} s (one task: no task similarity to analyse or report)")
             return
@@ -271,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = [
         ("run", run_command,
          "every stage: simulate (if configured) -> featurize (if configured) -> ingest -> fit -> summary "
-         "-> analyse -> report",
+         "-> partition (if configured) -> analyse -> report",
          "Run the whole study: simulate (if the config has simulate:) -> featurize (if it has features:) "
-         "-> ingest -> fit -> summary table -> analyse -> report. Each stage skips what the store already "
+         "-> ingest -> fit -> summary table -> partition (if it has partition:) -> analyse -> report. Each stage skips what the store already "
          "holds, so a rerun resumes. With one task there is no task similarity: the run stops after the fit.",
          True),
         ("simulate", simulate_command, "write a synthetic study in BOLD5000's formats",
@@ -288,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("fit", fit_command, "ridge CV of every (subject, task, voxel chunk) on Dask",
          "Fit voxelwise ridge regression with cross-validated alphas for every (subject, task, voxel chunk) "
          "on Dask, test it on held-out images, write results/<subject> and print a summary table.", True),
+        ("partition", partition_command, "variance partitioning and banded ridge of feature-space groups, on Dask",
+         "For every analysis of the config's partition: section, fit every union of its groups of feature "
+         "spaces with the fit's protocol, split each voxel's test R² into what each group explains uniquely "
+         "and what groups share, test the unique variance (sign-flip, BH-FDR), fit banded ridge, and write "
+         "partition/<analysis>/<subject>. Resumable by voxel block.", True),
         ("analyse", analyse_command, "task similarity, trees and the comparison with Taskonomy",
          "From the FDR-masked test r: task similarity, task trees and graphs, ROI and 3D-vs-2D summaries "
          "and the comparison with Taskonomy's task structure, into analysis/ in the store.", True),

@@ -22,7 +22,7 @@ from neurotask.cluster.options import broken, cluster_options, error_lines, expe
 from neurotask.cluster.options import json_schema as cluster_schema
 from neurotask.pipeline.errors import ConfigError
 from neurotask.pipeline.ridge.splits import n_training
-from neurotask.pipeline.tasks import task_names
+from neurotask.pipeline.tasks import CLUSTERS, task_cluster, task_names
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # an open interval: fdr, test sizes, confidence
 Seed = Annotated[int, Field(ge=0)]  # numpy's generators take no negative seeds
@@ -298,6 +298,56 @@ class FeaturesSection(_Section):
         return out
 
 
+class PartitionSection(_Section):
+    """Variance partitioning and banded ridge on unions of feature-space groups
+    (pipeline.stages.partition): every union of an analysis's groups is fitted with the fit's
+    protocol (its split, folds, alphas and z-scoring), its test R² split by inclusion-exclusion
+    into what each group explains uniquely and what groups share."""
+
+    # name -> {group -> its feature spaces}; a group may also be written "taskonomy:<cluster>"
+    # (every study task of that Taskonomy cluster: 3D, 2D, lowdim_geometric, semantic, outlier)
+    analyses: Annotated[dict[str, dict[str, list[str] | str]], Field(min_length=1)]
+    banded: Literal["full", "all", "none"] = "full"  # banded ridge on the full union, every union of >= 2 spaces, none
+    n_candidates: Annotated[int, Field(ge=1, le=1000)] = 12  # band weightings on the simplex (banded ridge)
+    candidate_seed: Seed = 0
+    # sign-flip test of each group's unique variance. Its p is at least 1/(n_permutations + 1), and
+    # BH across V voxels needs p <= fdr k / V: with too few permutations nothing can pass.
+    n_permutations: Count = 10000
+    permutation_seed: Seed = 0
+    fdr: Fraction = 0.05
+    # voxels per unit (and per stored chunk); None: 4000. A unit decomposes each union once.
+    block_size: Count | None = None
+
+    @field_validator("analyses")
+    @classmethod
+    def _analyses_shape(cls, analyses: dict[str, dict[str, list[str] | str]]) -> dict[str, dict[str, list[str] | str]]:
+        problems = []
+        for name, groups in analyses.items():
+            if not name or "/" in name or name.startswith("."):
+                problems.append(f"partition.analyses: {name!r} is not a usable name (no '/', not empty)")
+            if not 2 <= len(groups) <= 4:
+                problems.append(f"partition.analyses.{name}: needs 2 to 4 groups, got {len(groups)}")
+            for group, spaces in groups.items():
+                if "+" in group or "/" in group or not group:
+                    problems.append(f"partition.analyses.{name}: group name {group!r} may not be empty or "
+                                    "contain '+' or '/'")
+                if isinstance(spaces, str):
+                    cluster = spaces.removeprefix("taskonomy:")
+                    if not spaces.startswith("taskonomy:") or cluster not in CLUSTERS:
+                        problems.append(f"partition.analyses.{name}.{group}: {spaces!r} is neither a list of "
+                                        f"feature spaces nor 'taskonomy:<cluster>' ({', '.join(CLUSTERS)})")
+                elif not spaces:
+                    problems.append(f"partition.analyses.{name}.{group}: is empty")
+                elif len(set(spaces)) != len(spaces):
+                    problems.append(f"partition.analyses.{name}.{group}: has duplicates")
+        _check([(False, m) for m in problems])
+        return analyses
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that determine the stored partitions besides the groups and the fit's."""
+        return {k: getattr(self, k) for k in ("n_candidates", "candidate_seed", "n_permutations", "permutation_seed")}
+
+
 class Config(_Section):
     """A validated study config file, and where it is (``path``: relative paths resolve
     against its directory). Build it with :func:`load_config`."""
@@ -309,11 +359,12 @@ class Config(_Section):
     analysis: AnalysisSection = AnalysisSection()
     report: ReportSection = ReportSection()
     features: FeaturesSection | None = None
+    partition: PartitionSection | None = None
     # the mapping as written: validated by neurotask.cluster.options, passed to open_client
     cluster: dict[str, Any] = {"kind": "local"}
     _path: Path = PrivateAttr()
 
-    @field_validator("study", "data", "fit", "simulate", "analysis", "report", "features", mode="before")
+    @field_validator("study", "data", "fit", "simulate", "analysis", "report", "features", "partition", mode="before")
     @classmethod
     def _empty_is_default(cls, value: Any) -> Any:
         return {} if value is None else value  # `fit:` with nothing under it
@@ -332,7 +383,7 @@ class Config(_Section):
         # needs no data (the fit checks the ingested count again).
         sim, fit = self.simulate, self.fit
         n_train = None if sim is None else n_training(sim.n_images, fit.test_fraction)
-        _check([
+        _check(self._partition_problems(known) + [
             (n_train is None or fit.cv != "kfold" or fit.n_folds <= n_train,
              f"fit.n_folds must be <= the training images ({n_train}: simulate.n_images less the "
              f"fit.test_fraction held out), got {fit.n_folds}"),
@@ -345,6 +396,40 @@ class Config(_Section):
              "simulate.write_weights needs features.weights_dir (where the random encoders go)"),
         ])
         return self
+
+    def _partition_problems(self, known: list[str]) -> list[tuple[bool, str]]:
+        """Every partition group names known feature spaces, and no space is in two groups."""
+        if self.partition is None:
+            return []
+        rules = []
+        for name in self.partition.analyses:
+            groups = self.partition_groups(name)
+            for group, spaces in groups.items():
+                key = f"partition.analyses.{name}.{group}"
+                unknown = [s for s in spaces if s not in known]
+                rules.append((not unknown, f"{key}: unknown feature space(s) {', '.join(unknown)}; known: "
+                                           f"{', '.join(known)}"))
+                rules.append((bool(spaces), f"{key}: no study task is in that Taskonomy cluster (study.tasks)"))
+            seen: dict[str, str] = {}
+            for group, spaces in groups.items():
+                for s in spaces:
+                    rules.append((s not in seen, f"partition.analyses.{name}: feature space {s} is in groups "
+                                                 f"{seen.get(s)} and {group}; a space belongs to one group"))
+                    seen.setdefault(s, group)
+        return rules
+
+    def partition_groups(self, analysis: str) -> dict[str, list[str]]:
+        """An analysis's groups with ``taskonomy:<cluster>`` resolved to the study's tasks of
+        that cluster (in study.tasks order)."""
+        if self.partition is None or analysis not in self.partition.analyses:
+            raise KeyError(analysis)
+        out = {}
+        for group, spaces in self.partition.analyses[analysis].items():
+            if isinstance(spaces, str):
+                cluster = spaces.removeprefix("taskonomy:")
+                spaces = [t for t in self.tasks if t in task_names() and task_cluster(t) == cluster]
+            out[group] = list(spaces)
+        return out
 
     @property
     def path(self) -> Path:

@@ -59,6 +59,11 @@ def anatomy_group(subject: str) -> str:
     return f"anatomy/{subject}"
 
 
+def partition_group(analysis: str, subject: str) -> str:
+    """A subject's variance partition of one configured analysis (unions of feature-space groups)."""
+    return f"partition/{analysis}/{subject}"
+
+
 def analysis_group(name: str) -> str:
     return f"analysis/{name}"
 
@@ -77,6 +82,8 @@ class Stage(StrEnum):
     CEILING = "ceiling"  # ceiling/<subject>: the noise ceiling written
     FINALIZE = "finalize"  # finalize/<subject>/<task>: the pair's q-values and significance written
     IMPORT = "import"  # import/<subject>: published results imported
+    PARTITION = "partition"  # partition/<analysis>/<subject>/<block>: one voxel block's unions fitted
+    PARTITION_FINAL = "partition_final"  # partition_final/<analysis>/<subject>: unique-variance q-values
 
 
 def chunk_key(index: int) -> str:
@@ -174,6 +181,30 @@ RESULT_VARS = tuple(RESULT_VARIABLES)
 PERMUTATION_VARS = tuple(PERMUTATION_VARIABLES)
 CEILING_VARS = tuple(CEILING_VARIABLES)
 
+# Per (set | region | group [, space], voxel) of partition/<analysis>/<subject>.
+_SV, _RV, _GV, _SSV = ("set", "voxel"), ("region", "voxel"), ("group", "voxel"), ("set", "space", "voxel")
+PARTITION_VARIABLES: dict[str, Variable] = {
+    "r2": Variable(_SV, np.float32, np.nan, "1", "test-set coefficient of determination of the union's ridge fit"),
+    "r": Variable(_SV, np.float32, np.nan, "1", "test-set Pearson correlation of the union's ridge fit"),
+    "alpha": Variable(_SV, np.float32, np.nan, "1", "ridge penalty of the union chosen by cross-validation"),
+    "region_r2": Variable(_RV, np.float32, np.nan, "1",
+                          "test-set R² explained by exactly these groups (inclusion-exclusion, raw estimate)"),
+    "unique_r2": Variable(_GV, np.float32, np.nan, "1", "test-set R² unique to the group (raw estimate)"),
+    "unique_pvalue": Variable(_GV, np.float64, np.nan, "1",
+                              "sign-flip p-value that the group's unique variance is above zero"),
+    "unique_qvalue": Variable(_GV, np.float32, np.nan, "1",
+                              "Benjamini-Hochberg q-value of unique_pvalue across the subject's voxels"),
+    "unique_significant": Variable(_GV, bool, False, "1", "unique_qvalue below the partition's FDR level"),
+    "banded_r2": Variable(_SV, np.float32, np.nan, "1", "test-set R² of the union's banded ridge fit"),
+    "banded_split_r2": Variable(_SSV, np.float32, np.nan, "1",
+                                "the feature space's part of the banded fit's test-set R² (they sum to banded_r2)"),
+    "banded_alpha": Variable(_SSV, np.float32, np.nan, "1",
+                             "the feature space's ridge penalty in the banded fit (inf: the space is left out)"),
+}
+PARTITION_VARS = tuple(PARTITION_VARIABLES)
+# written by each block unit; the q-values and significance by the analysis's finalize
+PARTITION_BLOCK_VARS = tuple(v for v in PARTITION_VARS if v not in ("unique_qvalue", "unique_significant"))
+
 FEATURES = Variable(("image", "feature"), np.float32, np.nan, "1", "features of each image in this feature space")
 RESPONSES = Variable(("image", "voxel"), np.float32, np.nan, "1",
                      "response to each image (GLM beta; z-scored within each session if so ingested)")
@@ -235,6 +266,23 @@ def results_template(tasks: Sequence[str], task_labels: Sequence[str], voxels: M
             for name, var in variables.items()}
     coords = {"task": coordinate("task", "task", strings(tasks)),
               "task_label": coordinate("task_label", "task", strings(task_labels)), **voxels}
+    return xr.Dataset(data, coords=coords, attrs=dict(attrs))
+
+
+def partition_template(sets: Sequence[str], groups: Sequence[str], spaces: Sequence[str],
+                       voxels: Mapping[str, xr.Variable], *, attrs: Mapping[str, Any]) -> xr.Dataset:
+    """``partition/<analysis>/<subject>`` with every variable at its fill value. ``sets``: the
+    unions in :func:`neurotask.pipeline.stats.partition.subsets` order, named as its ``set_name``;
+    the Venn regions carry the same names (dim ``region``)."""
+    sizes = {"set": len(sets), "region": len(sets), "group": len(groups), "space": len(spaces),
+             "voxel": voxels["voxel"].size}
+    data = {name: xr.Variable(var.dims, var.filled(tuple(sizes[d] for d in var.dims)), attrs=var.attrs)
+            for name, var in PARTITION_VARIABLES.items()}
+    coords = {"set": xr.Variable("set", strings(sets), attrs={"long_name": "union of feature-space groups"}),
+              "region": xr.Variable("region", strings(sets),
+                                    attrs={"long_name": "Venn region: the variance of exactly these groups"}),
+              "group": xr.Variable("group", strings(groups), attrs={"long_name": "group of feature spaces"}),
+              "space": xr.Variable("space", strings(spaces), attrs={"long_name": "feature space"}), **voxels}
     return xr.Dataset(data, coords=coords, attrs=dict(attrs))
 
 

@@ -31,7 +31,8 @@ from neurotask.storage.atomic import write_atomic
 from neurotask.storage.checksums import Damage, check_records, read_array_metadata, seal_region
 from neurotask.storage.progress import Progress
 from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPEAT_RESPONSES, RESPONSES, UNDERLAY,
-                                      ChunkPlan, anatomy_group, coordinate, features_group, responses_group, results_group, strings,
+                                      ChunkPlan, anatomy_group, coordinate, features_group, partition_group, responses_group,
+                                      results_group, strings,
                                       voxel_coords)
 
 
@@ -392,6 +393,51 @@ class StudyStore:
     def check_anatomy(self, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
         """The chunks of ``anatomy/<subject>`` among ``records`` that are damaged."""
         return check_records(self.path, anatomy_group(subject), unit, records)
+
+    # ------------------------------------------------------------------ partition
+
+    def ensure_partition(self, analysis: str, subject: str, *, sets: Sequence[str], groups: Sequence[str],
+                         spaces: Sequence[str], params: dict[str, Any], block_size: int) -> None:
+        """Create ``partition/<analysis>/<subject>`` (chunked by ``block_size`` voxels, the region
+        a partition unit writes) or check the stored one against ``params`` (the groups, the
+        fit's and the partition's settings): StoreError if they differ."""
+        group = partition_group(analysis, subject)
+        if self.has(group):
+            stored = json.loads(self._open(group).attrs.get("params", "{}"))
+            if stored != params:
+                raise StoreError(f"{self.path}: {group} was computed with other settings ("
+                                 f"{describe_differences(stored, params)}). Use `neurotask partition --overwrite` "
+                                 "to discard it, or another analysis name.")
+            return
+        resp = self.responses(subject)
+        ijk = np.stack([resp[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], axis=1)
+        voxels = voxel_coords(ijk, [str(x) for x in resp["roi"].values])
+        attrs = {k: resp.attrs[k] for k in ("subject", "volume_shape", "affine") if k in resp.attrs}
+        attrs.update(analysis=analysis, groups=json.dumps(params["groups"]), params=json.dumps(params))
+        template = schema.partition_template(sets, groups, spaces, voxels, attrs=attrs)
+        encoding = {name: {"chunks": template[name].shape[:-1] + (block_size,)} for name in template.data_vars}
+        self._write(template, group, mode="w", encoding=encoding)
+
+    def write_partition(self, analysis: str, subject: str, voxels: slice, values: dict[str, np.ndarray]) -> None:
+        """values: name -> array whose last axis is ``voxels`` (a partition variable's dims)."""
+        dims = {name: schema.PARTITION_VARIABLES[name].dims for name in values}
+        ds = xr.Dataset({name: (dims[name], np.asarray(a)) for name, a in values.items()})
+        self._write(ds, partition_group(analysis, subject), region={"voxel": voxels})
+
+    def seal_partition(self, analysis: str, subject: str, variables: Sequence[str], voxels: slice) -> list[dict[str, Any]]:
+        """fsync and checksum the chunks of ``variables`` over ``voxels``, for the marker next."""
+        return seal_region(self.path, partition_group(analysis, subject), variables, (slice(None), slice(None), voxels))
+
+    def check_partition(self, analysis: str, subject: str, unit: str, records: Sequence[dict[str, Any]]) -> list[Damage]:
+        return check_records(self.path, partition_group(analysis, subject), unit, records)
+
+    def partition(self, analysis: str, subject: str) -> xr.Dataset:
+        """A subject's variance partition of ``analysis``, loaded."""
+        group = partition_group(analysis, subject)
+        if not self.has(group):
+            raise StoreError(f"{self.path}: no partition '{analysis}' for subject '{subject}'; "
+                             "run `neurotask partition` first")
+        return self._open(group).load()
 
     # ------------------------------------------------------------------ analysis
 
