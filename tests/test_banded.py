@@ -94,7 +94,7 @@ def test_against_himalaya_banded_ridge():
     an eps margin, we towards the smaller alpha and the first candidate: a voxel may differ only
     where two choices' CV errors are within those margins, which the check below verifies.
     """
-    blocks, Y = _bands(n=200, widths=(12, 20, 8), v=300, seed=5)
+    blocks, Y = _bands(n=160, widths=(12, 20, 8), v=120, seed=5)
     candidates = ridge.simplex_candidates(3, 10, 0)
     candidates = candidates[(candidates > 0).all(1)]
     splits, alphas, res = _fit(blocks, Y, candidates)
