@@ -57,7 +57,7 @@ def _worker(args) -> None:
     tr, te = splits.train, splits.test
     if args.worker == "ours":
         t0 = time.process_time()
-        res = ridge.banded_ridge_cv(blocks, splits, Y, alphas, cand, dtype=np.float64,
+        res = ridge.banded_ridge_cv(blocks, splits, Y, alphas, cand, dtype=np.dtype(args.dtype),
                                     voxel_batch=args.voxel_batch)
         cpu = time.process_time() - t0
         deltas, pred = np.log(res.weights / res.alpha[None]), res.test_prediction
@@ -72,7 +72,7 @@ def _worker(args) -> None:
         deltas, w, _, intercept = solve_group_ridge_random_search(
             [X[tr] for X in blocks], Y[tr], n_iter=cand, alphas=alphas, fit_intercept=True, cv=cv,
             return_weights=True, local_alpha=True, progress_bar=False, warn=False,
-            n_targets_batch=args.voxel_batch)
+            n_targets_batch=args.voxel_batch, n_alphas_batch=min(args.alphas, 20))  # (20, p, n_fit) float64 at a time
         pred = np.concatenate([X[te] for X in blocks], 1) @ w + intercept
         cpu = time.process_time() - t0
     y = Y[te]
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--voxel-batch", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="our voxel products (himalaya: float64 always)")
     ap.add_argument("--only", choices=("ours", "himalaya"), help="run one side only")
     ap.add_argument("--worker", choices=("ours", "himalaya"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -110,7 +112,7 @@ def main() -> None:
                     last[side] = {k: f[k] for k in f.files}
                 cpu[side].append(float(last[side]["cpu"]))
                 print(f"{side}: {cpu[side][-1]:.1f} CPU s", flush=True)
-    report = {"shape": {k: getattr(args, k) for k in ("samples", "features", "bands", "voxels", "candidates", "alphas")},
+    report = {"shape": {k: getattr(args, k) for k in ("samples", "features", "bands", "voxels", "candidates", "alphas", "dtype")},
               "cpu_s_median": {s: statistics.median(v) for s, v in cpu.items()},
               "cpu_s_per_1000_voxels": {s: 1000 * statistics.median(v) / args.voxels for s, v in cpu.items()}}
     if len(sides) == 2:
