@@ -22,6 +22,7 @@ Modules, in the order the work flows:
 - ``exhaustive``: every alpha evaluated; ``certified``: the same alphas from a bounded low-rank
   expansion of the filter factors (``expansion``), exact checks of the near-ties;
 - ``solve``: :func:`ridge_cv`, one chunk of voxels through all of it;
+- ``banded``: :func:`banded_ridge_cv`, one regularisation per feature space (ridge_cv per candidate);
 - ``observer``: what the engine reports to a benchmark's meter; ``backend``: numpy or torch;
 - ``design``: a (subject, task)'s design matrix (rows aligned, standardised).
 
@@ -30,6 +31,7 @@ Callers use this package's names: ``from neurotask.pipeline import ridge``, then
 """
 
 from neurotask.pipeline.ridge.backend import BACKENDS, Backend, get_backend
+from neurotask.pipeline.ridge.banded import BandedResult, banded_ridge_cv, simplex_candidates, split_r2
 from neurotask.pipeline.ridge.decomposition import DTYPES, Basis, Decomposition, prepare
 from neurotask.pipeline.ridge.exhaustive import cv_errors
 from neurotask.pipeline.ridge.observer import NULL_OBSERVER, NullObserver, Observer
@@ -38,6 +40,7 @@ from neurotask.pipeline.ridge.splits import Fold, Splits, make_splits, n_trainin
 
 __all__ = [
     "BACKENDS", "Backend", "get_backend",
+    "BandedResult", "banded_ridge_cv", "simplex_candidates", "split_r2",
     "DTYPES", "Basis", "Decomposition", "prepare",
     "cv_errors",
     "NULL_OBSERVER", "NullObserver", "Observer",

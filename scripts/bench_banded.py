@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Banded ridge: ours (banded_ridge_cv: prepare + certified ridge_cv per candidate) against
+himalaya's banded ridge (``solve_group_ridge_random_search``) at the same candidates, alphas,
+folds and intercept handling, float64 both.
+
+Each side runs in its own process with one BLAS thread; CPU seconds (time.process_time) of the
+fit alone (data generation excluded), median over ``--repeats``. Agreement: the share of voxels
+with the same chosen (candidate, alpha) and the largest |ΔR²| on the test set.
+
+Default: BOLD5000 shape (n = 4916, 7 folds, 15% test, two groups of 3 feature spaces x 1024
+features = 6 bands, p = 6144, 10,000 voxels). Smaller: ``--samples``, ``--features``,
+``--voxels``, ``--candidates``. The corners of the simplex are left out of the candidates
+(himalaya cannot scale a band by sqrt(0), see tests/test_banded.py).
+
+    python scripts/bench_banded.py --samples 1200 --features 256 --voxels 2000 --candidates 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _data(args):
+    """Standardised bands (n, p) x b and responses (n, v) driven by a random mix of bands."""
+    rng = np.random.default_rng(args.seed)
+    blocks = [rng.normal(size=(args.samples, args.features)) for _ in range(args.bands)]
+    blocks = [(X - X.mean(0)) / X.std(0) for X in blocks]
+    Y = rng.normal(size=(args.samples, args.voxels))
+    mix = rng.dirichlet(np.full(args.bands, 0.3), size=args.voxels).T  # (b, v) each voxel's bands
+    for b, X in enumerate(blocks):
+        W = rng.normal(size=(args.features, args.voxels)) / np.sqrt(args.features)
+        Y += (X @ W) * np.sqrt(mix[b])
+    return blocks, Y
+
+
+def _setup(args):
+    from neurotask.pipeline import ridge
+    blocks, Y = _data(args)
+    splits = ridge.make_splits(args.samples, n_folds=7, test_fraction=0.15, seed=0)
+    alphas = ridge.paper_alphas(args.bands * args.features, args.alphas)
+    cand = ridge.simplex_candidates(args.bands, args.candidates + args.bands, seed=0)
+    cand = cand[(cand > 0).all(1)][: args.candidates]
+    return ridge, blocks, Y, splits, alphas, cand
+
+
+def _worker(args) -> None:
+    ridge, blocks, Y, splits, alphas, cand = _setup(args)
+    tr, te = splits.train, splits.test
+    if args.worker == "ours":
+        t0 = time.process_time()
+        res = ridge.banded_ridge_cv(blocks, splits, Y, alphas, cand, dtype=np.dtype(args.dtype),
+                                    voxel_batch=args.voxel_batch)
+        cpu = time.process_time() - t0
+        deltas, pred = np.log(res.weights / res.alpha[None]), res.test_prediction
+    else:
+        from himalaya.backend import set_backend
+        from himalaya.ridge import solve_group_ridge_random_search
+        set_backend("numpy")
+        pos = np.empty(Y.shape[0], dtype=np.int64)
+        pos[tr] = np.arange(tr.size)
+        cv = [(pos[f.fit], pos[f.validation]) for f in splits.folds]
+        t0 = time.process_time()
+        deltas, w, _, intercept = solve_group_ridge_random_search(
+            [X[tr] for X in blocks], Y[tr], n_iter=cand, alphas=alphas, fit_intercept=True, cv=cv,
+            return_weights=True, local_alpha=True, progress_bar=False, warn=False,
+            n_targets_batch=args.voxel_batch, n_alphas_batch=min(args.alphas, 20))  # (20, p, n_fit) float64 at a time
+        pred = np.concatenate([X[te] for X in blocks], 1) @ w + intercept
+        cpu = time.process_time() - t0
+    y = Y[te]
+    r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    np.savez(args.out, deltas=np.asarray(deltas), r2=r2, cpu=cpu)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=4916)
+    ap.add_argument("--features", type=int, default=1024, help="features per band")
+    ap.add_argument("--bands", type=int, default=6)
+    ap.add_argument("--voxels", type=int, default=10_000)
+    ap.add_argument("--candidates", type=int, default=12, help="band weightings (corners excluded)")
+    ap.add_argument("--alphas", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--voxel-batch", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="our voxel products (himalaya: float64 always)")
+    ap.add_argument("--only", choices=("ours", "himalaya"), help="run one side only")
+    ap.add_argument("--worker", choices=("ours", "himalaya"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return _worker(args)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    sides = [args.only] if args.only else ["ours", "himalaya"]
+    cpu, last = {s: [] for s in sides}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for side in sides:
+                out = os.path.join(tmp, f"{side}.npz")
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", side, "--out", out]
+                subprocess.run(cmd, env=env, check=True)
+                with np.load(out) as f:
+                    last[side] = {k: f[k] for k in f.files}
+                cpu[side].append(float(last[side]["cpu"]))
+                print(f"{side}: {cpu[side][-1]:.1f} CPU s", flush=True)
+    report = {"shape": {k: getattr(args, k) for k in ("samples", "features", "bands", "voxels", "candidates", "alphas", "dtype")},
+              "cpu_s_median": {s: statistics.median(v) for s, v in cpu.items()},
+              "cpu_s_per_1000_voxels": {s: 1000 * statistics.median(v) / args.voxels for s, v in cpu.items()}}
+    if len(sides) == 2:
+        same = np.isclose(last["ours"]["deltas"], last["himalaya"]["deltas"], rtol=0, atol=1e-9).all(0)
+        report["ratio_himalaya_over_ours"] = report["cpu_s_median"]["himalaya"] / report["cpu_s_median"]["ours"]
+        report["same_choice_pct"] = 100 * float(same.mean())
+        report["max_abs_delta_r2"] = float(np.abs(last["ours"]["r2"] - last["himalaya"]["r2"]).max())
+        report["max_abs_delta_r2_same_choice"] = float(np.abs(last["ours"]["r2"] - last["himalaya"]["r2"])[same].max(initial=0))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
