@@ -197,7 +197,7 @@ PARTITION_VARIABLES: dict[str, Variable] = {
     "unique_significant": Variable(_GV, bool, False, "1", "unique_qvalue below the partition's FDR level"),
     "banded_r2": Variable(_SV, np.float32, np.nan, "1", "test-set R² of the union's banded ridge fit"),
     "banded_split_r2": Variable(_SSV, np.float32, np.nan, "1",
-                                "the feature space's part of the banded fit's test-set R² (they sum to banded_r2)"),
+                                "the feature space's part of the banded fit's test-set R² (they sum to banded_r2 less the intercept's share)"),
     "banded_alpha": Variable(_SSV, np.float32, np.nan, "1",
                              "the feature space's ridge penalty in the banded fit (inf: the space is left out)"),
 }

@@ -182,7 +182,7 @@ def test_files_that_are_no_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("study: {name: x}\nfitt: {}\n")
     assert _problems(bad) == ["unknown section(s) fitt (did you mean 'fit'?); valid sections: study, data, fit, "
-                              "simulate, analysis, report, features, cluster"]
+                              "simulate, analysis, report, features, partition, cluster"]
     bad.write_text("- study\n- fit\n")
     assert _problems(bad) == ["the top level must be a mapping of sections, got list"]
     bad.write_text("fit: 3\n")

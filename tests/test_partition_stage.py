@@ -25,7 +25,7 @@ PAIR = {"k3": ["keypoint3d"], "k2": ["keypoint2d"]}
 
 def partition_section(**extra) -> dict:
     return {"analyses": {"clusters": GROUPS, "keypoint": PAIR}, "n_permutations": 5000, "block_size": 200,
-            "banded": "none", "n_candidates": 4, **extra}
+            "banded": "full", "n_candidates": 4, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,18 @@ def test_banded_ridge_is_stored_for_the_full_union(partitioned):
     full = "3D+2D+semantic"
     assert np.isfinite(ds["banded_r2"].sel(set=full).values).mean() > 0.95
     assert np.isnan(ds["banded_r2"].sel(set="3D").values).all()  # banded: full only
-    np.testing.assert_allclose(ds["banded_split_r2"].sel(set=full).sum("space").values,
+    # the spaces' shares add up to the banded R² less the intercept's (its training mean's misfit)
+    cfg_ = load_config(partitioned)
+    store = StudyStore(cfg_.store_path)
+    Y = store.responses("CSI1")["responses"].values.astype(np.float64)
+    splits = stage.splits_for(cfg_.fit, Y.shape[0])
+    d = Y[splits.train].mean(0) - Y[splits.test].mean(0)
+    sst = ((Y[splits.test] - Y[splits.test].mean(0)) ** 2).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        intercept_share = -len(splits.test) * d**2 / sst
+    np.testing.assert_allclose(ds["banded_split_r2"].sel(set=full).sum("space").values + intercept_share,
                                ds["banded_r2"].sel(set=full).values, atol=1e-4)  # NaN where unscored, on both sides
+    assert np.isnan(ds["banded_split_r2"].sel(set="3D").values).all()
 
 
 def test_rerun_skips_done_blocks_and_redoes_a_damaged_one(partitioned):

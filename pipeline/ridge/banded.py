@@ -164,7 +164,7 @@ def banded_ridge_cv(
                         cv_error=best_err, test_prediction=pred, band_prediction=band_pred)
 
 
-def split_r2(y_test: np.ndarray, band_prediction: np.ndarray) -> np.ndarray:
+def split_r2(y_test: np.ndarray, band_prediction: np.ndarray, intercept: np.ndarray | None = None) -> np.ndarray:
     """Each band's contribution to a voxel's test R² (himalaya's ``r2_score_split``).
 
     With ``e = y_test - mean(y_test)`` and ``P = sum_b P_b``, band b's share is
@@ -173,10 +173,17 @@ def split_r2(y_test: np.ndarray, band_prediction: np.ndarray) -> np.ndarray:
     no intercept). It differs from the R² of ``test_prediction`` only through the intercept's
     misfit ``d = mean_train(y) - mean(y_test)``: by ``(2 d·sum(P) + n_test d²) / |e|²``.
 
+    With ``intercept`` (v,) (the model's own, the training mean of y), ``e`` is ``y_test -
+    intercept`` instead, |e|² stays the test set's sum of squares: the shares then sum to the
+    R² of ``intercept + P`` (the model's test R², as every other R² of the store) less the
+    intercept's own share ``-n_test d² / |y_test - mean(y_test)|²`` (<= 0, small), which no
+    band owns.
+
     Parameters
     ----------
     y_test : (n_test, v) array
     band_prediction : (b, n_test, v) array (:attr:`BandedResult.band_prediction`)
+    intercept : (v,) array, optional
 
     Returns
     -------
@@ -186,8 +193,9 @@ def split_r2(y_test: np.ndarray, band_prediction: np.ndarray) -> np.ndarray:
     P = np.asarray(band_prediction, dtype=np.float64)
     if P.ndim != 3 or P.shape[1:] != y.shape:
         raise ValueError(f"band_prediction must be (b, {y.shape[0]}, {y.shape[1]}), got {P.shape}")
-    e = y - y.mean(axis=0)
-    sst = (e * e).sum(axis=0)
+    centred = y - y.mean(axis=0)
+    sst = (centred * centred).sum(axis=0)
+    e = centred if intercept is None else y - np.asarray(intercept, dtype=np.float64)[None, :]
     total = P.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return ((2.0 * e[None] * P - P * total[None]).sum(axis=1)) / np.where(sst > 0, sst, np.nan)

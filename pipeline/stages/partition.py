@@ -189,7 +189,8 @@ def _banded(fit: FitSection, part: PartitionSection, analysis: Analysis, feature
                                        search=fit.search, backend=fit.backend, device=fit.device)
         r2[i] = stats.r2_score(y_test, result.test_prediction)
         rows = [spaces.index(s) for s in names]
-        split[i, rows] = ridge.split_r2(y_test, result.band_prediction)
+        # shares of the model's own R² (its intercept, the training mean), see split_r2
+        split[i, rows] = ridge.split_r2(y_test, result.band_prediction, intercept=Y[splits.train].mean(axis=0))
         band_alpha[i, rows] = result.band_alpha
     return {"banded_r2": r2, "banded_split_r2": split, "banded_alpha": band_alpha}
 
