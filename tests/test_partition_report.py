@@ -212,8 +212,19 @@ def test_the_page_holds_the_partition_figures(study):
     cfg = load_config(study)
     report = cfg.workdir / "report"
     text = (report / "index.html").read_text()
-    keys = ["partition_keypoint_bars", "partition_keypoint_bars_normalized", "partition_keypoint_contrast",
-            *(f"partition_keypoint_unique_{g}_{s}" for g in ("3D", "2D") for s in SUBJECTS)]
+    store = StudyStore(cfg.store_path)
+    keys = ["partition_keypoint_bars", "partition_keypoint_bars_normalized", "partition_keypoint_contrast"]
+    for s in SUBJECTS:
+        part = store.read_dataset(f"partition/keypoint/{s}")
+        for g in ("3D", "2D"):
+            drawn = bool((part["unique_significant"].sel(group=g) & (part["unique_r2"].sel(group=g) > 0)).any())
+            key = f"partition_keypoint_unique_{g}_{s}"
+            if drawn:
+                keys.append(key)
+            else:  # nothing to draw: said on the page instead
+                assert f"id='{key}'" not in text
+                assert f"{s}: no voxel with significant positive unique {g} variance" in text
+    assert "partition_keypoint_unique_3D_S1" in keys and "partition_keypoint_unique_3D_S2" in keys
     for key in keys:
         assert f"id='{key}'" in text, key
         assert (report / "figures" / f"{key}.png").is_file()
@@ -230,3 +241,29 @@ def test_a_store_without_partition_gets_no_partition_output(tmp_path):
     assert not [m for m in store.members("analysis") if m.startswith("partition_")]
     text = index.read_text()
     assert "id='partition_" not in text and "Variance partition" not in text
+
+
+@pytest.mark.slow
+def test_the_partition_section_in_chromium(study, tmp_path):
+    """The page with the partition section loads cleanly in headless Chromium (every check of
+    test_report_browser), and scripts/screenshot_report captures the section."""
+    import subprocess
+    import sys
+
+    from browser import Browser, ensure_chromium
+    from test_report_browser import ROOT, check_report
+
+    ensure_chromium(ROOT)
+    report = load_config(study).workdir / "report"
+    with Browser(tmp_path / "profile") as b:
+        found = check_report(b, report, tmp_path / "copied", ["partition", "fig1", "fig2"])
+    assert found.sections.index("partition") > found.sections.index("fig1")
+    shot = tmp_path / "partition.png"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report"), str(report / "index.html"),
+                           str(shot), "--element", "partition", "--height", "900"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.height == 900 and len(np.unique(np.asarray(im.convert("L")))) > 20  # a picture, not a blank page

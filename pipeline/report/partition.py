@@ -95,7 +95,8 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
     """Per ROI, one bar per Venn region (grouped): the mean over subjects of each subject's ROI
     mean of the region's raw R² (``normalized``: as a fraction of the ROI's explainable
     variance), each subject a black point; error bars: SEM over subjects, or with one subject
-    the bootstrap-over-voxels interval."""
+    the bootstrap-over-voxels interval. Raw bars: above each unique region, the (subject-mean)
+    percentage of the ROI's voxels where that unique variance is significant."""
     key = "region_mean_normalized" if normalized else "region_mean"
     rois = ordered_rois(summary)
     regions, groups = str_labels(summary["region"].values).tolist(), str_labels(summary["group"].values).tolist()
@@ -109,6 +110,7 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
     else:
         ci = summary[key.replace("mean", "ci")].isel(subject=0).sel(roi=rois).transpose("bound", "region", "roi").values
         yerr = np.abs(ci - mean[None])
+    frac = summary["fraction_unique_significant_mean"].sel(roi=rois)
     n_r = len(regions)
     width = 0.8 / n_r
     fig = Figure(figsize=(max(6.5, 0.22 * n_r * len(rois) + 2.0), 3.9), layout="constrained")
@@ -121,11 +123,18 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
         ax.bar(xs, np.nan_to_num(mean[k]), width * 0.92, color=st["color"], hatch=st["hatch"],
                edgecolor="white" if st["hatch"] else st["color"], linewidth=0.3, label=st["label"])
         ax.errorbar(xs, mean[k], yerr=yerr[:, k], fmt="none", ecolor="#222222", elinewidth=0.7, capsize=1.5)
+        if not normalized and name in groups:  # the share of the ROI's voxels where this unique variance is significant
+            top = np.fmax(np.nan_to_num(mean[k] + yerr[1, k]), np.nanmax(np.nan_to_num(per[:, k]), axis=0))
+            for xi, yi, f in zip(xs, top, frac.sel(group=name).values):
+                if np.isfinite(f):
+                    ax.text(xi, max(yi, 0) + 0.004, f"{100 * f:.0f}%", ha="center", va="bottom", fontsize=6,
+                            color=st["color"], rotation=90 if n_r * len(rois) > 24 else 0)
         if n_sub > 1:
             jitter = (rng.random((n_sub, len(rois))) - 0.5) * width * 0.5
             ax.scatter((xs[None, :] + jitter).ravel(), per[:, k].ravel(), s=6, color="black", zorder=3,
                        linewidths=0)
     _style_axes(ax)
+    ax.margins(y=0.1)  # room for the percentages above the tallest bars
     if normalized:
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
     n_vox = summary["n_voxels_normalized" if normalized else "n_voxels"].sel(roi=rois).min("subject").values
@@ -142,7 +151,10 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
         handles.append(Line2D([], [], marker="o", ls="", color="black", markersize=3, label="one subject"))
     if normalized:
         handles.append(Line2D([], [], color="k", lw=0.8, ls="--", label="noise ceiling (= 1)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=7.5, frameon=False)
+    else:
+        handles.append(Line2D([], [], ls="", label="n%: voxels with significant unique variance"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if len(handles) <= 4 else 3,
+               fontsize=7.5, frameon=False)
     return freeze_layout(fig)
 
 
@@ -231,8 +243,10 @@ def bar_figures(page: ReportPage, p: Partition) -> None:
              "each group (solid, the group's colour) and shared by exactly the groups named (grey, hatched), by "
              "inclusion-exclusion over joint ridge fits of every union of the groups. Each subject's value is the "
              "mean over the ROI's voxels of the raw per-voxel estimates, negative ones included (a floor at zero "
-             f"would bias the mean upwards). {_subjects_text(s)} Under each ROI: its voxel count (smallest over "
-             "subjects).", figure_region_bars(s), svg=True, section=SECTION)
+             f"would bias the mean upwards). Above each unique bar: the percentage of the ROI's voxels where that "
+             "group's unique variance is significant (one-sided sign-flip permutation test, Benjamini-Hochberg FDR "
+             f"over the subject's voxels; mean over subjects). {_subjects_text(s)} Under each ROI: its voxel count "
+             "(smallest over subjects).", figure_region_bars(s), svg=True, section=SECTION)
     if "region_mean_normalized" not in s or not np.isfinite(s["region_mean_normalized"].values).any():
         page.notes.append(f"Variance partition '{p.name}': no noise-ceiling-normalised bars (the results carry no "
                           "R² noise ceiling).")
@@ -276,7 +290,8 @@ def map_figures(page: ReportPage, p: Partition, results: Mapping[str, xr.Dataset
             save_nifti(page.outdir / rel, vol, maps.affine)
             finite = vals[np.isfinite(vals)]
             vmax = max(float(np.percentile(finite, 99)), 1e-3) if finite.size else 0.05
-            page.add(f"{stem}_{subject}", f"Variance partition '{p.name}': unique {group} variance, {subject}",
+            title = f"Variance partition '{p.name}': unique {group} variance, {subject}"
+            page.add(f"{stem}_{subject}", title,
                      f"Test R² explained only by {group} ({', '.join(groups_of(p.summary).get(group, [group]))}): the "
                      f"full model's R² minus that of the model without {group}, drawn in the {int(np.isfinite(vals).sum())} "
                      f"of {n} voxels where it is significant (one-sided sign-flip permutation test of the two models' "

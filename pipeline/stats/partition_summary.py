@@ -132,7 +132,8 @@ def roi_contrast(r_a: np.ndarray, r_b: np.ndarray, considered: np.ndarray, index
     total = np.bincount(g, weights=d, minlength=n_rois)[:n_rois]
     with np.errstate(divide="ignore", invalid="ignore"):
         return {"n_wins": wins.astype(np.int64), "n_voxels": n.astype(np.int64),
-                "fraction_wins": np.where(n > 0, wins / n, np.nan), "mean_difference": np.where(n > 0, total / n, np.nan)}
+                "fraction_wins": np.where(n > 0, wins / n, np.nan),
+                "mean_difference": np.where(n > 0, total / n, np.nan)}
 
 
 def _labels(values) -> list[str]:
