@@ -267,3 +267,57 @@ def test_the_partition_section_in_chromium(study, tmp_path):
 
     with Image.open(shot) as im:
         assert im.height == 900 and len(np.unique(np.asarray(im.convert("L")))) > 20  # a picture, not a blank page
+
+
+def _three_group_partition(rng: np.random.Generator) -> xr.Dataset:
+    """A partition of three groups (seven regions) over 60 voxels in two ROIs, in the stored layout
+    (only the variables the summary reads)."""
+    groups = {"3D": ["keypoint3d", "edge3d"], "2D": ["keypoint2d", "edge2d"], "semantic": ["class_object"]}
+    names = list(groups)
+    sets = part_stats.subsets(names)
+    v = 60
+    r2 = {k: rng.normal(0.05 * len(k), 0.02, v) for k in sets}
+    regions = part_stats.regions(r2, names)
+    ijk, roi = np.argwhere(np.ones((4, 4, 4), bool))[:v], ["LHPPA"] * 30 + ["RHPPA"] * 30
+    unique = np.stack([regions[(g,)] for g in names])
+    return xr.Dataset(
+        {"region_r2": (("region", "voxel"), np.stack([regions[k] for k in sets]).astype(np.float32)),
+         "unique_r2": (("group", "voxel"), unique.astype(np.float32)),
+         "unique_significant": (("group", "voxel"), unique > 0.05)},
+        coords={"region": strings([part_stats.set_name(k) for k in sets]), "group": strings(names),
+                **voxel_coords(ijk, roi)},
+        attrs={"analysis": "clusters", "groups": json.dumps(groups)})
+
+
+def test_three_groups_one_subject_without_a_ceiling_and_no_contrast():
+    from neurotask.pipeline.report.partition import figure_region_bars, region_styles
+    from neurotask.pipeline.stages.analyse import contrast_spaces
+
+    rng = np.random.default_rng(5)
+    parts = {"S1": _three_group_partition(rng), "S2": _three_group_partition(rng)}
+    rois = ["LHPPA", "RHPPA"]
+    per = {"S1": ps.subject_summary(parts["S1"], rois, rng.uniform(0.1, 0.5, 60), n_bootstrap=100),
+           "S2": ps.subject_summary(parts["S2"], rois, None, n_bootstrap=100)}
+    summary = ps.study_summary(per)
+    summary.attrs.update(parts["S1"].attrs)
+    assert summary.sizes["region"] == 7 and [str(x) for x in summary["region"].values][-1] == "3D+2D+semantic"
+    # S2 has no ceiling: its normalised values are missing, the mean is S1's alone
+    assert np.isnan(summary["region_mean_normalized"].sel(subject="S2").values).all()
+    np.testing.assert_allclose(summary["region_mean_normalized_mean"].values,
+                               summary["region_mean_normalized"].sel(subject="S1").values)
+    np.testing.assert_allclose(summary["region_mean_mean"].values,
+                               (per["S1"]["region_mean"].values + per["S2"]["region_mean"].values) / 2)
+    styles = region_styles([str(x) for x in summary["region"].values], ["3D", "2D", "semantic"])
+    assert styles["3D"]["hatch"] is None and styles["3D+2D"]["hatch"] and styles["3D+2D+semantic"]["hatch"]
+    pairs = {(styles[k]["color"], styles[k]["edge"]) for k in ("3D+2D", "3D+semantic", "2D+semantic")}
+    assert len(pairs) == 3  # each shared pair drawn differently
+    assert styles["3D+2D"]["color"] == styles["3D"]["color"] and styles["3D+2D"]["edge"] == styles["2D"]["color"]
+    for normalized in (False, True):
+        fig = figure_region_bars(summary, normalized=normalized)
+        bars = [p for p in fig.axes[0].patches]
+        assert len(bars) == 7 * 2  # every region in both ROIs
+    # groups of several spaces: no separate fits to contrast
+    results = xr.Dataset(coords={"task": ["keypoint3d", "keypoint2d"]})
+    assert contrast_spaces(parts["S1"], results) is None
+    pair = xr.Dataset(attrs={"groups": json.dumps({"2D": ["keypoint2d"], "3D": ["keypoint3d"]})})
+    assert contrast_spaces(pair, results) == ("keypoint3d", "keypoint2d")  # the 3D task first, as in Figure 3

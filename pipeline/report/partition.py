@@ -64,16 +64,20 @@ def group_colours(groups: Sequence[str]) -> dict[str, str]:
 
 
 def region_styles(regions: Sequence[str], groups: Sequence[str]) -> dict[str, dict]:
-    """Bar style per region: a unique region in its group's colour, a shared one grey and hatched
-    (darker the fewer groups share it)."""
+    """Bar style per region: a unique region filled in its group's colour; a region shared by two
+    groups in the first one's colour striped with the second's (so each pair is told apart); one
+    shared by three or more grey, cross-hatched (darker the fewer groups)."""
     colours = group_colours(groups)
     out = {}
     for name in regions:
         members = name.split(SEPARATOR)
         if len(members) == 1:
-            out[name] = {"color": colours[name], "hatch": None, "label": f"unique {name}"}
+            out[name] = {"color": colours[name], "edge": colours[name], "hatch": None, "label": f"unique {name}"}
+        elif len(members) == 2:
+            out[name] = {"color": colours[members[0]], "edge": colours[members[1]], "hatch": "//",
+                         "label": f"shared {' & '.join(members)}"}
         else:
-            out[name] = {"color": _SHARED[min(len(members) - 2, len(_SHARED) - 1)], "hatch": "///",
+            out[name] = {"color": _SHARED[min(len(members) - 3, len(_SHARED) - 1)], "edge": "white", "hatch": "xx",
                          "label": f"shared {' & '.join(members)}"}
     return out
 
@@ -120,8 +124,10 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
     for k, name in enumerate(regions):
         xs = x - 0.4 + width * (k + 0.5)
         st = styles[name]
-        ax.bar(xs, np.nan_to_num(mean[k]), width * 0.92, color=st["color"], hatch=st["hatch"],
-               edgecolor="white" if st["hatch"] else st["color"], linewidth=0.3, label=st["label"])
+        bars = ax.bar(xs, np.nan_to_num(mean[k]), width * 0.92, color=st["color"], hatch=st["hatch"],
+                      edgecolor=st["edge"], linewidth=0.0, label=st["label"])
+        for bar in bars:
+            bar.set_hatch_linewidth(2.4)  # wide stripes: the second group's colour must read at a glance
         ax.errorbar(xs, mean[k], yerr=yerr[:, k], fmt="none", ecolor="#222222", elinewidth=0.7, capsize=1.5)
         if not normalized and name in groups:  # the share of the ROI's voxels where this unique variance is significant
             top = np.fmax(np.nan_to_num(mean[k] + yerr[1, k]), np.nanmax(np.nan_to_num(per[:, k]), axis=0))
@@ -140,7 +146,7 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
     n_vox = summary["n_voxels_normalized" if normalized else "n_voxels"].sel(roi=rois).min("subject").values
     ax.set_xticks(x, [f"{r}\n({n} vox.)" for r, n in zip(rois, n_vox)], fontsize=7.5)
     ax.set_xlim(-0.6, len(rois) - 0.4)
-    ax.set_ylabel("region / noise-ceiling R² (fraction)" if normalized else "variance explained (test R²)",
+    ax.set_ylabel("fraction of the noise ceiling (R²)" if normalized else "variance explained (test R²)",
                   fontsize=8.5)
     ax.tick_params(axis="y", labelsize=7.5)
     who = f"mean of {n_sub} subjects" if n_sub > 1 else str(summary["subject"].values[0])
@@ -240,7 +246,8 @@ def bar_figures(page: ReportPage, p: Partition) -> None:
     groups = _groups_text(s)
     page.add(f"partition_{p.name}_bars", f"Variance partition '{p.name}': unique and shared variance per ROI",
              f"Groups of feature spaces ({groups}). For each ROI, the variance (test-set R²) explained uniquely by "
-             "each group (solid, the group's colour) and shared by exactly the groups named (grey, hatched), by "
+             "each group (solid, the group's colour) and shared by exactly the groups named (striped in the two "
+             "groups' colours; grey, cross-hatched for three or more groups), by "
              "inclusion-exclusion over joint ridge fits of every union of the groups. Each subject's value is the "
              "mean over the ROI's voxels of the raw per-voxel estimates, negative ones included (a floor at zero "
              f"would bias the mean upwards). Above each unique bar: the percentage of the ROI's voxels where that "
