@@ -42,6 +42,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "fig5": ("Figure 5. Task similarity", "The brain-derived similarity of the tasks."),
     "fig6": ("Figure 6. Task trees", "The brain's task tree beside Taskonomy's."),
     "fig7": ("Figure 7. Task graphs", "Each task joined to its most similar tasks, brain and Taskonomy."),
+    "partition": ("Variance partition", "What groups of feature spaces explain uniquely and jointly, per ROI and voxel."),
     "diagnostics": ("Diagnostics", "Checks of the fit: the chosen ridge penalties and the like."),
 }
 OTHER_SECTION = "other"

@@ -25,7 +25,8 @@ import time
 import numpy as np
 import xarray as xr
 
-from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, str_labels
+from neurotask.pipeline.stats import partition_summary
+from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, significance_mask, str_labels
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.tasks import task_names
@@ -178,6 +179,7 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
     """
     staging.recover(StudyStore(cfg.store_path))  # a swap interrupted by a crash is finished first
     results, rois, tasks = load_inputs(cfg)
+    run_partition_summaries(cfg, list(results), overwrite=overwrite)
     if len(tasks) < 2:
         raise AnalysisStageError(f"task similarity needs at least 2 tasks; the study has {tasks}")
     kwargs = settings(cfg)
@@ -212,6 +214,109 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
         staging.discard(store)
     logger.info(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
     return store.read_dataset(ANALYSIS_GROUP)
+
+
+# --------------------------------------------------------------------------- variance partition
+
+PARTITION = "partition"
+# Bumped when the partition summary changes: part of its fingerprint
+PARTITION_SUMMARY_VERSION = 1
+
+
+def partition_summary_group(analysis: str) -> str:
+    return analysis_group(f"partition_{analysis}")
+
+
+def contrast_spaces(partition: xr.Dataset, results: xr.Dataset) -> tuple[str, str] | None:
+    """The two feature spaces of a two-group partition whose groups are single spaces that the
+    fit also fitted on their own (tasks of ``results``), 3D first for a Figure-3 pair; else None."""
+    groups = json.loads(partition.attrs.get("groups", "{}"))
+    spaces = [v[0] if len(v) == 1 else None for v in groups.values()]
+    tasks = {str(t) for t in results["task"].values}
+    if len(spaces) != 2 or None in spaces or not set(spaces) <= tasks:
+        return None
+    from neurotask.pipeline.stats.task_structure import CONTRASTS
+
+    flipped = tuple(reversed(spaces)) in CONTRASTS.values()
+    return tuple(reversed(spaces)) if flipped else tuple(spaces)  # type: ignore[return-value]
+
+
+def summarise_partition(cfg: Config, analysis: str, partitions: dict[str, xr.Dataset],
+                      results: dict[str, xr.Dataset]) -> xr.Dataset:
+    """``analysis/partition_<analysis>``: :func:`partition_summary.study_summary` of every
+    subject's partition, with the noise-ceiling-normalised regions where the results carry
+    ``noise_ceiling_r2`` and, for two single-space groups fitted separately, Figure 3's
+    contrast per ROI (``contrast_*``, among the voxels significant for either space by the
+    analysis' significance and FDR)."""
+    a = cfg.analysis
+    rois = sorted({str(x) for ds in partitions.values() for x in str_labels(ds["roi"].values)} - {""})
+    per_subject, pair = {}, None
+    for subject, part in partitions.items():
+        res = results[subject].sel(voxel=part["voxel"].values) if "voxel" in part.coords else results[subject]
+        if res.sizes["voxel"] != part.sizes["voxel"] or not (str_labels(res["roi"].values)
+                                                           == str_labels(part["roi"].values)).all():
+            raise AnalysisStageError(f"{cfg.store_path}: {PARTITION}/{analysis}/{subject} has voxels other than "
+                                     f"{results_group(subject)}'s; rerun the partition fit")
+        ceiling = res["noise_ceiling_r2"].values if "noise_ceiling_r2" in res else None
+        summary = partition_summary.subject_summary(part, rois, ceiling, n_bootstrap=a.n_bootstrap, seed=a.seed)
+        pair = contrast_spaces(part, res)
+        if pair is not None:
+            sig = significance_mask(res.sel(task=list(pair)), a.significance, a.fdr)
+            r = res["r"].sel(task=list(pair)).transpose("task", "voxel").values
+            index = partition_summary.roi_index(str_labels(part["roi"].values), rois)
+            c = partition_summary.roi_contrast(r[0], r[1], sig[0] | sig[1], index, len(rois))
+            for key, value in c.items():
+                summary[f"contrast_{key}"] = (("roi",), value)
+        per_subject[subject] = summary
+    out = partition_summary.study_summary(per_subject)
+    first = next(iter(partitions.values()))
+    out.attrs.update(analysis=analysis, groups=first.attrs.get("groups", "{}"), ci=a.ci,
+                     n_bootstrap=a.n_bootstrap, seed=a.seed, ceiling_floor=partition_summary.CEILING_FLOOR,
+                     significance=a.significance, fdr=a.fdr,
+                     contrast_spaces=json.dumps(list(pair) if pair else []))
+    return out
+
+
+def _partition_fingerprint(cfg: Config, partitions: dict[str, xr.Dataset], results: dict[str, xr.Dataset]) -> str:
+    h = hashlib.sha256(json.dumps({**settings(cfg), "version": PARTITION_SUMMARY_VERSION,
+                                   "floor": partition_summary.CEILING_FLOOR}, sort_keys=True).encode())
+    for subject, part in partitions.items():
+        h.update(f"{subject}:{part.attrs.get('groups', '')}".encode())
+        for name in ("region_r2", "unique_significant"):
+            h.update(np.ascontiguousarray(part[name].values).tobytes())
+        h.update("|".join(str_labels(part["roi"].values)).encode())
+        for name in _INPUT_VARS + ("noise_ceiling_r2",):
+            if name in results[subject]:
+                h.update(name.encode() + np.ascontiguousarray(results[subject][name].values).tobytes())
+    return h.hexdigest()
+
+
+def run_partition_summaries(cfg: Config, subjects: list[str], *, overwrite: bool = False) -> dict[str, xr.Dataset]:
+    """Summarise every ``partition/<analysis>`` group of the store (for the study's ``subjects``)
+    into ``analysis/partition_<analysis>``, skipped when stored for the same inputs. Nothing
+    when the store holds no partition. -> analysis name -> stored summary."""
+    store = StudyStore(cfg.store_path)
+    out: dict[str, xr.Dataset] = {}
+    results: dict[str, xr.Dataset] = {}
+    for analysis in store.members(PARTITION):
+        here = [s for s in subjects if s in store.members(f"{PARTITION}/{analysis}")]
+        if not here:
+            continue
+        results.update({s: store.results(s) for s in here if s not in results})
+        partitions = {s: store.read_dataset(f"{PARTITION}/{analysis}/{s}") for s in here}
+        fingerprint = _partition_fingerprint(cfg, partitions, results)
+        group = partition_summary_group(analysis)
+        if store.has(group) and not overwrite:
+            stored = store.read_dataset(group)
+            if stored.attrs.get("input_fingerprint") == fingerprint:
+                out[analysis] = stored
+                continue
+        summary = summarise_partition(cfg, analysis, partitions, results)
+        summary.attrs.update(input_fingerprint=fingerprint, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.write_dataset(group, _storable(summary))
+        logger.info(f"analysis: variance partition {analysis!r} of {len(here)} subject(s) summarised in {group}")
+        out[analysis] = store.read_dataset(group)
+    return out
 
 
 def permutation_floor_note(results: dict[str, xr.Dataset], analysis: xr.Dataset, kwargs: dict) -> list[str]:

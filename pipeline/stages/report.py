@@ -39,6 +39,7 @@ from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
+from neurotask.pipeline.report.partition import Partition, partition_figures
 from neurotask.pipeline.report.diagnostics import feature_counts
 from neurotask.pipeline.report.sections import diagnostic_figures, roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
@@ -85,6 +86,7 @@ def build_report(
     *,
     options: ReportOptions | None = None,
     provenance: dict | None = None,
+    partitions: list[Partition] | None = None,
 ) -> Path:
     """Write figures, NIfTI maps, statistics.json and index.html into ``outdir``. -> index.html.
 
@@ -92,6 +94,7 @@ def build_report(
     results (task, voxel) with voxel_i/j/k, roi and attrs volume_shape, affine (maps are
     drawn only for subjects whose voxels have positions). The paper-vs-reproduction table is
     drawn when ``results`` are the authors' published results (:func:`is_published_import`).
+    ``partitions``: the study's variance partitions (:func:`read_partitions`), drawn in their section.
     """
     options = options or ReportOptions()
     outdir = Path(outdir)
@@ -103,6 +106,8 @@ def build_report(
     map_figures(page, analysis, results, task, options.maps)
     logger.info("report: figures 1-3 and NIfTI maps written")
     structure_figures(page, analysis, options.graph_neighbours)
+    if partitions:
+        partition_figures(page, partitions, results, options.maps, space_labels(analysis))
     warnings = diagnostic_figures(page, results, options.alpha_edge_warning, options.n_features, analysis)
 
     statistics = comparison_statistics(analysis)
@@ -239,6 +244,32 @@ def provenance(cfg: Config, analysis: xr.Dataset, results: dict[str, xr.Dataset]
     return prov
 
 
+def space_labels(analysis: xr.Dataset) -> dict[str, str]:
+    """Feature space -> display label: the analysis' task labels, else the task bank's, else the name."""
+    from neurotask.pipeline.tasks import task_info, task_names
+
+    out = {t: task_info(t).label for t in task_names()}
+    out.update(zip((str(t) for t in analysis["task"].values), (str(x) for x in analysis["label"].values)))
+    return out
+
+
+def read_partitions(store: StudyStore, subjects: list[str]) -> list[Partition]:
+    """The variance partitions the analysis stage summarised (``analysis/partition_<name>``) with
+    their per-voxel groups ``partition/<name>/<subject>``; [] when the store has none."""
+    from neurotask.pipeline.stages.analyse import PARTITION, partition_summary_group
+
+    out = []
+    for name in store.members(PARTITION):
+        group = partition_summary_group(name)
+        if not store.has(group):
+            raise ReportError(f"{store.path}: {PARTITION}/{name} is not summarised yet ({group}); "
+                              "run `neurotask analyse` first")
+        here = [s for s in subjects if store.has(f"{PARTITION}/{name}/{s}")]
+        out.append(Partition(name, store.read_dataset(group),
+                             {s: store.read_dataset(f"{PARTITION}/{name}/{s}") for s in here}))
+    return out
+
+
 def report_dir(cfg: Config) -> Path:
     return cfg.workdir / "report"
 
@@ -260,6 +291,6 @@ def write_report(cfg: Config) -> Path:
                             n_features=feature_counts(store, [str(t) for t in analysis["task"].values]))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
-                         provenance=provenance(cfg, analysis, results))
+                         provenance=provenance(cfg, analysis, results), partitions=read_partitions(store, subjects))
     logger.info(f"report: {index} ({time.perf_counter() - t0:.1f} s)")
     return index
