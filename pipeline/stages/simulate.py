@@ -14,14 +14,33 @@ Everything downstream (ingest, fit, analysis) runs on it exactly as on real data
   that ``neurotask featurize`` runs on the study for real.
 
 Generative model. Each image has latent factors: one block per Taskonomy cluster (3D, 2D,
-low-dimensional geometric, semantic, and denoise's "outlier"), a weak block shared by all tasks
-and a private block per task. A task's features are a random linear map of its cluster's block,
-the shared block and its private block, plus isotropic noise: tasks of one cluster carry
-correlated information. A driven voxel's response is a random direction in one cluster's block
-(plus a little of the shared block), scaled to a drawn signal variance, plus unit-variance noise
-on each trial: EarlyVis is driven by the 2D block, LOC by the semantic one, OPA/PPA/RSC by the 3D
-one; brain voxels outside ROIs are pure noise or driven by a random cluster. A voxel's
-single-trial noise ceiling is therefore ``sqrt(s2 / (s2 + 1))``; it is written to the ground truth.
+low-dimensional geometric, semantic, and denoise's "outlier"), one block per cluster pair of
+``PAIR_BLOCKS`` (carried by the tasks of both clusters), a weak block shared by all tasks and a
+private block per task. A task's features are a random linear map of its cluster's block, its
+clusters' pair blocks, the shared block and its private block, plus isotropic noise: tasks of one
+cluster carry correlated information, and tasks of a pair of clusters share one component.
+
+A driven voxel belongs to a *population*: a cluster (its signal is mostly variance unique to that
+cluster) or a cluster pair (mostly the pair's shared block). Its signal is a sum of independent
+components, each a random direction in one latent block normalised to unit variance, weighted by
+drawn fractions of the voxel's signal variance s2: the population's block, the all-task block,
+the private blocks of the tasks of the voxel's clusters, and for a pair voxel some variance unique
+to one of the two clusters. ``ROI_POPULATIONS`` gives each ROI's mix of populations (PPA mostly
+unique 3D with a 3D+2D population, EarlyVis unique 2D, LOC semantic, ...); brain voxels outside
+ROIs are pure noise or unique to a random cluster. Trials add unit-variance noise, so a voxel's
+single-trial noise ceiling is ``sqrt(s2 / (s2 + 1))``.
+
+Subjects differ as real ones do: each has its own mix of populations in every ROI (a Dirichlet
+draw around ``ROI_POPULATIONS``), its own SNR scale, all-task weight and private fraction, and its
+own per-task weights on the private blocks, so that their task-similarity matrices agree about as
+well as the real subjects' do instead of exactly.
+
+Ground truth per subject (``raw/ground_truth/<subject>.npz``, voxels in ``voxel_ijk`` order): the
+driving cluster and population, the signal variance, the noise ceiling, and the planted variance
+of each component: ``unique_variance`` (v, clusters) in ``truth_clusters`` order,
+``shared_variance`` (v, pairs) in ``truth_pairs`` order (named ``a+b``), ``all_task_variance``
+(v,), ``private_variance`` (v, tasks) in ``truth_tasks`` order, and ``planted_region``: the
+largest planted component (a cluster, a pair, ``all`` or ``private``; '' for noise voxels).
 """
 
 from __future__ import annotations
@@ -44,6 +63,17 @@ from neurotask.storage import Stage, StudyStore, features_group
 logger = logging.getLogger(__name__)
 
 ROI_DRIVER = {"EarlyVis": "2D", "LOC": "semantic", "OPA": "3D", "PPA": "3D", "RSC": "3D"}
+# Cluster pairs with a latent block that the features of both clusters carry.
+PAIR_BLOCKS = (("3D", "2D"), ("3D", "semantic"))
+# Each ROI's mix of voxel populations (a cluster: unique variance; "a+b": a pair's shared block),
+# the mean over subjects; each ROI's main cluster (ROI_DRIVER) drives most of its voxels.
+ROI_POPULATIONS = {
+    "EarlyVis": {"2D": 0.8, "3D+2D": 0.2},
+    "LOC": {"semantic": 0.75, "3D+semantic": 0.25},
+    "OPA": {"3D": 0.6, "3D+2D": 0.4},
+    "PPA": {"3D": 0.7, "3D+2D": 0.3},
+    "RSC": {"3D": 0.8, "3D+semantic": 0.2},
+}
 # ROI centres as fractions of the volume (i within a hemisphere from the midline, j, k) and radii.
 _ROI_PLACE = {
     "EarlyVis": ((0.15, 0.12, 0.45), 2.6),
@@ -52,8 +82,10 @@ _ROI_PLACE = {
     "PPA": ((0.35, 0.40, 0.25), 2.0),
     "RSC": ((0.12, 0.45, 0.60), 1.8),
 }
-_SHARED_WEIGHT = 0.3  # of the all-task block in a driven voxel's signal
 _FEATURE_NOISE = 0.5
+_PAIR_FEATURE_WEIGHT = 1.0  # of a pair block in its tasks' features (the cluster's own: 1)
+_OUTSIDE_PAIR_FRACTION = 0.15  # of driven brain voxels outside ROIs: a pair population
+_DIRICHLET = 12.0  # concentration of a subject's population mix around ROI_POPULATIONS
 _SCENE_CATEGORIES = ("airport", "bedroom", "kitchen", "forest", "beach", "library", "street", "office")
 
 
@@ -70,20 +102,29 @@ def image_names(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def latent_factors(n_images: int, sim: SimulateSection, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Latent blocks per image: one per cluster, 'shared', and one per task. -> name: (n, k)."""
+    """Latent blocks per image: one per cluster, 'shared', one per task ('task:<name>') and one
+    per cluster pair of PAIR_BLOCKS ('pair:<a>+<b>'). -> name: (n, k)."""
     k = sim.n_latents
     out = {c: rng.standard_normal((n_images, k)) for c in CLUSTERS}
     out["shared"] = rng.standard_normal((n_images, k))
     for t in taskonomy_tasks():
         out[f"task:{t.name}"] = rng.standard_normal((n_images, k))
+    for a, b in PAIR_BLOCKS:
+        out[_pair_key(a, b)] = rng.standard_normal((n_images, k))
     return out
 
 
+def _pair_key(a: str, b: str) -> str:
+    return f"pair:{a}+{b}"
+
+
 def task_features(latents: dict[str, np.ndarray], n_features: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Each task's features (n, p): a random map of [cluster, shared, private] latents + noise."""
+    """Each task's features (n, p): a random map of [cluster, the cluster's pair blocks, shared,
+    private] latents + noise."""
     out = {}
     for t in taskonomy_tasks():
-        blocks = np.hstack([latents[t.cluster], 0.5 * latents["shared"], latents[f"task:{t.name}"]])
+        pairs = [_PAIR_FEATURE_WEIGHT * latents[_pair_key(a, b)] for a, b in PAIR_BLOCKS if t.cluster in (a, b)]
+        blocks = np.hstack([latents[t.cluster], *pairs, 0.5 * latents["shared"], latents[f"task:{t.name}"]])
         spectrum = np.logspace(0, -1, blocks.shape[1])[:, None]  # unequal latent scales
         mixing = rng.standard_normal((blocks.shape[1], n_features)) * spectrum / np.sqrt(blocks.shape[1])
         f = blocks @ mixing + _FEATURE_NOISE * rng.standard_normal((blocks.shape[0], n_features))
@@ -129,31 +170,113 @@ def brain_and_rois(shape: tuple[int, int, int], rng: np.random.Generator) -> tup
     return brain, rois
 
 
-def voxel_signals(latents, roi_of_voxel: list[str], sim: SimulateSection, rng):
-    """Per voxel: its driving cluster ('' for noise), signal variance, and noiseless signal.
+def subject_profile(rng: np.random.Generator) -> dict:
+    """A subject's own variation: population mix per ROI, affinity between clusters (a voxel's
+    secondary cluster), SNR scale, all-task and private fractions, per-task private weights."""
+    mix = {}
+    for roi, base in ROI_POPULATIONS.items():
+        names = list(base)
+        p = rng.dirichlet(_DIRICHLET * np.array([base[n] for n in names]))
+        mix[roi] = dict(zip(names, p))
+    # a subject's own affinity between clusters: where a voxel's secondary cluster comes from
+    secondary = {c: dict(zip([o for o in CLUSTERS if o != c], rng.dirichlet(0.4 * np.ones(len(CLUSTERS) - 1))))
+                 for c in CLUSTERS}
+    return {
+        "mix": mix,
+        "secondary": secondary,
+        "secondary_fraction": float(rng.uniform(0.3, 0.5)),
+        "snr_scale": float(np.exp(rng.normal(0.0, 0.2))),
+        "all_task_fraction": float(rng.uniform(0.1, 0.25)),
+        "private_fraction": float(rng.uniform(0.1, 0.3)),
+        "task_weight": {t.name: float(rng.lognormal(-0.5, 1.0)) for t in taskonomy_tasks()},
+    }
 
-    -> (driver (v,), s2 (v,), signal (n_images, v)) with each driven signal of variance s2.
+
+def _population_of(roi: str, profile: dict, sim: SimulateSection, rng) -> str:
+    if roi:
+        mix = profile["mix"][roi[2:]]
+        names = list(mix)
+        return names[rng.choice(len(names), p=np.array([mix[n] for n in names]))]
+    if rng.random() < sim.noise_voxel_fraction:
+        return ""
+    if rng.random() < _OUTSIDE_PAIR_FRACTION:
+        return "+".join(PAIR_BLOCKS[rng.integers(len(PAIR_BLOCKS))])
+    return CLUSTERS[rng.integers(len(CLUSTERS))]
+
+
+def voxel_signals(latents, roi_of_voxel: list[str], sim: SimulateSection, rng, profile: dict | None = None):
+    """Per voxel: its population, signal variance, noiseless signal and planted components.
+
+    -> (population (v,) object: a cluster, 'a+b' for a pair, '' for noise; s2 (v,); signal
+    (n_images, v) of variance ~s2; components: name -> (v,) planted variance, names 'cluster:c',
+    'pair:a+b', 'all', 'task:t', summing to s2). Components are unit-variance projections of
+    independent latent blocks, so their variances add up (to sampling error in the images).
     """
+    profile = profile if profile is not None else subject_profile(rng)
     v = len(roi_of_voxel)
-    driver = np.empty(v, dtype=object)
-    for j, roi in enumerate(roi_of_voxel):
-        if roi:
-            driver[j] = ROI_DRIVER[roi[2:]]
-        else:
-            driver[j] = "" if rng.random() < sim.noise_voxel_fraction else CLUSTERS[rng.integers(len(CLUSTERS))]
+    population = np.array([_population_of(roi, profile, sim, rng) for roi in roi_of_voxel], dtype=object)
     lo, hi = sim.signal_variance
-    s2 = np.where(driver != "", np.exp(rng.uniform(np.log(lo), np.log(hi), v)), 0.0)
+    s2 = np.where(population != "", profile["snr_scale"] * np.exp(rng.uniform(np.log(lo), np.log(hi), v)), 0.0)
+    tasks = taskonomy_tasks()
+    weight = np.array([profile["task_weight"][t.name] for t in tasks])
+    # Fractions of s2 per component (rows: components, columns: voxels).
+    names = [f"cluster:{c}" for c in CLUSTERS] + [_pair_key(a, b) for a, b in PAIR_BLOCKS] + ["all"] \
+        + [f"task:{t.name}" for t in tasks]
+    frac = np.zeros((len(names), v))
+    row = {n: i for i, n in enumerate(names)}
+    for j in np.flatnonzero(population != ""):
+        pop = population[j]
+        clusters = pop.split("+")
+        frac[row["all"], j] = profile["all_task_fraction"] * rng.uniform(0.5, 1.5)
+        private = profile["private_fraction"] * rng.uniform(0.5, 1.5)
+        if len(clusters) == 1:
+            main = f"cluster:{pop}"
+            # some variance unique to a secondary cluster, drawn from the subject's affinities
+            others = profile["secondary"][pop]
+            second = list(others)[rng.choice(len(others), p=np.array(list(others.values())))]
+            frac[row[f"cluster:{second}"], j] = profile["secondary_fraction"] * rng.uniform(0.0, 2.0)
+        else:
+            main = _pair_key(*clusters)
+            # some variance unique to one of the pair's clusters
+            frac[row[f"cluster:{clusters[rng.integers(2)]}"], j] = rng.uniform(0.05, 0.3)
+        own = np.array([t.cluster in clusters for t in tasks])
+        w = weight * own * rng.uniform(0.5, 1.5, len(tasks))
+        frac[len(names) - len(tasks):, j] = private * w / w.sum()
+        frac[row[main], j] = max(1.0 - frac[:, j].sum(), 0.2)
+    frac /= np.where(frac.sum(0) > 0, frac.sum(0), 1.0)
     n = latents["shared"].shape[0]
     signal = np.zeros((n, v))
-    for c in CLUSTERS:
-        idx = np.flatnonzero(driver == c)
-        if idx.size:
-            w = rng.standard_normal((latents[c].shape[1], idx.size))
-            ws = rng.standard_normal((latents["shared"].shape[1], idx.size))
-            sig = latents[c] @ w + _SHARED_WEIGHT * (latents["shared"] @ ws)
-            sig = (sig - sig.mean(0)) / sig.std(0)
-            signal[:, idx] = sig * np.sqrt(s2[idx])
-    return driver, s2, signal
+    driven = np.flatnonzero(population != "")
+    for i, name in enumerate(names):
+        idx = driven[frac[i, driven] > 0]
+        if not idx.size:
+            continue
+        block = latents[name.removeprefix("cluster:") if name.startswith("cluster:") else
+                        "shared" if name == "all" else name]
+        part = block @ rng.standard_normal((block.shape[1], idx.size))
+        part = (part - part.mean(0)) / part.std(0)
+        signal[:, idx] += part * np.sqrt(frac[i, idx] * s2[idx])
+    components = {name: frac[i] * s2 for i, name in enumerate(names)}
+    return population, s2, signal, components
+
+
+def planted_truth(population: np.ndarray, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ground-truth arrays of the partition (see the module docstring)."""
+    tasks = [t.name for t in taskonomy_tasks()]
+    pairs = [f"{a}+{b}" for a, b in PAIR_BLOCKS]
+    unique = np.stack([components[f"cluster:{c}"] for c in CLUSTERS], 1)
+    shared = np.stack([components[_pair_key(a, b)] for a, b in PAIR_BLOCKS], 1)
+    private = np.stack([components[f"task:{t}"] for t in tasks], 1)
+    allt = components["all"]
+    # the largest planted component; a task's private block counts once, as 'private'
+    labels = list(CLUSTERS) + pairs + ["all", "private"]
+    stack = np.hstack([unique, shared, allt[:, None], private.sum(1, keepdims=True)])
+    planted = np.where(population != "", np.array(labels)[np.argmax(stack, 1)], "")
+    driver = np.array([p.split("+")[0] for p in population], dtype=object)  # a pair's first cluster
+    return {"truth_clusters": np.array(CLUSTERS), "truth_pairs": np.array(pairs), "truth_tasks": np.array(tasks),
+            "unique_variance": unique, "shared_variance": shared, "all_task_variance": allt,
+            "private_variance": private, "planted_region": planted.astype(str), "population": population.astype(str),
+            "driver": driver.astype(str)}
 
 
 def presentation(images: list[str], sim: SimulateSection, rng) -> tuple[list[str], np.ndarray]:
@@ -244,7 +367,8 @@ def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir
     for name, m in rois.items():
         for x in np.argwhere(m):
             roi_of_voxel[index_of[tuple(x)]] = name
-    driver, s2, signal = voxel_signals(latents, roi_of_voxel, sim, rng)
+    profile = subject_profile(rng)
+    population, s2, signal, components = voxel_signals(latents, roi_of_voxel, sim, rng, profile)
 
     lines, trial_image = presentation(images, sim, rng)
     n_trials, v = len(lines), len(ijk)
@@ -283,7 +407,7 @@ def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir
 
     np.savez_compressed(
         truth_dir / f"{subject}.npz",
-        voxel_ijk=ijk, roi=np.array(roi_of_voxel), driver=driver.astype(str), signal_variance=s2,
+        voxel_ijk=ijk, roi=np.array(roi_of_voxel), signal_variance=s2, **planted_truth(population, components),
         noise_variance=np.ones(v), noise_ceiling_single_trial=np.sqrt(s2 / (s2 + 1.0)),
         nan_voxel=ijk[nan_voxel], constant_voxel=ijk[const_voxel],
     )
