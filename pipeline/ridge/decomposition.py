@@ -196,6 +196,11 @@ def _decompose_kernel(bk: Backend, X: np.ndarray, fit_rows: np.ndarray, eval_row
     each block centred and promoted to float64 on its own: memory is
     ``(n_fit + n_eval) n_fit + n _COLUMN_BLOCK`` float64 besides X, whatever p. The flops are
     those of the Gram form's rows (n_fit² p for K, n_eval n_fit p for K_e, n_fit³ for eigh).
+
+    Peak per worker (GB) in this form, besides the caller's X (n p x its itemsize) and the
+    responses: ``8 [3 n _COLUMN_BLOCK + 2 n_fit (n_fit + n_eval)] / 1e9`` for one basis in flight,
+    plus the finished bases, ``itemsize (n_fit + n_eval) k`` each (float32: ~0.07 GB per basis at
+    n = 4916), independent of p; see docs/performance.md for the measured figures.
     """
     n_fit, p = int(np.asarray(fit_rows).size), int(X.shape[1])
     fit, ev = bk.index(np.asarray(fit_rows)), bk.index(np.asarray(eval_rows))
