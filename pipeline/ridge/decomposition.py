@@ -43,6 +43,10 @@ _EIG_RTOL_FACTOR = 10.0
 # centred rows, whose singular values are accurate to ~n·eps of the largest (squared: 1e-26).
 _GRAM_RELIABLE = 1e-8
 
+# Features per column block where the kernel form sums its n x n products (and where prepare
+# checks the features finite): a block costs n x 2048 float64 (80 MB at n = 4916).
+_COLUMN_BLOCK = 2048
+
 # The dtypes the voxels' products can run in.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -179,6 +183,60 @@ def _decompose(bk: Backend, Xd, fit_rows: np.ndarray, eval_rows: np.ndarray, dty
     )
 
 
+def _decompose_kernel(bk: Backend, X: np.ndarray, fit_rows: np.ndarray, eval_rows: np.ndarray,
+                      dtype) -> Basis | None:
+    """The direct form's Basis of ``fit_rows`` when they are fewer than the features (kernel
+    form), from column blocks of X: None where the spectrum is too wide for the kernel's eigh
+    (the caller then decomposes the rows, see :func:`_row_svd`).
+
+    X (n, p) any float dtype, on the host. With the fit rows centred, ``Xc = U S Vᵀ`` and
+    ``K = Xc Xcᵀ = U S² Uᵀ`` (n_fit, n_fit); the eval rows' projection is
+    ``(X_eval - mean) V = K_e U S⁻¹`` with ``K_e = (X_eval - mean) Xcᵀ`` (n_eval, n_fit), so V
+    (p, k) is never formed. K and K_e are sums over column blocks of ``_COLUMN_BLOCK`` features,
+    each block centred and promoted to float64 on its own: memory is
+    ``(n_fit + n_eval) n_fit + n _COLUMN_BLOCK`` float64 besides X, whatever p. The flops are
+    those of the Gram form's rows (n_fit² p for K, n_eval n_fit p for K_e, n_fit³ for eigh).
+
+    Peak per worker (GB) in this form, besides the caller's X (n p x its itemsize) and the
+    responses: ``8 [3 n _COLUMN_BLOCK + 2 n_fit (n_fit + n_eval)] / 1e9`` for one basis in flight,
+    plus the finished bases, ``itemsize (n_fit + n_eval) k`` each (float32: ~0.07 GB per basis at
+    n = 4916), independent of p; see docs/performance.md for the measured figures.
+    """
+    n_fit, p = int(np.asarray(fit_rows).size), int(X.shape[1])
+    fit, ev = bk.index(np.asarray(fit_rows)), bk.index(np.asarray(eval_rows))
+    K = Ke = None
+    for c in range(0, p, _COLUMN_BLOCK):
+        block = bk.asarray(np.asarray(X[:, c : c + _COLUMN_BLOCK]), bk.float64)
+        Xf = block[fit]
+        mean = bk.mean(Xf, 0)
+        Xf = Xf - mean
+        Xe = block[ev] - mean
+        del block
+        K = Xf @ Xf.T if K is None else K + Xf @ Xf.T
+        Ke = Xe @ Xf.T if Ke is None else Ke + Xe @ Xf.T
+        del Xf, Xe
+    s, U = bk.eigh(K)
+    del K
+    keep = s > s[-1] * _EIG_RTOL_FACTOR * n_fit * np.finfo(np.float64).eps
+    if _too_wide(s, keep):
+        return None
+    s, U = s[keep], U[:, keep]
+    root = bk.sqrt(s)
+    proj_fit = U.T * root[:, None]  # (Xc V)ᵀ = S Uᵀ
+    proj_eval = (Ke @ U) / root
+    del Ke
+    whitened = proj_eval / root
+    small = whitened @ whitened.T if whitened.shape[0] <= whitened.shape[1] else whitened.T @ whitened
+    top = float(bk.eigvalsh(small)[-1])
+
+    def out(x):
+        return np.ascontiguousarray(bk.to_numpy(x), dtype=dtype)
+
+    return Basis(fit_rows=np.asarray(fit_rows), eval_rows=np.asarray(eval_rows), eigvals=bk.to_numpy(s),
+                 proj_fit=out(proj_fit), rotation=None, fit_shift=None, proj_eval=out(proj_eval),
+                 whitened_norm=float(np.sqrt(max(top, 0.0))), from_rows=False)
+
+
 def _too_wide(s, keep) -> bool:
     """True if a Gram matrix's spectrum ``s`` (ascending) keeps eigenvalues below
     ``_GRAM_RELIABLE`` of its largest: eigh cannot resolve them (nor those it dropped)."""
@@ -282,13 +340,20 @@ def prepare(X: np.ndarray, splits: Splits, dtype=np.float32, backend: str = "num
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"features must be 2-D (n, p), got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise ValueError("features contain NaN or infinite values")
+    if not all(np.isfinite(X[:, c : c + _COLUMN_BLOCK]).all() for c in range(0, X.shape[1], _COLUMN_BLOCK)):
+        raise ValueError("features contain NaN or infinite values")  # checked in blocks: no n x p mask
     if np.dtype(dtype) not in DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     bk = get_backend(backend, device)
-    Xd = bk.asarray(X, bk.float64)
     order = None if cross_products is False else _fold_order(splits, X.shape[1], force=bool(cross_products))
+    pairs = list(splits.folds) + [(splits.train, splits.test)]
+    if order is None and all(np.asarray(fit).size < X.shape[1] for fit, _ in pairs):
+        # The kernel form: built from column blocks of X, never holding a float64 copy of it nor
+        # a (p, k) array (see _decompose_kernel); a wide spectrum falls back to the rows' SVD.
+        bases = [_decompose_kernel(bk, X, fit, val, dtype) for fit, val in pairs]
+        if all(b is not None for b in bases):
+            return Decomposition(folds=tuple(bases[:-1]), final=bases[-1], n_samples=X.shape[0])
+    Xd = bk.asarray(X, bk.float64)
     if order is None:
         folds = tuple(_decompose(bk, Xd, fit, val, dtype) for fit, val in splits.folds)
         final = _decompose(bk, Xd, splits.train, splits.test, dtype)
