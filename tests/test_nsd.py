@@ -334,7 +334,7 @@ def test_demo_runs_end_to_end_through_the_installed_command(tmp_path):
     raw = yaml.safe_load(DEMO.read_text())
     raw["study"]["workdir"] = str(tmp_path / "run")
     raw["data"]["root"] = str(tmp_path / "run" / "raw" / "nsd")
-    raw["cluster"]["dashboard_address"] = ":0"
+    raw["cluster"]["dashboard_address"] = "127.0.0.1:0"
     p = tmp_path / "nsd_demo.yaml"
     p.write_text(yaml.safe_dump(raw))
     out = subprocess.run([sys.executable, "-m", "neurotask", "run", "--config", str(p)], cwd=tmp_path,
