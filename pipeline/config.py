@@ -77,7 +77,8 @@ class SimulateSection(_Section):
     write_weights: bool = False
     # data.format nsd (pipeline.stages.simulate_nsd): of each subject's n_images, those shown to
     # every subject (NSD: 1000 of 10,000); every image is scheduled 3 times, as in NSD
-    n_shared: NonNegativeInt = 100
+    # (left out of model_dump, so that BOLD5000 studies simulated before this key keep their fingerprint)
+    n_shared: Annotated[NonNegativeInt, Field(exclude=True)] = 100
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulateSection:

@@ -116,7 +116,7 @@ def simulate_nsd_study(cfg: Config) -> dict:
     store = StudyStore(cfg.store_path)
     store.create()
     progress = store.progress()
-    fingerprint = hashlib.sha256(json.dumps([sim.model_dump(), cfg.data.nsd.model_dump(), cfg.data.root,
+    fingerprint = hashlib.sha256(json.dumps([sim.model_dump(), sim.n_shared, cfg.data.nsd.model_dump(), cfg.data.root,
                                              "nsd"], sort_keys=True).encode()).hexdigest()[:16]
     record = progress.read(Stage.SIMULATE, "settings")
     if record and record.get("fingerprint") != fingerprint:
