@@ -346,3 +346,26 @@ def test_demo_runs_end_to_end_through_the_installed_command(tmp_path):
         resp = store.responses(s)
         assert 0 < int(resp["shared"].sum()) < 100
     assert "brain vs Taskonomy task similarity" in out.stdout + out.stderr
+
+
+def test_voxels_by_roi_labels_carry_their_labels(simulated, tmp_path):
+    tmp, cfg_h5 = simulated
+    raw = yaml.safe_load(Path(cfg_h5.path).read_text())
+    raw["study"].update(workdir=str(tmp_path / "rois"), subjects=["subj01", "subj02"])
+    raw["data"].update(voxels="rois", rois=["PPA", "OPA", "prf-visualrois:V1v", "streams:lateral"])
+    raw["data"].pop("voxel_mask")
+    raw["data"]["nsd"].update(roi_files=["prf-visualrois", "floc-places", "streams"], ncsnr=None)
+    p = tmp_path / "rois.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    cfg = load_config(p)
+    ingest(cfg)
+    resp = StudyStore(cfg.store_path).responses("subj01")
+    truth = np.load(cfg_h5.workdir / "raw" / "ground_truth" / "subj01.npz")
+    roi_of = {tuple(x): str(r) for x, r in zip(truth["voxel_ijk"], truth["roi"])}
+    ijk = np.stack([resp[c].values for c in ("voxel_i", "voxel_j", "voxel_k")], axis=1)
+    labels = [str(r) for r in resp["roi"].values]
+    assert set(labels) == {"PPA", "OPA", "prf-visualrois:V1v", "streams:lateral"}
+    for x, label in zip(ijk, labels):  # the simulator's regions behind NSD's labels
+        want = {"PPA": "PPA", "OPA": "OPA", "prf-visualrois:V1v": "EarlyVis", "streams:lateral": "LOC"}[label]
+        assert roi_of[tuple(x)][2:] == want
+    assert "ncsnr" not in resp.coords
