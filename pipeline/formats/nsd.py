@@ -269,11 +269,7 @@ def read_session(path: str | Path, ijk: np.ndarray) -> np.ndarray:
     ijk = np.asarray(ijk, dtype=np.int64)
     if path.suffix in (".hdf5", ".h5"):
         return _read_session_h5(path, ijk)
-    import nibabel as nib
-
-    img = nib.load(str(path)) if path.is_file() else None
-    if img is None:
-        raise DataError(f"NIfTI file not found: {path}")
+    img = bold5000._nifti(path)  # DataError for a missing or unreadable file
     _check_integer(img.get_data_dtype(), path)
     n = int(img.shape[3])
     out = np.empty((n, len(ijk)), dtype=np.float32)
