@@ -93,6 +93,11 @@ def configure_logging(level: int) -> None:
 
 
 def simulate_command(cfg: Config, args: argparse.Namespace) -> None:
+    if cfg.data.format == "nsd":  # the Natural Scenes Dataset's file formats
+        from neurotask.pipeline.stages.simulate_nsd import simulate_nsd_study
+
+        simulate_nsd_study(cfg)
+        return
     from neurotask.pipeline.stages.simulate import simulate_study
 
     simulate_study(cfg)

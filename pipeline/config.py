@@ -75,10 +75,15 @@ class SimulateSection(_Section):
     # initialised encoders in the official checkpoint format for features.tasks in weights_dir.
     write_images: bool = False
     write_weights: bool = False
+    # data.format nsd (pipeline.stages.simulate_nsd): of each subject's n_images, those shown to
+    # every subject (NSD: 1000 of 10,000); every image is scheduled 3 times, as in NSD
+    # (left out of model_dump, so that BOLD5000 studies simulated before this key keep their fingerprint)
+    n_shared: Annotated[NonNegativeInt, Field(exclude=True)] = 100
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulateSection:
         rules = [(self.n_repeated <= self.n_images, "simulate.n_repeated must be in [0, n_images]"),
+                 (self.n_shared <= self.n_images, "simulate.n_shared must be in [0, n_images]"),
                  (self.signal_variance[0] <= self.signal_variance[1],
                   "simulate.signal_variance must be [low, high] with 0 < low <= high")]
         _check(rules)
@@ -86,6 +91,41 @@ class SimulateSection(_Section):
 
 
 _TRS = (1, 2, 3, 4, 5, 34)
+
+
+class NsdSection(_Section):
+    """The Natural Scenes Dataset's files (data.format nsd; pipeline.formats.nsd reads them).
+
+    Templates are relative to data.root (the NSD download's top directory) and take {subject}
+    (subj01 .. subj08), {space} and {version} (the keys below), {session} (1-based; NSD pads to
+    2 digits) and {ext} for betas, {roi_file} for ROI volumes and their label tables. Defaults
+    are the released layout (NSD data manual, cvnlab.slite.page: "Functional data (NSD)",
+    "ROIs"); configs/nsd.yaml documents it."""
+
+    design: str = "nsddata/experiments/nsd/nsd_expdesign.mat"
+    space: Literal["func1pt8mm", "func1mm"] = "func1pt8mm"
+    version: Literal["betas_fithrf_GLMdenoise_RR", "betas_fithrf", "betas_assumehrf"] = "betas_fithrf_GLMdenoise_RR"
+    betas_file: Literal["hdf5", "nifti"] = "hdf5"  # hdf5: chunked per voxel, read by z-slab; nifti: .nii.gz
+    betas: str = "nsddata_betas/ppdata/{subject}/{space}/{version}/betas_session{session:02d}.{ext}"
+    trials_per_session: Count = 750  # NSD: 750 in every session; each file is checked against it
+    ncsnr: str | None = "nsddata_betas/ppdata/{subject}/{space}/{version}/ncsnr.nii.gz"  # None: not stored
+    roi_file: str = "nsddata/ppdata/{subject}/{space}/roi/{roi_file}.nii.gz"
+    label_table: str = "nsddata/freesurfer/{subject}/label/{roi_file}.mgz.ctab"
+    # the ROI volumes data.rois' labels are looked up in (each label once among them, or
+    # written 'file:label', e.g. 'streams:ventral')
+    roi_files: Annotated[list[str], Field(min_length=1)] = ["prf-visualrois", "floc-places", "floc-faces",
+                                                            "floc-bodies", "floc-words"]
+    brain_mask: str = "nsddata/ppdata/{subject}/{space}/brainmask.nii.gz"  # for data.voxels brain
+    stimuli: str = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"  # imgBrick (73000, 425, 425, 3) uint8
+
+    _roi_files_distinct = field_validator("roi_files")(_distinct)
+
+    @model_validator(mode="after")
+    def _templates(self) -> NsdSection:
+        _check([("{session" in self.betas, "data.nsd.betas must contain {session}"),
+                ("{roi_file" in self.roi_file, "data.nsd.roi_file must contain {roi_file}"),
+                ("{roi_file" in self.label_table, "data.nsd.label_table must contain {roi_file}")])
+        return self
 
 
 class DataSection(_Section):
@@ -96,7 +136,8 @@ class DataSection(_Section):
     are under ``root`` (itself relative to the config file) or, without a root, under
     study.workdir. configs/bold5000.yaml documents the released dataset's layout."""
 
-    format: Literal["glmsingle", "release1_rois"] = "glmsingle"  # release 2.0 betas / 1.0 ROI .mat
+    # BOLD5000 release 2.0 betas / BOLD5000 1.0 ROI .mat / the Natural Scenes Dataset (data.nsd)
+    format: Literal["glmsingle", "release1_rois", "nsd"] = "glmsingle"
     root: str | None = None  # the downloaded dataset's directory
     betas: str = "raw/{subject}/{subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_ses-{session:02d}.nii.gz"
     sessions: Annotated[Count | Literal["auto"], expecting("an integer >= 1 or 'auto'")] = "auto"
@@ -120,6 +161,12 @@ class DataSection(_Section):
     # 0.33 GB per 1000 voxels (1.2 GB at 2000), and 1000-voxel chunks cost ~4% more per voxel,
     # 500-voxel ones ~11% (docs/performance.md, memory table).
     chunk_size: Count = 2000
+    nsd: NsdSection = NsdSection()  # format nsd: where NSD's files are (betas, stim_list, roi_masks unused)
+
+    @field_validator("nsd", mode="before")
+    @classmethod
+    def _empty_nsd_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     _rois_distinct = field_validator("rois")(_distinct)
 
@@ -134,6 +181,20 @@ class DataSection(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
         rois1 = self.format == "release1_rois"
+        nsd = self.format == "nsd"
+        bold5000_rois = [f"{h}{r}" for h in ("LH", "RH") for r in ("EarlyVis", "LOC", "OPA", "PPA", "RSC")]
+        _check([
+            (not nsd or self.rois != bold5000_rois,
+             "data.rois holds BOLD5000's ROI names; with data.format 'nsd' list labels of NSD's ROI tables "
+             "(e.g. V1v, V1d, hV4, OPA, PPA, RSC, FFA-1; see configs/nsd.yaml)"),
+            (not nsd or self.voxels != "rois" or bool(self.rois), "data.rois is empty but data.voxels is 'rois'"),
+            (not nsd or self.events is None, "data.events is BOLD5000's; NSD's design comes from data.nsd.design"),
+        ])
+        if nsd:
+            _check([(self.voxels != "mask" or self.voxel_mask is not None,
+                     "data.voxels is 'mask' but data.voxel_mask is not set (NSD: e.g. "
+                     "nsddata/ppdata/{subject}/func1pt8mm/roi/nsdgeneral.nii.gz)")])
+            return self
         _check([
             (self.voxels != "rois" or bool(self.rois), "data.rois is empty but data.voxels is 'rois'"),
             (self.voxels != "mask" or self.voxel_mask is not None,
@@ -391,6 +452,10 @@ class Config(_Section):
                       "(a feature space of features.extra is a task too)"),
             (n == "auto" or n <= len(self.tasks),
              f"analysis.n_clusters must be <= the number of tasks ({len(self.tasks)}, study.tasks), got {n}"),
+            # featurize reads BOLD5000's stimulus lists and image files; imgBrick is not read yet
+            (self.data.format != "nsd" or self.features is None,
+             "features: featurize does not read NSD's imgBrick yet; with data.format 'nsd' leave out the "
+             "features section (the feature bank must already be in the store, or be simulated)"),
             (self.simulate is None or not self.simulate.write_weights
              or (self.features is not None and self.features.weights_dir is not None),
              "simulate.write_weights needs features.weights_dir (where the random encoders go)"),

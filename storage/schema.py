@@ -227,6 +227,8 @@ COORDINATES: dict[str, dict[str, str]] = {
     "session": {"units": "1", "long_name": "session of the image's first showing"},
     "n_showings": {"units": "1", "long_name": "showings averaged into the image's response"},
     "repeated_image": {"long_name": "stimulus image shown more than once"},
+    "shared": {"long_name": "in the common test set: shown to every subject, all showings (NSD's shared images)"},
+    "ncsnr": {"units": "1", "long_name": "the dataset's own noise-ceiling SNR of the voxel (NSD's ncsnr)"},
 }
 
 

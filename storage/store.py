@@ -235,6 +235,7 @@ class StudyStore:
         repeated_images: list[str] | None = None,
         n_showings: int = 0,
         units: str = RESPONSES.units,
+        voxel_extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Create ``responses/<subject>`` (image, voxel) with its coordinates, data unwritten.
 
@@ -243,6 +244,7 @@ class StudyStore:
         With ``repeated_images``, also ``repeat_responses`` (showing, repeated_image, voxel):
         the single trials of images shown more than once, NaN where an image had fewer showings.
         ``units``: of the response values (dimensionless when z-scored).
+        voxel_extra: name -> (v,) values, more voxel coordinates (names among ``schema.COORDINATES``).
         """
         n, v = len(images), len(roi)
         voxel_ijk = np.asarray(voxel_ijk)
@@ -253,6 +255,8 @@ class StudyStore:
                                   **voxel_coords(voxel_ijk, roi)}
         for name, values in (image_coords or {}).items():
             coords[name] = coordinate(name, "image", np.asarray(values))
+        for name, values in (voxel_extra or {}).items():
+            coords[name] = coordinate(name, "voxel", np.asarray(values))
         data = {"responses": xr.Variable(RESPONSES.dims, template, attrs=dict(RESPONSES.attrs, units=units))}
         if repeated_images:
             coords["repeated_image"] = coordinate("repeated_image", "repeated_image", strings(repeated_images))

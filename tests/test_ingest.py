@@ -115,7 +115,7 @@ def test_shipped_config_loads_and_names_its_placeholder_root(tmp_path):
     ({"betas": "CSI{n}_betas.nii.gz"}, r"data.betas must contain \{session\}"),
     ({"voxels": "rois", "rois": []}, "data.rois is empty"),
     ({"rois": ["LHPPA", "LHPPA"]}, "data.rois has duplicates"),
-    ({"format": "nifti"}, r"data.format: expected 'glmsingle' or 'release1_rois'"),
+    ({"format": "nifti"}, r"data.format: expected 'glmsingle', 'release1_rois' or 'nsd'"),
 ])
 def test_data_config_checks(tmp_path, data, message):
     from neurotask.pipeline.errors import ConfigError

@@ -12,7 +12,11 @@ Two readers produce the same thing for the store (``data.format``):
   variable, k = -1), its ``roi`` label is kept, and attrs ``voxel_space`` is 'roi_index'
   without ``volume_shape``, so the report draws no volume maps and exports no NIfTI.
 
-Both: each voxel z-scored within each session (the dataset README's advice), one row per image
+A third, 'nsd', reads the Natural Scenes Dataset (``pipeline.stages.ingest_nsd``: its design
+file, int16 HDF5 or NIfTI betas, ROI label volumes, ncsnr) into the same store layout, plus the
+``shared`` image coordinate (the common test set) and NSD's ``ncsnr`` per voxel.
+
+All: each voxel z-scored within each session (the dataset README's advice), one row per image
 (data.repeats: the one unprefixed showing, or the mean of all showings) plus the single trials
 of the repeated images; optional events files cross-checked against the stimulus list.
 
@@ -163,6 +167,10 @@ def locate_files(cfg: Config, subject: str) -> SubjectFiles:
 
 def validate_layout(cfg: Config) -> dict[str, SubjectFiles]:
     """Every subject's files; raises DataError listing every missing file at once."""
+    if cfg.data.format == "nsd":
+        from neurotask.pipeline.stages import ingest_nsd
+
+        return ingest_nsd.validate_layout(cfg)
     files = {s: locate_files(cfg, s) for s in cfg.study.subjects}
     missing = [p for f in files.values() for p in f.missing]
     if missing:
@@ -280,6 +288,7 @@ class Staged:
     constant: np.ndarray
     attrs: dict[str, Any]
     mean_beta: np.ndarray | None = None  # (v,) float64: each voxel's mean raw beta over every trial
+    voxel_extra: dict[str, np.ndarray] = field(default_factory=dict)  # more (v,) voxel coordinates (NSD: ncsnr)
 
 
 def zscore_columns(block: np.ndarray) -> np.ndarray:
@@ -417,7 +426,11 @@ def ingest_params(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     out = {"format": d.format, "voxels": d.voxels, "rois": list(d.rois), "repeats": d.repeats,
            "zscore_sessions": d.zscore_sessions, "voxel_order": d.voxel_order, "chunk_size": d.chunk_size}
-    if d.format == "release1_rois":
+    if d.format == "nsd":
+        from neurotask.pipeline.stages import ingest_nsd
+
+        out.update(ingest_nsd.ingest_params(cfg))
+    elif d.format == "release1_rois":
         out["trs"] = list(d.trs)
     elif d.voxels == "brain":
         out["brain_mask"] = "file" if d.brain_mask else "derived"
@@ -429,7 +442,7 @@ def response_units(cfg: Config) -> str:
     in percent signal change; the release-1.0 ROI files do not say."""
     if cfg.data.zscore_sessions:
         return "1"
-    return "percent signal change" if cfg.data.format == "glmsingle" else "unknown"
+    return "percent signal change" if cfg.data.format in ("glmsingle", "nsd") else "unknown"
 
 
 def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged) -> dict:
@@ -454,12 +467,17 @@ def _write(cfg: Config, store: StudyStore, plan: SubjectPlan, staged: Staged) ->
         "constant_voxels": int(staged.constant[keep].sum()),
         "events_checked": plan.events is not None, "ingest": ingest_params(cfg),
     }
+    image_coords = {"session": np.array([session_of_trial[g[0]] for g in groups], dtype=np.int16),
+                    "n_showings": sizes.astype(np.int16)}
+    shared = getattr(plan, "shared_images", None)  # NSD: the common test set
+    if shared is not None:
+        image_coords["shared"] = np.array([name in shared for name in images], dtype=bool)
+        attrs["shared_images"] = int(image_coords["shared"].sum())
     chunks = ChunkPlan(keep.size, cfg.data.chunk_size)
     store.init_responses(
         subject, images, staged.ijk[keep], [staged.roi[i] for i in keep], chunks.chunk_size, attrs,
-        image_coords={"session": np.array([session_of_trial[g[0]] for g in groups], dtype=np.int16),
-                      "n_showings": sizes.astype(np.int16)},
-        repeated_images=rep_names, n_showings=rep_trials.shape[0], units=response_units(cfg))
+        image_coords=image_coords, repeated_images=rep_names, n_showings=rep_trials.shape[0],
+        units=response_units(cfg), voxel_extra={k: v[keep] for k, v in staged.voxel_extra.items()})
     for voxels in chunks:
         cols = keep[voxels]
         block = np.asarray(staged.trials[:, cols], dtype=np.float32)  # (n_trials, chunk)
@@ -477,7 +495,7 @@ def _describe_policy(cfg: Config, plan: SubjectPlan) -> None:
     stim = plan.stim
     for note in plan.files.notes:
         logger.info(f"  {plan.subject}: {note}")
-    if cfg.data.repeats != "exclude":
+    if cfg.data.repeats != "exclude" or cfg.data.format == "nsd":
         return
     if not stim.has_rep_prefix:
         logger.info(f"  {plan.subject}: {stim.path.name} has no '{bold5000.REP_PREFIX}' prefixes (release 2.0 list): "
@@ -538,18 +556,26 @@ def ingest(cfg: Config, *, overwrite: bool = False) -> dict[str, dict]:
             done[subject] = record
             continue
         todo.append(f)
-    plans = [check_subject(cfg, f) for f in todo]  # every subject checked before any data are read
+    # every subject checked before any data are read
+    if cfg.data.format == "nsd":
+        from neurotask.pipeline.stages import ingest_nsd
+
+        plans = ingest_nsd.check_subjects(cfg, todo, files)
+    else:
+        plans = [check_subject(cfg, f) for f in todo]
 
     staging_dir = cfg.workdir / "staging"
     for plan in plans:
         subject = plan.subject
         logger.info(f"{subject}: ingesting ({cfg.data.format}: "
-                    f"{len(plan.files.sessions) if cfg.data.format == 'glmsingle' else len(plan.files.roi_mats)} file(s))")
+                    f"{len(plan.files.roi_mats) if cfg.data.format == 'release1_rois' else len(plan.files.sessions)} file(s))")
         _describe_policy(cfg, plan)
         staging = staging_dir / f"{subject}.npy"
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if cfg.data.format == "glmsingle":
+            if cfg.data.format == "nsd":
+                staged = ingest_nsd.stage(cfg, plan, staging)
+            elif cfg.data.format == "glmsingle":
                 staged = _stage_glmsingle(cfg, plan, staging)
             else:
                 staged = _stage_release1(cfg, plan)
