@@ -238,3 +238,70 @@ def test_the_stage_stores_the_group_of_the_stored_analysis(analysis_study):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in store_group.rglob("*") if p.is_file())
     run_analysis(cfg)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in store_group.rglob("*") if p.is_file()) == before
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _small_analysis(s: int, rng: np.random.Generator):
+    """A per-subject analysis as far as the group needs it: s subjects near Taskonomy's similarity."""
+    import xarray as xr
+
+    from neurotask.pipeline.stats.taskonomy import taskonomy_similarity
+    from neurotask.pipeline.tasks import task_info, task_names
+
+    tasks = task_names()[:9]
+    ts = taskonomy_similarity(tasks).values
+    sims = _stack(rng, s, len(tasks), 0.2, base=ts)
+    a = xr.Dataset(
+        coords={"subject": [f"S{i}" for i in range(s)], "task": tasks, "task2": tasks,
+                "linkage_field": ["left", "right", "distance", "size"],
+                "label": ("task", [task_info(t).label for t in tasks]),
+                "taskonomy_cluster": ("task", [task_info(t).cluster for t in tasks])},
+        attrs={"linkage": "average", "ci": 0.95, "n_bootstrap": 30, "n_permutations": 50, "seed": 3, "metric": "cosine"})
+    a["similarity"] = (("subject", "task", "task2"), sims)
+    a["taskonomy_similarity"] = (("task", "task2"), ts)
+    a["spearman_taskonomy_mean"] = ((), 0.5)
+    a["mantel_p_mean"] = ((), 0.01)
+    return a
+
+
+def test_node_positions_are_where_scipy_draws_the_merges():
+    from scipy.cluster import hierarchy
+
+    from neurotask.pipeline.report.group import node_positions
+
+    z = S.task_linkage(_stack(np.random.default_rng(13), 1, 9, 0.3)[0])
+    d = hierarchy.dendrogram(z, no_plot=True)
+    drawn = {(round(h, 12), round((ic[1] + ic[2]) / 2, 9)) for ic, dc in zip(d["icoord"], d["dcoord"]) for h in [dc[1]]}
+    pos = node_positions(z, d["leaves"])
+    assert {(round(h, 12), round(p, 9)) for h, p in zip(z[:, 2], pos)} == drawn
+
+
+def test_group_figures_are_added_with_their_numbers(tmp_path):
+    from neurotask.pipeline.report.group import group_figures, group_statistics
+    from neurotask.pipeline.report.page import ReportPage
+
+    g = G.group_analysis(_small_analysis(3, np.random.default_rng(14)))
+    assert g.attrs["n_taskonomy_tasks"] == 9 and np.isfinite(g["clade_support"]).all()
+    page = ReportPage(tmp_path, dpi=40)
+    group_figures(page, g)
+    assert [f.key for f in page.figures] == ["group_tree", "group_consistency"]
+    assert all(f.section == "group" for f in page.figures)
+    assert "mean over 3 subjects" in page.figures[0].caption and "30 bootstrap resamples" in page.figures[0].caption
+    assert f"p = {float(g['group_sign_flip_p']):.3g}" in page.figures[1].caption
+    assert "smallest possible p = 0.125" in page.figures[1].caption
+    assert (tmp_path / "figures" / "group_tree.svg").is_file()
+    stats_ = group_statistics(g)
+    assert stats_["n_subjects"] == 3 and stats_["group_sign_flip_p"] == float(g["group_sign_flip_p"])
+    empty = ReportPage(tmp_path / "none", dpi=40)
+    group_figures(empty, None)
+    assert not empty.figures and "at least 2 subjects" in empty.notes[0]
+
+
+def test_the_group_analysis_is_seeded_by_the_analysis_seed():
+    a = _small_analysis(4, np.random.default_rng(15))
+    first, again = G.group_analysis(a), G.group_analysis(a)
+    np.testing.assert_array_equal(first["similarity_mean_ci"].values, again["similarity_mean_ci"].values)
+    other = G.group_analysis(a.assign_attrs(seed=4))
+    assert not np.array_equal(first["similarity_mean_ci"].values, other["similarity_mean_ci"].values)

@@ -40,6 +40,7 @@ from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.report.claims import is_published_import, paper_claims, upstream
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
 from neurotask.pipeline.report.diagnostics import feature_counts
+from neurotask.pipeline.report.group import group_figures, group_statistics
 from neurotask.pipeline.report.sections import diagnostic_figures, roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
 from neurotask.pipeline.stages.summary import roi_table
@@ -85,6 +86,7 @@ def build_report(
     *,
     options: ReportOptions | None = None,
     provenance: dict | None = None,
+    group: xr.Dataset | None = None,
 ) -> Path:
     """Write figures, NIfTI maps, statistics.json and index.html into ``outdir``. -> index.html.
 
@@ -92,6 +94,7 @@ def build_report(
     results (task, voxel) with voxel_i/j/k, roi and attrs volume_shape, affine (maps are
     drawn only for subjects whose voxels have positions). The paper-vs-reproduction table is
     drawn when ``results`` are the authors' published results (:func:`is_published_import`).
+    ``group``: the group analysis (``analysis/group``, :mod:`pipeline.stats.group`), or None.
     """
     options = options or ReportOptions()
     outdir = Path(outdir)
@@ -103,9 +106,13 @@ def build_report(
     map_figures(page, analysis, results, task, options.maps)
     logger.info("report: figures 1-3 and NIfTI maps written")
     structure_figures(page, analysis, options.graph_neighbours)
+    if analysis.sizes["subject"] > 1:
+        group_figures(page, group)
     warnings = diagnostic_figures(page, results, options.alpha_edge_warning, options.n_features, analysis)
 
     statistics = comparison_statistics(analysis)
+    if group is not None:
+        statistics["group"] = group_statistics(group)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
     claims = paper_claims(analysis, statistics) if is_published_import(results) else []
     html = render_page(analysis, statistics, page.figures, page.notes, page.nifti_rows, provenance or {}, task,
@@ -245,7 +252,7 @@ def report_dir(cfg: Config) -> Path:
 
 def write_report(cfg: Config) -> Path:
     """The study's report from the stored analysis and results. -> path of index.html."""
-    from neurotask.pipeline.stages.analyse import read_analysis
+    from neurotask.pipeline.stages.analyse import read_analysis, read_group
 
     analysis = read_analysis(cfg)
     store = StudyStore(cfg.store_path)
@@ -260,6 +267,6 @@ def write_report(cfg: Config) -> Path:
                             n_features=feature_counts(store, [str(t) for t in analysis["task"].values]))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
-                         provenance=provenance(cfg, analysis, results))
+                         provenance=provenance(cfg, analysis, results), group=read_group(cfg))
     logger.info(f"report: {index} ({time.perf_counter() - t0:.1f} s)")
     return index
