@@ -228,6 +228,9 @@ def test_the_stage_stores_the_group_of_the_stored_analysis(analysis_study):
     np.testing.assert_allclose(g["linkage_mean"].values, a["linkage_mean"].values)
     np.testing.assert_allclose(g["spearman_taskonomy"].values, a["spearman_taskonomy"].values, atol=1e-12)
     assert float(g["mantel_p_mean"]) == float(a["mantel_p_mean"])
+    # with 2 subjects, leaving one out compares it with the other: the analysis' subject correlation
+    r12 = float(a["subject_correlation"].sel(subject="CSI1", subject2="CSI2"))
+    np.testing.assert_allclose(g["loso_pearson"].values, [r12, r12], atol=1e-12)
     lower, upper = g["similarity_mean_ci"].sel(bound="lower"), g["similarity_mean_ci"].sel(bound="upper")
     assert bool((lower <= g["similarity_mean"] + 1e-12).all()) and bool((g["similarity_mean"] <= upper + 1e-12).all())
     # the two simulated subjects share the planted structure: each resembles the other
@@ -299,9 +302,41 @@ def test_group_figures_are_added_with_their_numbers(tmp_path):
     assert not empty.figures and "at least 2 subjects" in empty.notes[0]
 
 
+def test_clade_supports_are_drawn_at_their_merges_without_overlapping():
+    from neurotask.pipeline.report.group import figure_group_tree
+    from neurotask.pipeline.report.label_placement import overlapping_labels
+
+    g = G.group_analysis(_small_analysis(4, np.random.default_rng(16)))
+    fig = figure_group_tree(g)
+    texts = {t.get_gid(): t for t in fig.axes[0].texts if (t.get_gid() or "").startswith("support:")}
+    assert len(texts) == g.sizes["merge"] - 1  # every clade but the root
+    for k in range(g.sizes["merge"] - 1):
+        assert texts[f"support:{k}"].get_text() == f"{100 * float(g['clade_support'][k]):.0f}"
+    assert overlapping_labels(texts) == []
+
+
 def test_the_group_analysis_is_seeded_by_the_analysis_seed():
     a = _small_analysis(4, np.random.default_rng(15))
     first, again = G.group_analysis(a), G.group_analysis(a)
     np.testing.assert_array_equal(first["similarity_mean_ci"].values, again["similarity_mean_ci"].values)
     other = G.group_analysis(a.assign_attrs(seed=4))
     assert not np.array_equal(first["similarity_mean_ci"].values, other["similarity_mean_ci"].values)
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_group_section_in_chromium(analysis_study, tmp_path):
+    from analysis_fixtures import ROOT
+    from browser import Browser, ensure_chromium
+
+    report = analysis_study.workdir / "report"
+    ensure_chromium(ROOT)
+    with Browser(tmp_path / "profile") as b:
+        found = b.load((report / "index.html").as_uri())
+    assert found.errors == [], found.errors
+    assert "group" in found.sections and "#group" in found.toc
+    assert {"group_tree", "group_consistency"} <= set(found.ids)
+    for key in ("group_tree", "group_consistency"):
+        assert (report / "figures" / f"{key}.png").is_file() and (report / "figures" / f"{key}.svg").is_file()
+    assert all(i["ok"] for i in found.images)
+    stats_ = __import__("json").loads((report / "statistics.json").read_text())
+    assert stats_["group"]["n_subjects"] == 2 and set(stats_["group"]["loso_spearman"]) == {"CSI1", "CSI2"}

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from scipy.cluster import hierarchy
 
 from neurotask.pipeline.report.figures import CLUSTER_COLOURS, _cluster_legend, freeze_layout
+from neurotask.pipeline.report.label_placement import place_labels
 from neurotask.pipeline.report.page import ReportPage
 
 # supports at or above this are drawn dark, below it grey: the usual "well supported" line
@@ -65,12 +66,6 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
         ax_tree.spines[side].set_visible(False)
     for tick, i in zip(ax_tree.get_yticklabels(), leaves):
         tick.set_color(CLUSTER_COLOURS.get(clusters[i], "#000000"))
-    pos = node_positions(z, leaves)
-    for k in range(len(z) - 1):  # not the root: it holds every task in every replicate
-        strong = support[k] >= STRONG_SUPPORT
-        ax_tree.annotate(f"{100 * support[k]:.0f}", (z[k, 2], pos[k]), xytext=(-2, 2), textcoords="offset points",
-                         ha="right", va="bottom", fontsize=6.5, color="#000000" if strong else "#8C8C8C",
-                         fontweight="bold" if strong else "normal")
     distance = "distance (1 - similarity)" if group.attrs["linkage"] != "ward" else "ward distance"
     ax_tree.set_xlabel(distance, fontsize=8)
     ax_tree.tick_params(axis="x", labelsize=7)
@@ -100,7 +95,16 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
             tick.set_color(CLUSTER_COLOURS.get(clusters[i], "#000000"))
     handles = _cluster_legend(clusters)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
-    return freeze_layout(fig)
+    # supports placed once the layout is fixed, clear of each other where merges crowd
+    freeze_layout(fig)
+    pos = node_positions(z, leaves)
+    inner = range(len(z) - 1)  # not the root: it holds every task in every replicate
+    texts = place_labels(ax_tree, {k: (z[k, 2], pos[k]) for k in inner}, {k: f"{100 * support[k]:.0f}" for k in inner},
+                         node_radius_pt=1.0, fontsize=6.5, rings=5)
+    for k, text in texts.items():
+        text.set_color("#000000" if support[k] >= STRONG_SUPPORT else "#8C8C8C")
+        text.set_gid(f"support:{k}")
+    return fig
 
 
 def figure_group_consistency(group: xr.Dataset) -> Figure:
@@ -113,10 +117,11 @@ def figure_group_consistency(group: xr.Dataset) -> Figure:
     x = np.arange(s)
     for offset, name, colour, label in ((-0.2, "loso_spearman", "#0072B2", "Spearman"),
                                         (0.2, "loso_pearson", "#E69F00", "Pearson")):
-        ax_loso.bar(x + offset, group[name].values, width=0.38, color=colour, label=label)
+        bars = ax_loso.bar(x + offset, group[name].values, width=0.38, color=colour, label=label)
+        ax_loso.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax_loso.set_xticks(x, subjects, fontsize=8, rotation=30 if s > 6 else 0)
     lo = min(0.0, float(np.nanmin([group["loso_spearman"].values, group["loso_pearson"].values])))
-    ax_loso.set_ylim(lo, 1.0)
+    ax_loso.set_ylim(lo, 1.1)  # r <= 1; room for the values above the bars
     ax_loso.axhline(0, color="#555555", lw=0.6)
     ax_loso.set_ylabel("r with the mean of the other subjects", fontsize=8)
     ax_loso.set_title("Leave-one-subject-out consistency\n(upper triangles of the similarity matrices)", fontsize=9)
@@ -128,7 +133,12 @@ def figure_group_consistency(group: xr.Dataset) -> Figure:
         ax_tax.text(0.5, 0.5, "no comparison with Taskonomy:\nfewer than 3 tasks with its affinities",
                     ha="center", va="center", fontsize=9)
         return freeze_layout(fig)
-    ax_tax.scatter(x, r, color="#333333", zorder=3, label="subject")
+    sub_ci = group["spearman_taskonomy_ci"].values if "spearman_taskonomy_ci" in group else np.full((s, 2), np.nan)
+    if np.isfinite(sub_ci).all():
+        ax_tax.errorbar(x, r, yerr=[r - sub_ci[:, 0], sub_ci[:, 1] - r], fmt="o", color="#333333", capsize=3, zorder=3,
+                        label=f"subject ({group.attrs['ci']:.0%} CI, bootstrap over its voxels)")
+    else:
+        ax_tax.scatter(x, r, color="#333333", zorder=3, label="subject")
     mean_r, ci = float(group["group_mean_r"]), group["group_mean_r_ci"].values
     ax_tax.axhline(mean_r, color="#009E73", lw=1.5, label="group: tanh(mean Fisher z)")
     if np.isfinite(ci).all():
@@ -167,7 +177,7 @@ def group_figures(page: ReportPage, group: xr.Dataset | None) -> None:
              f"Left: the {group.attrs['linkage']}-linkage tree of the mean over {s} subjects of their task similarity "
              f"matrices ({group.attrs['metric']}); at each branch the % of {nb} bootstrap resamples of the subjects "
              "(drawn with replacement, mean recomputed, tree rebuilt with the same linkage) whose tree has exactly "
-             f"that branch's set of tasks (bold: >= {100 * STRONG_SUPPORT:.0f}%; the root, all tasks, is always "
+             f"that branch's set of tasks (black: >= {100 * STRONG_SUPPORT:.0f}%, grey: less; the root, all tasks, is always "
              "100% and unlabelled). Middle: the mean matrix, rows and columns in the tree's leaf order (rows "
              f"aligned with its leaves). Right: the width (upper - lower, similarity units) of each cell's {ci} "
              f"percentile interval over the same subject resamples. Task labels coloured by Taskonomy cluster.{coarse}",
@@ -178,13 +188,16 @@ def group_figures(page: ReportPage, group: xr.Dataset | None) -> None:
     page.add("group_consistency", "Group: consistency across subjects and the group test against Taskonomy",
              f"Left: for each of the {s} subjects, the Spearman (blue) and Pearson (orange) r between the {m} "
              "task pairs of its similarity matrix and those of the mean of the other subjects' matrices "
-             "(leave-one-subject-out). Right: dots, each subject's Spearman r between its similarity and Taskonomy's "
-             f"over the {group.attrs['n_taskonomy_tasks']} tasks Taskonomy covers; green line, the group estimate "
+             "(leave-one-subject-out); value above each bar. Right: dots, each subject's Spearman r between its similarity "
+             f"and Taskonomy's over the {group.attrs['n_taskonomy_tasks']} tasks Taskonomy covers (error bars: its "
+             f"{ci} percentile interval over bootstrap resamples of the subject's voxels, from the per-subject "
+             "analysis); green line, the group estimate "
              f"(tanh of the mean Fisher z over subjects) and band, its {ci} t interval (df = {s - 1}); dashed, the "
              f"r of the subject-mean matrix (its Mantel p = {_p(float(group['mantel_p_mean']))}, tasks permuted, a "
              "test that treats the subjects as fixed). Group tests, subjects the random effect, one-sided (r > 0): "
              f"one-sample t on the Fisher z, p = {_p(float(group['group_t_p']))}; sign flip ({flip}), "
-             f"p = {_p(float(group['group_sign_flip_p']))}.",
+             f"p = {_p(float(group['group_sign_flip_p']))}. With few subjects the t-test leans on normally distributed "
+             "z; the sign flip assumes only symmetry but cannot go below its smallest p.",
              figure_group_consistency(group), svg=True, section="group")
 
 

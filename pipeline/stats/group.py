@@ -212,6 +212,7 @@ _VARIABLES: dict[str, tuple[str, str]] = {
     "clade_support": ("1", "share of subject-bootstrap replicate trees with the clade formed at this merge"),
     "clade_size": ("tasks", "tasks in the clade formed at this merge"),
     "spearman_taskonomy": ("1", "Spearman r between the subject's and Taskonomy's task similarity"),
+    "spearman_taskonomy_ci": ("1", "bootstrap-over-voxels percentile interval of spearman_taskonomy"),
     "fisher_z": ("1", "Fisher z of spearman_taskonomy"),
     "group_mean_r": ("1", "tanh of the mean Fisher z over subjects"),
     "group_mean_r_ci": ("1", "tanh of the t-based interval of the mean Fisher z"),
@@ -287,7 +288,11 @@ def group_analysis(analysis: xr.Dataset) -> xr.Dataset:
     out["group_t"] = ((), float(test["t"]))
     out["group_t_p"] = ((), float(test["t_p"]))
     out["group_sign_flip_p"] = ((), float(test["sign_flip_p"]))
-    # the group-mean matrix's own Mantel test, as the per-subject analysis computed it
+    # each subject's voxel-bootstrap interval of its r, and the group-mean matrix's own Mantel
+    # test, as the per-subject analysis computed them
+    if "spearman_taskonomy_ci" in a:
+        out["spearman_taskonomy_ci"] = (("subject", "bound"),
+                                        a["spearman_taskonomy_ci"].transpose("subject", "bound").values.astype(np.float64))
     for name in ("spearman_taskonomy_mean", "mantel_p_mean"):
         out[name] = ((), float(a[name]) if name in a else np.nan)
     for name in [*out.data_vars, *out.coords]:
