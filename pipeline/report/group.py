@@ -22,6 +22,9 @@ from neurotask.pipeline.report.figures import CLUSTER_COLOURS, _cluster_legend, 
 from neurotask.pipeline.report.label_placement import place_labels
 from neurotask.pipeline.report.page import ReportPage
 
+_ZERO_COLOUR = "#8C8C8C"
+_ZERO_SUFFIX = " (0 sig. voxels)"
+
 # supports at or above this are drawn dark, below it grey: the usual "well supported" line
 STRONG_SUPPORT = 0.95
 
@@ -36,6 +39,13 @@ def _clusters(group: xr.Dataset) -> list[str]:
     if "taskonomy_cluster" in group.coords:
         return [str(x) for x in group["taskonomy_cluster"].values]
     return [""] * group.sizes["task"]
+
+
+def zero_tasks(group: xr.Dataset) -> set[int]:
+    """Indices of the tasks without a significant voxel in any subject (a similarity row of 0)."""
+    if "no_significant_voxel" not in group:
+        return set()
+    return {int(i) for i in np.flatnonzero(group["no_significant_voxel"].all("subject").values)}
 
 
 def node_positions(z: np.ndarray, leaves: list[int]) -> np.ndarray:
@@ -64,8 +74,11 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
     ax_tree.set_ylim(0, 10 * t)
     for side in ("top", "right", "left"):
         ax_tree.spines[side].set_visible(False)
+    zero = zero_tasks(group)
+    ax_tree.set_yticks(ax_tree.get_yticks(), [labels[i] + (_ZERO_SUFFIX if i in zero else "") for i in leaves])
     for tick, i in zip(ax_tree.get_yticklabels(), leaves):
-        tick.set_color(CLUSTER_COLOURS.get(clusters[i], "#000000"))
+        tick.set_color(_ZERO_COLOUR if i in zero else CLUSTER_COLOURS.get(clusters[i], "#000000"))
+        tick.set_fontstyle("italic" if i in zero else "normal")
     distance = "distance (1 - similarity)" if group.attrs["linkage"] != "ward" else "ward distance"
     ax_tree.set_xlabel(distance, fontsize=8)
     ax_tree.tick_params(axis="x", labelsize=7)
@@ -78,6 +91,9 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
     ci = group["similarity_mean_ci"].values[np.ix_(leaves, leaves)]
     width = ci[..., 1] - ci[..., 0]
     np.fill_diagonal(width, np.nan)  # a task's similarity to itself: nothing to estimate
+    rows = [k for k, i in enumerate(leaves) if i in zero]
+    width[rows, :] = np.nan  # 0 in every resample because nothing was found, not because it is certain
+    width[:, rows] = np.nan
     im = ax_mean.imshow(mean, cmap="viridis", vmin=0, vmax=1, origin="lower", extent=extent, aspect="auto",
                         interpolation="nearest")
     fig.colorbar(im, ax=ax_mean, shrink=0.6, label=f"{group.attrs['metric']} similarity")
@@ -87,12 +103,14 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
     im = ax_width.imshow(width, cmap=cmap, vmin=0, vmax=vmax, origin="lower", extent=extent, aspect="auto",
                          interpolation="nearest")
     fig.colorbar(im, ax=ax_width, shrink=0.6, label=f"{group.attrs['ci']:.0%} interval width (similarity units)")
-    ax_width.set_title("Width of its bootstrap-over-subjects interval\n(grey diagonal: self-similarity, not estimated)", fontsize=9)
+    ax_width.set_title("Width of its bootstrap-over-subjects interval\n(grey: self-similarity, or a task without "
+                       "significant voxels)", fontsize=9)
     for ax in (ax_mean, ax_width):
         ax.set_xticks(range(t), [labels[i] for i in leaves], rotation=90, fontsize=7)
         ax.set_yticks([])
         for tick, i in zip(ax.get_xticklabels(), leaves):
-            tick.set_color(CLUSTER_COLOURS.get(clusters[i], "#000000"))
+            tick.set_color(_ZERO_COLOUR if i in zero else CLUSTER_COLOURS.get(clusters[i], "#000000"))
+            tick.set_fontstyle("italic" if i in zero else "normal")
     handles = _cluster_legend(clusters)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
     # supports placed once the layout is fixed, clear of each other where merges crowd
@@ -100,7 +118,8 @@ def figure_group_tree(group: xr.Dataset) -> Figure:
     pos = node_positions(z, leaves)
     inner = range(len(z) - 1)  # not the root: it holds every task in every replicate
     texts = place_labels(ax_tree, {k: (z[k, 2], pos[k]) for k in inner}, {k: f"{100 * support[k]:.0f}" for k in inner},
-                         node_radius_pt=1.0, fontsize=6.5, rings=5)
+                         node_radius_pt=1.0, fontsize=6.5, rings=5,
+                         text_kw={"bbox": {"facecolor": "white", "edgecolor": "none", "pad": 0.4, "alpha": 0.85}})
     for k, text in texts.items():
         text.set_color("#000000" if support[k] >= STRONG_SUPPORT else "#8C8C8C")
         text.set_gid(f"support:{k}")
@@ -171,6 +190,10 @@ def group_figures(page: ReportPage, group: xr.Dataset | None) -> None:
         return
     s, nb = int(group.attrs["n_subjects"]), int(group.attrs["n_bootstrap"])
     ci = f"{group.attrs['ci']:.0%}"
+    names = _labels(group)
+    zero = [names[i] for i in sorted(zero_tasks(group))]
+    zero_note = (f" Grey italic: {', '.join(zero)}, without a significant voxel in any subject (a row of 0), so it "
+                 "joins the tree at its root for that reason alone." if zero else "")
     coarse = (f" With {s} subjects only a few distinct resamples exist, so the supports and intervals are coarse."
               if s < 5 else "")
     page.add("group_tree", "Group: consensus tree and subject-mean similarity",
@@ -180,7 +203,9 @@ def group_figures(page: ReportPage, group: xr.Dataset | None) -> None:
              f"that branch's set of tasks (black: >= {100 * STRONG_SUPPORT:.0f}%, grey: less; the root, all tasks, is always "
              "100% and unlabelled). Middle: the mean matrix, rows and columns in the tree's leaf order (rows "
              f"aligned with its leaves). Right: the width (upper - lower, similarity units) of each cell's {ci} "
-             f"percentile interval over the same subject resamples. Task labels coloured by Taskonomy cluster.{coarse}",
+             f"percentile interval over the same subject resamples (grey: the diagonal, and tasks without a significant "
+             "voxel in any subject, whose similarity is 0 in every resample because nothing was found). Task labels "
+             f"coloured by Taskonomy cluster.{zero_note}{coarse}",
              figure_group_tree(group), svg=True, section="group")
     m = group.sizes["task"] * (group.sizes["task"] - 1) // 2
     flip = ("exact over all 2^n sign patterns, smallest possible p = "

@@ -214,6 +214,7 @@ _VARIABLES: dict[str, tuple[str, str]] = {
     "spearman_taskonomy": ("1", "Spearman r between the subject's and Taskonomy's task similarity"),
     "spearman_taskonomy_ci": ("1", "bootstrap-over-voxels percentile interval of spearman_taskonomy"),
     "fisher_z": ("1", "Fisher z of spearman_taskonomy"),
+    "no_significant_voxel": ("1", "the task has no significant voxel in the subject (its similarity row is 0)"),
     "group_mean_r": ("1", "tanh of the mean Fisher z over subjects"),
     "group_mean_r_ci": ("1", "tanh of the t-based interval of the mean Fisher z"),
     "group_t": ("1", "one-sample t of the subjects' Fisher z (df = subjects - 1)"),
@@ -288,8 +289,11 @@ def group_analysis(analysis: xr.Dataset) -> xr.Dataset:
     out["group_t"] = ((), float(test["t"]))
     out["group_t_p"] = ((), float(test["t_p"]))
     out["group_sign_flip_p"] = ((), float(test["sign_flip_p"]))
-    # each subject's voxel-bootstrap interval of its r, and the group-mean matrix's own Mantel
-    # test, as the per-subject analysis computed them
+    # from the per-subject analysis: which tasks have no significant voxel, each subject's
+    # voxel-bootstrap interval of its r, and the group-mean matrix's own Mantel test
+    if "no_significant_voxel" in a:
+        out["no_significant_voxel"] = (("subject", "task"),
+                                       a["no_significant_voxel"].transpose("subject", "task").values.astype(bool))
     if "spearman_taskonomy_ci" in a:
         out["spearman_taskonomy_ci"] = (("subject", "bound"),
                                         a["spearman_taskonomy_ci"].transpose("subject", "bound").values.astype(np.float64))
