@@ -185,8 +185,7 @@ def _p(x: float) -> str:
 def group_figures(page: ReportPage, group: xr.Dataset | None) -> None:
     """Add the group section's two figures to ``page`` (a note instead with fewer than 2 subjects)."""
     if group is None:
-        page.notes.append("Group-level figures are not drawn: they need at least 2 subjects "
-                          "(or the stored analysis predates them: rerun `neurotask analyse`).")
+        page.notes.append("Group-level figures are not drawn: they need at least 2 subjects.")
         return
     s, nb = int(group.attrs["n_subjects"]), int(group.attrs["n_bootstrap"])
     ci = f"{group.attrs['ci']:.0%}"

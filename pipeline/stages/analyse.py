@@ -4,7 +4,10 @@ Reads ``results/<subject>`` (and, where an import stored them, the separate ROI-
 ``roi_results/<subject>``) for the study's subjects, runs :func:`pipeline.stats.task_structure.analyse`
 with the config's ``analysis:`` settings and writes the Dataset it returns to the group
 ``analysis/task_structure`` (dims subject, subject2, task, task2, roi, roi_group, contrast,
-...; see ``pipeline.stats.task_structure``). It never fits anything: it refuses to start while a
+...; see ``pipeline.stats.task_structure``) and, with two or more subjects, the group level
+across subjects (subject-mean similarity with a bootstrap over subjects, leave-one-subject-out
+consistency, clade supports, the group test against Taskonomy; ``pipeline.stats.group``) to
+``analysis/group``. It never fits anything: it refuses to start while a
 subject's fit is unfinished, and it touches neither the results nor the fit's progress
 markers.
 

@@ -41,6 +41,7 @@ from neurotask.pipeline.report.claims import is_published_import, paper_claims, 
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
 from neurotask.pipeline.report.diagnostics import feature_counts
 from neurotask.pipeline.report.group import group_figures, group_statistics
+from neurotask.pipeline.stats.group import group_analysis
 from neurotask.pipeline.report.sections import diagnostic_figures, roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
 from neurotask.pipeline.stages.summary import roi_table
@@ -94,7 +95,8 @@ def build_report(
     results (task, voxel) with voxel_i/j/k, roi and attrs volume_shape, affine (maps are
     drawn only for subjects whose voxels have positions). The paper-vs-reproduction table is
     drawn when ``results`` are the authors' published results (:func:`is_published_import`).
-    ``group``: the group analysis (``analysis/group``, :mod:`pipeline.stats.group`), or None.
+    ``group``: the stored group analysis (``analysis/group``, :mod:`pipeline.stats.group`); None:
+    computed here from ``analysis`` when it has two or more subjects.
     """
     options = options or ReportOptions()
     outdir = Path(outdir)
@@ -106,8 +108,9 @@ def build_report(
     map_figures(page, analysis, results, task, options.maps)
     logger.info("report: figures 1-3 and NIfTI maps written")
     structure_figures(page, analysis, options.graph_neighbours)
-    if analysis.sizes["subject"] > 1:
-        group_figures(page, group)
+    if group is None and analysis.sizes["subject"] > 1:  # not stored (an older store, or called directly)
+        group = group_analysis(analysis)
+    group_figures(page, group)
     warnings = diagnostic_figures(page, results, options.alpha_edge_warning, options.n_features, analysis)
 
     statistics = comparison_statistics(analysis)
