@@ -43,6 +43,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "fig6": ("Figure 6. Task trees", "The brain's task tree beside Taskonomy's."),
     "fig7": ("Figure 7. Task graphs", "Each task joined to its most similar tasks, brain and Taskonomy."),
     "partition": ("Variance partition", "What groups of feature spaces explain uniquely and jointly, per ROI and voxel."),
+    "group": ("Group level across subjects", "Subjects as the unit of replication: the mean tree's support, "
+              "leave-one-subject-out consistency and the group test against Taskonomy."),
     "diagnostics": ("Diagnostics", "Checks of the fit: the chosen ridge penalties and the like."),
 }
 OTHER_SECTION = "other"

@@ -4,7 +4,10 @@ Reads ``results/<subject>`` (and, where an import stored them, the separate ROI-
 ``roi_results/<subject>``) for the study's subjects, runs :func:`pipeline.stats.task_structure.analyse`
 with the config's ``analysis:`` settings and writes the Dataset it returns to the group
 ``analysis/task_structure`` (dims subject, subject2, task, task2, roi, roi_group, contrast,
-...; see ``pipeline.stats.task_structure``). It never fits anything: it refuses to start while a
+...; see ``pipeline.stats.task_structure``) and, with two or more subjects, the group level
+across subjects (subject-mean similarity with a bootstrap over subjects, leave-one-subject-out
+consistency, clade supports, the group test against Taskonomy; ``pipeline.stats.group``) to
+``analysis/group``. It never fits anything: it refuses to start while a
 subject's fit is unfinished, and it touches neither the results nor the fit's progress
 markers.
 
@@ -26,6 +29,7 @@ import numpy as np
 import xarray as xr
 
 from neurotask.pipeline.stats import partition_summary
+from neurotask.pipeline.stats.group import GROUP_VERSION, group_analysis, group_summary_lines
 from neurotask.pipeline.stats.task_structure import AnalysisError, analyse, significance_mask, str_labels
 from neurotask.pipeline.config import Config
 from neurotask.pipeline.errors import NeurotaskError
@@ -36,6 +40,7 @@ from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, analysis_g
 logger = logging.getLogger(__name__)
 
 ANALYSIS_GROUP = analysis_group("task_structure")
+GROUP_GROUP = analysis_group("group")  # the group level across subjects (pipeline.stats.group)
 
 # the result variables whose values determine the analysis
 _INPUT_VARS = ("r", "pvalue", "pvalue_perm", "significant", "noise_ceiling_r")
@@ -191,6 +196,7 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
         stored = store.read_dataset(ANALYSIS_GROUP)
         if stored.attrs.get("input_fingerprint") == fingerprint:
             logger.info(f"analysis of these results and settings already in {cfg.store_path} ({ANALYSIS_GROUP}), skipped")
+            run_group(store, stored, overwrite=overwrite)
             return stored
     t0 = time.perf_counter()
     logger.info(f"analysis: {len(results)} subject(s) x {len(tasks)} tasks"
@@ -213,7 +219,40 @@ def run_analysis(cfg: Config, *, overwrite: bool = False) -> xr.Dataset:
     finally:
         staging.discard(store)
     logger.info(f"analysis: written to {cfg.store_path}/{ANALYSIS_GROUP} in {time.perf_counter() - t0:.1f} s")
-    return store.read_dataset(ANALYSIS_GROUP)
+    stored = store.read_dataset(ANALYSIS_GROUP)
+    run_group(store, stored, overwrite=overwrite)
+    return stored
+
+
+def run_group(store: StudyStore, analysis: xr.Dataset, *, overwrite: bool = False) -> xr.Dataset | None:
+    """Write ``analysis/group`` (:func:`pipeline.stats.group.group_analysis`) from the stored
+    analysis unless the group of this analysis is stored; None (and nothing written) for one
+    subject. Its fingerprint is the analysis' and the group version: the group changes only
+    with the analysis."""
+    if analysis.sizes["subject"] < 2:
+        logger.info("group analysis: skipped, it needs at least 2 subjects")
+        return None
+    fingerprint = f"{analysis.attrs['input_fingerprint']}+group{GROUP_VERSION}"
+    if store.has(GROUP_GROUP) and not overwrite:
+        stored = store.read_dataset(GROUP_GROUP)
+        if stored.attrs.get("input_fingerprint") == fingerprint:
+            return stored
+    out = group_analysis(analysis)
+    out.attrs["input_fingerprint"] = fingerprint
+    try:
+        staging.staging_store(store).write_dataset(GROUP_GROUP, _storable(out))
+        staging.replace(store, GROUP_GROUP)
+    finally:
+        staging.discard(store)
+    for line in group_summary_lines(out):
+        logger.info(line)
+    return store.read_dataset(GROUP_GROUP)
+
+
+def read_group(cfg: Config) -> xr.Dataset | None:
+    """The stored group analysis of the study, or None (one subject, or not analysed yet)."""
+    store = StudyStore(cfg.store_path)
+    return store.read_dataset(GROUP_GROUP) if store.exists() and store.has(GROUP_GROUP) else None
 
 
 # --------------------------------------------------------------------------- variance partition

@@ -41,6 +41,8 @@ from neurotask.pipeline.report.claims import is_published_import, paper_claims, 
 from neurotask.pipeline.report.page import ReportPage, RoiCriteria, render_page
 from neurotask.pipeline.report.partition import Partition, partition_figures
 from neurotask.pipeline.report.diagnostics import feature_counts
+from neurotask.pipeline.report.group import group_figures, group_statistics
+from neurotask.pipeline.stats.group import group_analysis
 from neurotask.pipeline.report.sections import diagnostic_figures, roi_figures, structure_figures
 from neurotask.pipeline.report.volumes import MapOptions, map_figures
 from neurotask.pipeline.stages.summary import roi_table
@@ -87,6 +89,7 @@ def build_report(
     options: ReportOptions | None = None,
     provenance: dict | None = None,
     partitions: list[Partition] | None = None,
+    group: xr.Dataset | None = None,
 ) -> Path:
     """Write figures, NIfTI maps, statistics.json and index.html into ``outdir``. -> index.html.
 
@@ -95,6 +98,8 @@ def build_report(
     drawn only for subjects whose voxels have positions). The paper-vs-reproduction table is
     drawn when ``results`` are the authors' published results (:func:`is_published_import`).
     ``partitions``: the study's variance partitions (:func:`read_partitions`), drawn in their section.
+    ``group``: the stored group analysis (``analysis/group``, :mod:`pipeline.stats.group`); None:
+    computed here from ``analysis`` when it has two or more subjects.
     """
     options = options or ReportOptions()
     outdir = Path(outdir)
@@ -108,9 +113,14 @@ def build_report(
     structure_figures(page, analysis, options.graph_neighbours)
     if partitions:
         partition_figures(page, partitions, results, options.maps, space_labels(analysis))
+    if group is None and analysis.sizes["subject"] > 1:  # not stored (an older store, or called directly)
+        group = group_analysis(analysis)
+    group_figures(page, group)
     warnings = diagnostic_figures(page, results, options.alpha_edge_warning, options.n_features, analysis)
 
     statistics = comparison_statistics(analysis)
+    if group is not None:
+        statistics["group"] = group_statistics(group)
     (outdir / "statistics.json").write_text(json.dumps(statistics, indent=1))
     claims = paper_claims(analysis, statistics) if is_published_import(results) else []
     html = render_page(analysis, statistics, page.figures, page.notes, page.nifti_rows, provenance or {}, task,
@@ -276,7 +286,7 @@ def report_dir(cfg: Config) -> Path:
 
 def write_report(cfg: Config) -> Path:
     """The study's report from the stored analysis and results. -> path of index.html."""
-    from neurotask.pipeline.stages.analyse import read_analysis
+    from neurotask.pipeline.stages.analyse import read_analysis, read_group
 
     analysis = read_analysis(cfg)
     store = StudyStore(cfg.store_path)
@@ -291,6 +301,7 @@ def write_report(cfg: Config) -> Path:
                             n_features=feature_counts(store, [str(t) for t in analysis["task"].values]))
     t0 = time.perf_counter()
     index = build_report(analysis, results, report_dir(cfg), options=options,
-                         provenance=provenance(cfg, analysis, results), partitions=read_partitions(store, subjects))
+                         provenance=provenance(cfg, analysis, results), partitions=read_partitions(store, subjects),
+                         group=read_group(cfg))
     logger.info(f"report: {index} ({time.perf_counter() - t0:.1f} s)")
     return index
