@@ -77,7 +77,7 @@ def test_each_command_has_its_own_help(name, capsys):
     assert len(description.split()) > 12  # a sentence that says what it does, beyond the usage line
     if name == "run":
         assert ("simulate (if the config has simulate:) -> featurize (if it has features:) -> ingest -> fit "
-                "-> summary table -> analyse -> report") in description
+                "-> summary table -> partition (if it has partition:) -> analyse -> report") in description
         assert "default: the demo study" in text
     if name == "import-published":
         assert "directory" in description and "--masks" in text

@@ -72,7 +72,8 @@ def test_group_paths_and_marker_names():
             roi_results_group("CSI1"), analysis_group("task_structure")) == (
         "features/edge2d", "responses/CSI1", "results/CSI1", "roi_results/CSI1", "analysis/task_structure")
     # marker names are part of every existing study's progress directory: they must not change
-    assert [s.value for s in Stage] == ["simulate", "ingest", "featurize", "featurized", "fit", "ceiling", "finalize", "import"]
+    assert [s.value for s in Stage] == ["simulate", "ingest", "featurize", "featurized", "fit", "ceiling", "finalize", "import",
+                                        "partition", "partition_final"]
 
 
 def _study(tmp_path, chunk: int = 3) -> StudyStore:

@@ -205,7 +205,9 @@ def _simulate_subject(cfg: Config, subject: str, latents, design, n_sessions: in
     for name, m in rois.items():
         for x in np.argwhere(m):
             roi_of_voxel[index_of[tuple(x)]] = name
-    driver, s2, signal = voxel_signals(latents, roi_of_voxel, sim, rng)
+    population, s2, signal, components = voxel_signals(latents, roi_of_voxel, sim, rng)
+    # a pair population ("3D+2D") is driven first by its first cluster, as the BOLD5000 truth says
+    driver = np.array([p.split("+")[0] for p in population], dtype=object)
 
     n_trials = n_sessions * tps
     trial_image = design["masterordering"][:n_trials] - 1  # 0-based row of this subject's images
