@@ -164,6 +164,9 @@ def figure_region_bars(summary: xr.Dataset, *, normalized: bool = False) -> Figu
     return freeze_layout(fig)
 
 
+MIN_CONTRAST_VOXELS = 3  # a subject's ROI share is drawn from at least this many significant voxels
+
+
 def figure_contrast(summary: xr.Dataset, spaces: tuple[str, str], labels: Mapping[str, str]) -> Figure:
     """The Figure-3 question per ROI: left, the share of the voxels significant for either
     space where the first space's separate fit predicts better (subject mean, subjects as
@@ -180,6 +183,8 @@ def figure_contrast(summary: xr.Dataset, spaces: tuple[str, str], labels: Mappin
     left, right = fig.subplots(1, 2)
     frac = summary["contrast_fraction_wins"].sel(roi=rois).transpose("subject", "roi").values
     n = summary["contrast_n_voxels"].sel(roi=rois).transpose("subject", "roi").values
+    # a share of one or two voxels is noise, not a preference: not drawn
+    frac = np.where(n >= MIN_CONTRAST_VOXELS, frac, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an ROI without a voxel significant for either: NaN
         m = np.nanmean(frac, axis=0)
@@ -194,7 +199,7 @@ def figure_contrast(summary: xr.Dataset, spaces: tuple[str, str], labels: Mappin
             left.scatter(x + (s - (n_sub - 1) / 2) * 0.08, frac[s], s=7, color="black", zorder=3, linewidths=0)
     left.axhline(0.5, color="k", lw=0.8, ls="--")
     left.set_ylim(0, 1)
-    left.set_xticks(x, [f"{r}\n(n={int(k)})" for r, k in zip(rois, n.min(axis=0))], fontsize=7)
+    left.set_xticks(x, [f"{r}\n(n={int(k)})" for r, k in zip(rois, np.nansum(n, axis=0))], fontsize=7)
     left.set_ylabel(f"fraction of voxels with r({labels[a]}) > r({labels[b]})", fontsize=8)
     left.set_title(f"Separate fits: {labels[a]} versus {labels[b]}", fontsize=9)
     _style_axes(left)
@@ -321,7 +326,8 @@ def contrast_figures(page: ReportPage, p: Partition, labels: Mapping[str, str]) 
     sig = f"{s.attrs.get('significance', '')} p, BH-FDR q < {s.attrs.get('fdr', '')}"
     page.add(f"partition_{p.name}_contrast", f"Variance partition '{p.name}': {la} versus {lb} per ROI",
              f"The paper's Figure-3 question per ROI. Left: among the ROI's voxels significant for either of the "
-             f"separate {la} and {lb} fits ({sig}; n under each ROI: the smallest count over subjects), the "
+             f"separate {la} and {lb} fits ({sig}; n under each ROI: their count summed over subjects; a subject's share from fewer than "
+             f"{MIN_CONTRAST_VOXELS} voxels is not drawn), the "
              f"fraction where {la}'s test r exceeds {lb}'s (0.5, dashed: no preference). Right: the variance "
              f"(test R²) each space explains that the other does not, from the partition's joint fits (ROI mean of "
              f"the raw per-voxel estimates). A space can win the contrast on shared variance alone; the unique "

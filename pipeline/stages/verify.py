@@ -2,7 +2,8 @@
 checksums the marker recorded (``storage.checksums``), without changing anything.
 
 Markers checked: ingest/<subject> (the responses), fit/<subject>/<task>/<chunk>,
-ceiling/<subject> and finalize/<subject>/<task> of the configured subjects and tasks. Markers written before checksums were recorded are
+ceiling/<subject> and finalize/<subject>/<task> of the configured subjects and tasks, and the
+partition's partition/<analysis>/<subject>/<block> and partition_final/<analysis>/<subject>. Markers written before checksums were recorded are
 reported as unverifiable and do not fail the check. `neurotask fit` runs the same check on the
 markers it would trust, and recomputes the damaged units (``stages.fit.plan_units``).
 """
@@ -103,16 +104,46 @@ def verify_store(store: StudyStore, subjects: Sequence[str], tasks: Sequence[str
     return report
 
 
+def partition_markers(store: StudyStore, subjects: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every partition block and final marker of ``subjects``, over the stored analyses."""
+    progress, out = store.progress(), []
+    for analysis in store.members("partition"):
+        for subject in subjects:
+            out += [(Stage.PARTITION, analysis, subject, key)
+                    for key in sorted(progress.done_units(Stage.PARTITION, analysis, subject))]
+            if progress.is_done(Stage.PARTITION_FINAL, analysis, subject):
+                out.append((Stage.PARTITION_FINAL, analysis, subject))
+    return out
+
+
+def verify_partitions(store: StudyStore, subjects: Sequence[str], report: VerifyReport) -> None:
+    """Add the partition markers' chunks to ``report`` (``partition/<analysis>/<subject>``)."""
+    progress = store.progress()
+    for parts in partition_markers(store, subjects):
+        record = progress.read(*parts)
+        if record is None:
+            continue
+        if CHUNKS not in record:
+            report.unverifiable.append("/".join(parts))
+            continue
+        report.chunks += len(record[CHUNKS])
+        reported = {d.path for d in report.damage}
+        damage = store.check_partition(parts[1], parts[2], "/".join(parts), record[CHUNKS])
+        report.damage += [d for d in damage if d.path not in reported]
+
+
 def verify_command(cfg: Config, args: argparse.Namespace | None = None) -> None:
     """Verify the configured subjects' and tasks' results; raise DataError naming every
     damaged chunk, else log how many chunks were verified."""
     store = StudyStore(cfg.store_path)
     report = verify_store(store, cfg.study.subjects, cfg.tasks, permutation=cfg.fit.permutation)
+    if store.exists():
+        verify_partitions(store, cfg.study.subjects, report)
     if report.unverifiable:
         logger.warning(f"{len(report.unverifiable)} marker(s) unverifiable (written before checksums): "
                        + ", ".join(report.unverifiable[:10]) + (" ..." if len(report.unverifiable) > 10 else ""))
     if report.damage:
         raise DataError(f"{cfg.store_path}: {len(report.damage)} damaged chunk(s) or array metadata, "
                         f"{report.chunks} chunks checked "
-                        "(`neurotask fit` recomputes them):\n  " + "\n  ".join(map(str, report.damage)))
+                        "(`neurotask fit` and `neurotask partition` recompute them):\n  " + "\n  ".join(map(str, report.damage)))
     logger.info(f"{report.chunks} chunks verified, all intact")
