@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("ours", "himalaya"), help="run one side only")
     ap.add_argument("--breakdown", action="store_true",
                     help="ours: also time one candidate's prepare and voxel pass (after the timed fit)")
-    ap.add_argument("--keep", help="directory to keep each side's last result (<side>-<dtype>.npz)")
+    ap.add_argument("--keep", help="directory to keep each side's last result (ours-<dtype>.npz, himalaya.npz)")
     ap.add_argument("--compare", nargs=2, metavar=("OURS_NPZ", "HIMALAYA_NPZ"),
                     help="only compare two kept results (agreement and CPU ratio), run nothing")
     ap.add_argument("--worker", choices=("ours", "himalaya"), help=argparse.SUPPRESS)
@@ -142,7 +142,8 @@ def main() -> None:
                 print(f"{side}: {cpu[side][-1]:.1f} CPU s", flush=True)
                 if args.keep:
                     os.makedirs(args.keep, exist_ok=True)
-                    np.savez(os.path.join(args.keep, f"{side}-{args.dtype}.npz"), **last[side])
+                    name = f"ours-{args.dtype}" if side == "ours" else side  # himalaya ignores --dtype
+                    np.savez(os.path.join(args.keep, f"{name}.npz"), **last[side])
     report = {"shape": {k: getattr(args, k) for k in ("samples", "features", "bands", "voxels", "candidates", "alphas", "dtype")},
               "cpu_s_median": {s: statistics.median(v) for s, v in cpu.items()},
               "cpu_s_per_1000_voxels": {s: 1000 * statistics.median(v) / args.voxels for s, v in cpu.items()}}
