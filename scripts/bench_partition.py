@@ -13,14 +13,26 @@ and reports per-voxel and per-decomposition costs and the process's peak RSS.
 blocks of 1024 (float32), ``prepare`` + ``ridge_cv`` on ``--voxels`` voxels; prints CPU seconds
 of each and the peak RSS (ru_maxrss).
 
+``project``: a whole-study partition from those two outputs (``--partition-json``,
+``--memory-json``), no fitting. With S subjects of V voxels in blocks of ``--block`` voxels
+(B = ceil(V / block) units per subject, each decomposing every union once, as
+pipeline/stages/partition.py does), G groups (U = 2^G - 1 unions of widths ``--union-widths``),
+prepare's CPU s fitted as P(p) = a + b p on the kernel-form widths, c_v the per-voxel ridge_cv
+CPU s of one union and c_t the per-voxel CPU s of one group's unique-variance test:
+
+    CPU = S B Σ_u P(p_u) + S V (U c_v + G c_t)
+    wall(C one-thread workers) = ceil(S B / C) x [Σ_u P(p_u) + block (U c_v + G c_t)]
+
     python scripts/bench_partition.py --voxels 2000 --repeats 1 --out partition.json
-    python scripts/bench_partition.py memory --widths 6144 12288 --voxels 200
+    python scripts/bench_partition.py memory --widths 6144 12288 --voxels 200 --out memory.json
+    python scripts/bench_partition.py project --partition-json partition.json --memory-json memory.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -118,17 +130,61 @@ def run_memory_one(p: int, v: int, seed: int) -> dict:
             "rss_before_gb": base, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def prepare_line(memory: list[dict]) -> tuple[float, float]:
+    """Least-squares (a, b) of prepare's CPU s = a + b p over the measured widths (kernel form:
+    a is the 8 eigh of n_fit ~ 3600-4200, b the kernels' per-feature cost)."""
+    p = np.array([m["p"] for m in memory], dtype=float)
+    t = np.array([m["prepare_s"] for m in memory], dtype=float)
+    if p.size == 1:  # one width: all of it proportional to nothing, the line is flat
+        return float(t[0]), 0.0
+    b, a = np.polyfit(p, t, 1)
+    return float(a), float(b)
+
+
+def project(part: dict, memory: list[dict], subjects: int, voxels: int, block: int,
+            widths: list[int], cores: list[int]) -> dict:
+    """The formula of the module docstring; every input a measured CPU figure."""
+    a, b = prepare_line(memory)
+    groups = int(round(math.log2(len(widths) + 1)))
+    med, v = part["median"], part["voxels"]
+    c_v = med["ridge_cv_A+B_s"] / v  # the union's sweep: the kernel form's per-voxel cost
+    c_t = med["stats_s"] / (2 * v)  # two groups' tests (and the regions) in the benchmark
+    decomp = sum(a + b * p for p in widths)  # one unit's decompositions
+    blocks = math.ceil(voxels / block)
+    unit = decomp + block * (len(widths) * c_v + groups * c_t)
+    cpu = subjects * blocks * decomp + subjects * voxels * (len(widths) * c_v + groups * c_t)
+    units = subjects * blocks
+    return {"prepare_a_s": a, "prepare_b_s_per_feature": b, "c_v_s": c_v, "c_t_s": c_t,
+            "unit_decompositions_s": decomp, "unit_s": unit, "units": units, "cpu_s": cpu,
+            "cpu_decompositions_s": subjects * blocks * decomp,
+            "cpu_if_shared_decompositions_s": subjects * decomp + subjects * voxels * (len(widths) * c_v + groups * c_t),
+            "wall_s": {str(c): math.ceil(units / c) * unit for c in cores}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="partition", choices=("partition", "memory", "memory-one"))
+    ap.add_argument("mode", nargs="?", default="partition", choices=("partition", "memory", "memory-one", "project"))
     ap.add_argument("--voxels", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument("--widths", type=int, nargs="+", default=[6144, 12288, 24576, 43008])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument("--partition-json", help="project: the partition mode's --out")
+    ap.add_argument("--memory-json", help="project: the memory mode's --out (kernel-form widths)")
+    ap.add_argument("--subjects", type=int, default=3)
+    ap.add_argument("--subject-voxels", type=int, default=55_000)
+    ap.add_argument("--block", type=int, default=4000, help="partition.block_size")
+    ap.add_argument("--union-widths", type=int, nargs="+",
+                    default=[10752] * 4 + [21504] * 6 + [32256] * 4 + [43008],
+                    help="the unions' feature counts (default: 4 Taskonomy groups, 15 unions)")
+    ap.add_argument("--cores", type=int, nargs="+", default=[2, 32, 128, 512])
     args = ap.parse_args()
-    if args.mode == "partition":
+    if args.mode == "project":
+        with open(args.partition_json) as fh, open(args.memory_json) as gh:
+            out = project(json.load(fh), json.load(gh), args.subjects, args.subject_voxels, args.block,
+                          args.union_widths, args.cores)
+    elif args.mode == "partition":
         out = run_partition(args)
     elif args.mode == "memory-one":
         out = run_memory_one(args.widths[0], args.voxels, args.seed)
