@@ -376,7 +376,7 @@ class PartitionSection(_Section):
     n_permutations: Count = 10000
     permutation_seed: Seed = 0
     fdr: Fraction = 0.05
-    # voxels per unit (and per stored chunk); None: 4000. A unit decomposes each union once.
+    # voxels per unit (and per stored chunk); None: 16000. A unit decomposes each union once.
     block_size: Count | None = None
 
     @field_validator("analyses")

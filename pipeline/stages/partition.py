@@ -10,10 +10,11 @@ Units. One Dask task per (analysis, subject, voxel block): it reads its block of
 the analysis's features, and fits the unions one after the other (each union's decomposition is
 computed, used and freed in turn), then the regions, the unique-variance sign-flip tests and the
 banded fits; it writes its region of ``partition/<analysis>/<subject>``, seals it and marks
-itself done. A unit computes the decompositions of its block itself: with few blocks per
-subject (``partition.block_size`` voxels, 4000 by default: one block for the demo's subjects,
-15 for a BOLD5000 subject) this costs few recomputations, and a worker holds one decomposition
-at a time instead of one per union. Peak memory per unit: the block's responses (n x block,
+itself done. A unit computes the decompositions of its block itself, and a worker holds one
+decomposition at a time instead of one per union. The decompositions are most of the cost (87%
+of a whole-study BOLD5000 partition in 4000-voxel blocks, docs/performance.md), so blocks are
+large: ``partition.block_size`` voxels, 16000 by default (one block for the demo's subjects, 4
+for a BOLD5000 subject). Peak memory per unit: the block's responses (n x block,
 float32), the analysis's features (n x p_total, float64), one union's decomposition, and the
 unions' test predictions (sets x n_test x block, float64).
 
@@ -48,7 +49,7 @@ from neurotask.storage.schema import PARTITION_BLOCK_VARS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 4000
+DEFAULT_BLOCK_SIZE = 16000
 
 
 @dataclass(frozen=True)
