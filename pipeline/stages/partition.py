@@ -25,7 +25,6 @@ writes the unique variance's BH q-values across the subject's voxels and a final
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -365,6 +364,3 @@ def summary_lines(cfg: Config, store: StudyStore) -> list[str]:
             lines.append(f"partition {analysis.name} {subject}: " + "; ".join(parts))
     return lines
 
-
-def stored_groups(store: StudyStore, analysis: str, subject: str) -> dict[str, list[str]]:
-    return json.loads(store.partition(analysis, subject).attrs["groups"])

@@ -357,9 +357,9 @@ def simulate_study(cfg: Config) -> dict:
     return summary
 
 
-def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir: Path) -> dict:
-    sim = cfg.simulate
-    shape = tuple(sim.volume_shape)
+def subject_voxels(shape: tuple[int, ...], rng: np.random.Generator):
+    """A subject's brain and ROI masks, its brain voxels' (i, j, k) (v, 3) and each voxel's ROI
+    name ('' outside every ROI), (v,) list."""
     brain, rois = brain_and_rois(shape, rng)
     ijk = np.argwhere(brain)
     roi_of_voxel = [""] * len(ijk)
@@ -367,6 +367,13 @@ def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir
     for name, m in rois.items():
         for x in np.argwhere(m):
             roi_of_voxel[index_of[tuple(x)]] = name
+    return brain, rois, ijk, roi_of_voxel
+
+
+def _simulate_subject(cfg: Config, subject: str, images, latents, rng, truth_dir: Path) -> dict:
+    sim = cfg.simulate
+    shape = tuple(sim.volume_shape)
+    brain, rois, ijk, roi_of_voxel = subject_voxels(shape, rng)
     profile = subject_profile(rng)
     population, s2, signal, components = voxel_signals(latents, roi_of_voxel, sim, rng, profile)
 

@@ -40,7 +40,7 @@ from neurotask.pipeline.errors import NeurotaskError
 from neurotask.pipeline.features.images import synthetic_image
 from neurotask.pipeline.formats import nsd
 from neurotask.pipeline.stages.ingest_nsd import SHOWINGS, nsd_path
-from neurotask.pipeline.stages.simulate import (brain_and_rois, latent_factors, mean_intensity, task_features,
+from neurotask.pipeline.stages.simulate import (latent_factors, mean_intensity, subject_voxels, task_features,
                                                 voxel_signals)
 from neurotask.storage import Stage, StudyStore, features_group
 
@@ -198,13 +198,7 @@ def _simulate_subject(cfg: Config, subject: str, latents, design, n_sessions: in
     sim, n = cfg.simulate, cfg.data.nsd
     tps = n.trials_per_session
     shape = tuple(sim.volume_shape)
-    brain, rois = brain_and_rois(shape, rng)
-    ijk = np.argwhere(brain)
-    roi_of_voxel = [""] * len(ijk)
-    index_of = {tuple(x): j for j, x in enumerate(ijk)}
-    for name, m in rois.items():
-        for x in np.argwhere(m):
-            roi_of_voxel[index_of[tuple(x)]] = name
+    brain, rois, ijk, roi_of_voxel = subject_voxels(shape, rng)
     population, s2, signal, components = voxel_signals(latents, roi_of_voxel, sim, rng)
     # a pair population ("3D+2D") is driven first by its first cluster, as the BOLD5000 truth says
     driver = np.array([p.split("+")[0] for p in population], dtype=object)
