@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config_dict, write_config
+from fault_support import kill_after_markers
 from neurotask.cluster import open_client
 from neurotask.pipeline import cli
 from neurotask.pipeline.config import load_config
@@ -135,6 +136,32 @@ def test_verify_names_a_damaged_partition_chunk(partitioned, capsys):
         assert "partition/keypoint/CSI1/unique_r2" in capsys.readouterr().err
     finally:
         chunk.write_bytes(good)
+
+
+def test_killed_partition_resumes_with_only_missing_blocks_bit_for_bit(partitioned, tmp_path):
+    """SIGKILL the whole partition (driver and local workers) after a few blocks; the rerun
+    computes only the blocks without a marker and ends identical to the undisturbed run."""
+    ref = load_config(partitioned)
+    work = tmp_path / "work"
+    shutil.copytree(ref.workdir, work, ignore=shutil.ignore_patterns("partition", "partition_final"))
+    path = write_config(tmp_path / "k.yaml", small_config_dict(work, partition=partition_section(),
+                                                              cluster={"n_workers": 1}))
+    cfg = load_config(path)
+    store = StudyStore(cfg.store_path)
+    for analysis in ("clusters", "keypoint"):
+        for subject in cfg.study.subjects:
+            store.remove(partition_group(analysis, subject))
+    markers = cfg.workdir / "progress" / "partition"
+    kill_after_markers(["partition", "--config", str(path)], markers, 3, tmp_path / "partition.log")
+    done = sum(1 for _ in markers.rglob("*.json"))
+    with open_client(cfg.cluster) as client:
+        report = stage.partition(cfg, client)
+    assert report.skipped == done and report.computed > 0
+    for analysis in ("clusters", "keypoint"):
+        for subject in cfg.study.subjects:
+            a, b = store.partition(analysis, subject), StudyStore(ref.store_path).partition(analysis, subject)
+            for name in a.data_vars:
+                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{analysis} {subject} {name}")
 
 
 def test_other_settings_are_refused_naming_them(partitioned, tmp_path):
