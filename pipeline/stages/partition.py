@@ -39,7 +39,7 @@ from neurotask.pipeline.config import Config, FitSection, PartitionSection
 from neurotask.pipeline.console import ProgressBar
 from neurotask.pipeline.errors import ConfigError, DataError, FitError
 from neurotask.pipeline.ridge import design
-from neurotask.pipeline.stages.fit import alpha_grid, check_feature_values, lost_with_its_worker, splits_for
+from neurotask.pipeline.stages.fit import alpha_grid, check_feature_values, lost_with_its_worker, subject_splits
 from neurotask.pipeline.stats import partition as vp
 from neurotask.pipeline.stats import scores as stats
 from neurotask.storage import ChunkPlan, Stage, StudyStore, chunk_key, partition_group
@@ -133,15 +133,15 @@ def _design(fit: FitSection, X: np.ndarray, splits: ridge.Splits) -> np.ndarray:
 
 
 def partition_voxels(fit: FitSection, part: PartitionSection, analysis: Analysis, features: dict[str, np.ndarray],
-                     Y: np.ndarray) -> dict[str, np.ndarray]:
+                     Y: np.ndarray, splits: ridge.Splits) -> dict[str, np.ndarray]:
     """The partition of one voxel block.
 
-    features: space -> (n, p_space) in the responses' image order; Y (n, v) responses.
+    features: space -> (n, p_space) in the responses' image order; Y (n, v) responses;
+    splits: the subject's, as the fit's (fit.subject_splits).
     Returns name -> array with the voxel axis last, as the variables of
     ``partition/<analysis>/<subject>`` (storage.schema.PARTITION_VARIABLES), except the q-values.
     """
     n, v = Y.shape
-    splits = splits_for(fit, n)
     y_test = np.asarray(Y[splits.test], dtype=np.float64)
     names, groups = analysis.set_names, list(analysis.groups)
     out = {k: np.full((len(names), v), np.nan, dtype=np.float32) for k in ("r2", "r", "alpha")}
@@ -211,7 +211,8 @@ def partition_unit(fit: FitSection, part: PartitionSection, analysis: Analysis, 
     if progress.is_done(*unit.marker):  # a re-execution after its worker died: nothing twice
         return {"unit": unit.name, "found_done": True}
     Y = store.read_response_chunk(unit.subject, unit.voxels)
-    values = partition_voxels(fit, part, analysis, read_features(store, unit.subject, analysis.spaces), Y)
+    values = partition_voxels(fit, part, analysis, read_features(store, unit.subject, analysis.spaces), Y,
+                              subject_splits(fit, store, unit.subject))
     store.write_partition(unit.analysis, unit.subject, unit.voxels, values)
     chunks = store.seal_partition(unit.analysis, unit.subject, list(values), unit.voxels)
     progress.mark_done(*unit.marker, info={"voxels": unit.stop - unit.start,
