@@ -26,11 +26,13 @@ def analysis_config_dict(workdir: Path) -> dict:
     return {
         "study": {"name": "analysis-test", "workdir": str(workdir), "subjects": ["CSI1", "CSI2"], "tasks": "all"},
         # signal variance higher than the demo's so that 60 test images give significant voxels
+        # in both subjects (each has its own SNR per cluster and tuning, as the demo's do)
         "simulate": {"seed": 11, "n_images": 400, "n_repeated": 30, "n_showings": 3, "n_sessions": 2,
-                     "n_features": 64, "volume_shape": [16, 18, 12], "signal_variance": [0.3, 1.0]},
+                     "n_features": 64, "volume_shape": [16, 18, 12], "signal_variance": [0.5, 1.5]},
         "data": {"chunk_size": 1000},
-        # 200 permutations: enough for BH at q < 0.05 over ~1500 voxels, and a short fit
-        "fit": {"n_alphas": 20, "n_folds": 5, "n_permutations": 200},
+        # 1000 permutations: p >= 1/1001, so BH at q < 0.05 over ~1500 voxels can pass a task
+        # with >= ~30 voxels at that floor (200 needed 150: a weaker subject passed none)
+        "fit": {"n_alphas": 20, "n_folds": 5, "n_permutations": 1000},
         "analysis": {"n_clusters": 5, "n_permutations": 200, "n_bootstrap": 50},
         "report": {"n_slices": 8},
         "cluster": {"kind": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},

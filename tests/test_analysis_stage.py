@@ -132,12 +132,15 @@ def test_permutation_significance_uses_the_stored_permutation_p_values(study_cop
     p = res["pvalue_perm"].sel(task=list(out["task"].values)).values
     expected = np.array([multipletests(row, alpha=0.05, method="fdr_bh")[0].sum() for row in p])
     np.testing.assert_array_equal(out["n_significant"].sel(subject="CSI1").values, expected)
-    # 200 permutations: no p below 1/201, so BH over 1479 voxels needs >= 148 voxels at that
-    # floor; tasks with fewer driven voxels (the small clusters') get none, and the log says why
+    # B permutations: no p below 1/(B + 1), so BH at q over m voxels needs >= m / (q (B + 1))
+    # voxels at that floor (1000 and 1479 voxels: 30); tasks with fewer driven voxels (the small
+    # clusters') get none, and the log says why
+    m, b = res.sizes["voxel"], cfg.fit.n_permutations
+    needed = int(np.ceil(m / (cfg.analysis.fdr * (b + 1)) - 1e-9))
     empty = [str(t) for t, n in zip(out["task"].values, expected) if n == 0]
     assert empty and len(empty) < len(expected)
     note = next(line for line in logs if line.startswith("note: CSI1"))
-    assert ">= 148 of them" in note and all(t in note for t in empty)
+    assert f">= {needed} of them" in note and all(t in note for t in empty)
 
 
 def test_permutation_significance_needs_permutation_p_values(study_copy):

@@ -233,8 +233,10 @@ def test_the_stage_stores_the_group_of_the_stored_analysis(analysis_study):
     np.testing.assert_allclose(g["loso_pearson"].values, [r12, r12], atol=1e-12)
     lower, upper = g["similarity_mean_ci"].sel(bound="lower"), g["similarity_mean_ci"].sel(bound="upper")
     assert bool((lower <= g["similarity_mean"] + 1e-12).all()) and bool((g["similarity_mean"] <= upper + 1e-12).all())
-    # the two simulated subjects share the planted structure: each resembles the other
-    assert (g["loso_spearman"].values > 0.5).all(), g["loso_spearman"].values
+    # the two simulated subjects share the planted structure but each has its own variation:
+    # each resembles the other (Spearman lower: it ranks the many near-zero similarities too)
+    assert (g["loso_pearson"].values > 0.7).all() and (g["loso_spearman"].values > 0.3).all(), \
+        (g["loso_pearson"].values, g["loso_spearman"].values)
     assert float(g["group_sign_flip_p"]) == pytest.approx(0.25)  # 2 subjects, both positive: 1/4
     # a rerun finds it stored and keeps it
     store_group = cfg.store_path / GROUP_GROUP
