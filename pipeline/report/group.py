@@ -139,7 +139,8 @@ def figure_group_consistency(group: xr.Dataset) -> Figure:
         bars = ax_loso.bar(x + offset, group[name].values, width=0.38, color=colour, label=label)
         ax_loso.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax_loso.set_xticks(x, subjects, fontsize=8, rotation=30 if s > 6 else 0)
-    lo = min(0.0, float(np.nanmin([group["loso_spearman"].values, group["loso_pearson"].values])))
+    both = np.concatenate([group["loso_spearman"].values, group["loso_pearson"].values])
+    lo = min(0.0, float(both[np.isfinite(both)].min())) if np.isfinite(both).any() else 0.0
     ax_loso.set_ylim(lo, 1.1)  # r <= 1; room for the values above the bars
     ax_loso.axhline(0, color="#555555", lw=0.6)
     ax_loso.set_ylabel("r with the mean of the other subjects", fontsize=8)

@@ -309,8 +309,10 @@ def group_summary_lines(group: xr.Dataset) -> list[str]:
     """A few lines for the terminal: LOSO consistency and the group Taskonomy test."""
     g = group
     lo = g["loso_spearman"].values
+    lo = lo[np.isfinite(lo)]
     lines = [f"group ({g.attrs['n_subjects']} subjects): leave-one-subject-out Spearman r "
-             f"{np.nanmin(lo):.3f} to {np.nanmax(lo):.3f} (median {np.nanmedian(lo):.3f})"]
+             + (f"{lo.min():.3f} to {lo.max():.3f} (median {np.median(lo):.3f})" if lo.size else
+                "undefined (every subject's similarity, or the others' mean, is constant: too few significant voxels)")]
     if np.isfinite(float(g["group_mean_r"])):
         ci = g["group_mean_r_ci"].values
         lines.append(f"group brain vs Taskonomy: mean Spearman r {float(g['group_mean_r']):.3f} "
