@@ -61,8 +61,8 @@ from neurotask.pipeline.features.image_source import (ImageBatch, ImageBrick, Im
                                                       brick_header, check_brick)
 from neurotask.pipeline.features.images import find_images, images_dir
 from neurotask.pipeline.features.preprocess import BadImagesError, check_images
-from neurotask.pipeline.formats import nsd
 from neurotask.pipeline.features.weights import WeightsError, find_checkpoint
+from neurotask.pipeline.formats import nsd
 from neurotask.pipeline.stages.ingest import _contiguous
 from neurotask.pipeline.stages.ingest_nsd import nsd_path
 from neurotask.storage import staging
