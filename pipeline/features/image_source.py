@@ -48,7 +48,8 @@ class ImageBatch(Protocol):
 
 
 class ImageSource(Protocol):
-    """The study's images, checked: hands out one ``ImageBatch`` per batch of names."""
+    """The study's images, checked: hands out one ``ImageBatch`` per batch of names. (Not
+    ``preprocess.ImageSource``, which is one image's path or bytes.)"""
 
     def batch(self, names: Sequence[str]) -> ImageBatch: ...
 
