@@ -465,10 +465,6 @@ class Config(_Section):
                       "(a feature space of features.extra is a task too)"),
             (n == "auto" or n <= len(self.tasks),
              f"analysis.n_clusters must be <= the number of tasks ({len(self.tasks)}, study.tasks), got {n}"),
-            # featurize reads BOLD5000's stimulus lists and image files; imgBrick is not read yet
-            (self.data.format != "nsd" or self.features is None,
-             "features: featurize does not read NSD's imgBrick yet; with data.format 'nsd' leave out the "
-             "features section (the feature bank must already be in the store, or be simulated)"),
             (self.simulate is None or not self.simulate.write_weights
              or (self.features is not None and self.features.weights_dir is not None),
              "simulate.write_weights needs features.weights_dir (where the random encoders go)"),

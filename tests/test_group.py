@@ -342,3 +342,29 @@ def test_the_report_shows_the_group_section_in_chromium(analysis_study, tmp_path
     assert all(i["ok"] for i in found.images)
     stats_ = __import__("json").loads((report / "statistics.json").read_text())
     assert stats_["group"]["n_subjects"] == 2 and set(stats_["group"]["loso_spearman"]) == {"CSI1", "CSI2"}
+
+
+def test_the_consistency_figure_draws_an_interval_that_excludes_its_estimate():
+    """A subject's bootstrap interval may lie wholly above its r (seen in the NSD demo with a
+    task without significant voxels): drawn as the interval, not refused by errorbar."""
+    import xarray as xr
+
+    from neurotask.pipeline.report.group import figure_group_consistency
+
+    subjects = ["subj01", "subj02", "subj03"]
+    r = np.array([0.31, 0.292, 0.35])
+    ci = np.array([[0.27, 0.40], [0.293, 0.47], [0.34, 0.46]])  # subj02's r below its interval
+    group = xr.Dataset({"loso_spearman": ("subject", [0.8, 0.9, 0.85]), "loso_pearson": ("subject", [0.8, 0.9, 0.85]),
+                        "spearman_taskonomy": ("subject", r), "spearman_taskonomy_ci": (("subject", "bound"), ci),
+                        "group_mean_r": ((), 0.32), "group_mean_r_ci": ("bound", [0.25, 0.39]),
+                        "spearman_taskonomy_mean": ((), 0.3), "group_t": ((), 9.0), "group_t_p": ((), 0.006),
+                        "group_sign_flip_p": ((), 0.125)},
+                       coords={"subject": subjects, "bound": ["low", "high"]},
+                       attrs={"ci": 0.95, "n_taskonomy_tasks": 21})
+    fig = figure_group_consistency(group)
+    ax = fig.axes[1]
+    lines = [c for c in ax.collections if hasattr(c, "get_segments") and c.get_segments()]
+    drawn = np.array([[seg[0][1], seg[1][1]] for c in lines for seg in c.get_segments()])
+    np.testing.assert_allclose(drawn, ci)  # each subject's interval, as computed
+    points = [c for c in ax.collections if c not in lines and len(c.get_offsets()) == 3]
+    np.testing.assert_allclose(points[0].get_offsets()[:, 1], r)

@@ -162,6 +162,8 @@ def test_rois_by_label_name_via_the_colour_tables(tmp_path):
 
 def small_config(tmp_path: Path, betas_file: str = "hdf5", subjects=("subj01", "subj02"), name="work") -> Path:
     raw = yaml.safe_load(DEMO.read_text())
+    raw.pop("features")  # the feature bank simulated (the brick tests below add their own)
+    raw["simulate"].pop("write_weights")
     raw["study"].update(workdir=str(tmp_path / name), subjects=list(subjects), tasks=["rgb2depth", "class_1000"])
     raw["simulate"].update(n_images=100, n_shared=30, n_features=16, volume_shape=[12, 12, 8])
     raw["data"].update(root=str(tmp_path / "nsd"), chunk_size=200)
@@ -323,7 +325,145 @@ def test_config_rules_for_nsd(tmp_path):
 def test_shipped_nsd_configs_load():
     real = load_config(REPO / "configs" / "nsd.yaml")
     assert real.data.format == "nsd" and real.study.subjects == [f"subj{n:02d}" for n in range(1, 9)]
-    assert load_config(DEMO).data.nsd.betas_file == "hdf5"
+    demo = load_config(DEMO)
+    assert demo.data.nsd.betas_file == "hdf5"
+    # featurize reads NSD's imgBrick: a features section is accepted with data.format nsd
+    assert demo.features.space_names == ["class_places"] and demo.simulate.write_weights
+    assert real.features is not None and real.features.tasks == "all"
+
+
+# --------------------------------------------------------------------------- featurize from imgBrick
+
+
+TINY = {"name": "tiny_conv", "kind": "torch_module", "factory": "torch.nn:Conv2d",
+        "kwargs": {"in_channels": 3, "out_channels": 4, "kernel_size": 5, "stride": 8},
+        "image_size": 64, "pool": 2}
+
+
+def brick_config(simulated, tmp_path: Path, name: str = "brick", **changes) -> Path:
+    """The simulated study (subj01, subj02) with a features section reading its imgBrick: a
+    small torch module on the 64 x 64 images, batches of 64 (the last one partial)."""
+    _, cfg = simulated
+    raw = yaml.safe_load(Path(cfg.path).read_text())
+    raw["study"]["workdir"] = str(tmp_path / name)
+    raw["study"]["tasks"] = ["rgb2depth", "tiny_conv"]
+    raw["features"] = {"tasks": [], "extra": [TINY], "batch_size": 64, "device": "cpu", "torch_threads": 1}
+    for key, value in changes.items():
+        section, _, leaf = key.rpartition("__")
+        node = raw
+        for part in section.split("__") if section else []:
+            node = node[part]
+        node[leaf] = value
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_nsd_study_images_are_the_ingested_images_without_reading_betas(simulated, tmp_path, monkeypatch):
+    from neurotask.pipeline.stages.featurize import nsd_study_images
+
+    _, ingested = simulated
+    cfg = load_config(brick_config(simulated, tmp_path))
+
+    def no(*args, **kwargs):
+        raise AssertionError("betas read")
+
+    monkeypatch.setattr(nsd, "read_session", no)
+    monkeypatch.setattr(nsd, "betas_grid_and_trials", no)
+    names = nsd_study_images(cfg)
+    store = StudyStore(ingested.store_path)
+    per_subject = [[str(x) for x in store.responses(s)["image"].values] for s in ("subj01", "subj02")]
+    assert len(names) == len(set(names)) == len(set(per_subject[0]) | set(per_subject[1]))
+    assert set(names) == set(per_subject[0]) | set(per_subject[1])
+    assert names[:len(per_subject[0])] == per_subject[0]  # subject by subject, in order of first showing
+    # subj02 stops a session early: images it never saw come from no one's trials
+    design = nsd.read_design(ingested.resolve(ingested.data.root) / ingested.data.nsd.design)
+    never = set(design.subjectim[1]) - set(design.trial_ids("subj02", 200))
+    assert never and not {nsd.image_name(i) for i in never} & set(per_subject[1])
+
+
+def test_featurize_lists_every_brick_and_design_problem_exit_2(simulated, tmp_path, capsys):
+    from neurotask.pipeline.cli import main
+
+    tmp, _ = simulated
+    bad = tmp_path / "stimuli.hdf5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("imgBrick", shape=(50, 64, 64, 3), dtype=np.float32)
+    p = brick_config(simulated, tmp_path, data__nsd__stimuli=str(bad), features__tasks=["edge2d"],
+                     features__weights_dir=str(tmp_path / "no_weights"))
+    assert main(["featurize", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot featurize; nothing was done" in err
+    assert f"{bad}: imgBrick holds float32 values; expected uint8" in err
+    assert f"{bad}: imgBrick has 50 rows (73k ids 1 .. 50);" in err
+    from neurotask.pipeline.stages.featurize import nsd_study_images
+
+    n = len(nsd_study_images(load_config(p)))
+    assert f"{n} of the study's {n} images are beyond them" in err
+    assert f"features.weights_dir {tmp_path / 'no_weights'} does not exist" in err and "edge_texture_encoder-" in err
+    assert not (tmp_path / "brick" / "store.zarr").exists()
+
+    # the design and a subject's betas missing, and no stimulus file: all in one message
+    p = brick_config(simulated, tmp_path, study__subjects=["subj01", "subj05"])
+    assert main(["featurize", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "subj05: betas file(s) missing, so the images of its trials are unknown" in err
+    assert "betas_session01.hdf5" in err
+    p = brick_config(simulated, tmp_path, data__nsd__design="none.mat", data__nsd__stimuli="none.hdf5")
+    assert main(["featurize", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "NSD design file not found" in err and "stimulus file not found" in err and "none.hdf5" in err
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.slow
+def test_featurize_from_the_brick_resumes_after_a_fault_and_equals_the_direct_features(simulated, tmp_path, client):
+    import torch
+
+    from neurotask.pipeline.features.image_source import read_brick_images
+    from neurotask.pipeline.features.spaces import extract_batch
+    from neurotask.pipeline.stages.featurize import (FAULT_ENV, FeaturizeError, all_done, featurize, load_space,
+                                                     make_batches, nsd_study_images, stimuli_path, study_feature_spaces)
+    from neurotask.storage import Stage
+
+    cfg = load_config(brick_config(simulated, tmp_path))
+    names = nsd_study_images(cfg)
+    batches = make_batches(len(names), 64)
+    assert len(batches) == 3 and batches[-1].stop - batches[-1].start < 64
+    client.run(lambda: os.environ.__setitem__(FAULT_ENV, "1"))  # batch 1 writes its rows, then fails
+    try:
+        with pytest.raises(FeaturizeError, match=r"batch 1 \(images 64-127\).*injected fault"):
+            featurize(cfg, client)
+    finally:
+        client.run(lambda: os.environ.pop(FAULT_ENV, None))
+    progress = StudyStore(cfg.store_path).progress()
+    assert progress.done_units(Stage.FEATURIZE, "tiny_conv") == {"00000", "00002"}
+    assert not all_done(cfg)
+    report = featurize(cfg, client)
+    assert (report.batches, report.computed, report.skipped) == (1, 1, 2)
+    assert all_done(cfg)
+
+    store = StudyStore(cfg.store_path)
+    feats = store.read_features("tiny_conv")
+    assert [str(x) for x in feats["image"].values] == names
+    attrs = store.feature_attrs("tiny_conv")["featurize"]
+    assert attrs["images"] == len(names)
+    assert attrs["source"] == {"kind": "hdf5_brick", "file": "nsd_stimuli.hdf5", "dataset": "imgBrick",
+                               "shape": [73000, 64, 64, 3], "dtype": "uint8"}
+    extractor = load_space(study_feature_spaces(cfg)[0], torch.device("cpu"), True)
+    for b in batches:  # the same rows read here and fed to the same module
+        batch_names = names[b.start:b.stop]
+        rows = [nsd.image_id(n) - 1 for n in batch_names]
+        want = extract_batch(read_brick_images(stimuli_path(cfg), rows, batch_names), batch_names, [extractor])
+        np.testing.assert_array_equal(feats.values[b.start:b.stop], want["tiny_conv"])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -331,9 +471,12 @@ def test_shipped_nsd_configs_load():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_through_the_installed_command(tmp_path):
+    """simulate -> featurize (class_places, from the simulated imgBrick, random encoder) ->
+    ingest -> fit -> analyse -> report."""
     raw = yaml.safe_load(DEMO.read_text())
     raw["study"]["workdir"] = str(tmp_path / "run")
     raw["data"]["root"] = str(tmp_path / "run" / "raw" / "nsd")
+    raw["features"]["weights_dir"] = str(tmp_path / "run" / "weights")
     raw["cluster"]["dashboard_address"] = "127.0.0.1:0"
     p = tmp_path / "nsd_demo.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -342,10 +485,21 @@ def test_demo_runs_end_to_end_through_the_installed_command(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "report" / "index.html").is_file()
     store = StudyStore(tmp_path / "run" / "store.zarr")
+    images: set[str] = set()
     for s in raw["study"]["subjects"]:
         resp = store.responses(s)
         assert 0 < int(resp["shared"].sum()) < 100
+        images |= {str(x) for x in resp["image"].values}
     assert "brain vs Taskonomy task similarity" in out.stdout + out.stderr
+    featurized = raw["features"]["tasks"]
+    for task in featurized:  # from the brick: exactly the images some subject's trials show
+        attrs = store.feature_attrs(task)
+        assert attrs["kind"] == "taskonomy" and attrs["featurize"]["source"]["kind"] == "hdf5_brick"
+        feats = store.read_features(task)
+        assert {str(x) for x in feats["image"].values} == images and np.isfinite(feats.values).all()
+        assert np.isfinite(store.results("subj01")["r"].sel(task=task).values).mean() > 0.99
+    simulated = [t for t in store.feature_tasks() if t not in featurized]
+    assert simulated and all(store.feature_attrs(t)["source"] == "simulated" for t in simulated)
 
 
 def test_voxels_by_roi_labels_carry_their_labels(simulated, tmp_path):

@@ -136,6 +136,7 @@ def test_nsd_subjects_test_on_the_shared_images(tmp_path, logs):
     raw["simulate"].update(n_images=100, n_shared=30, n_features=16, volume_shape=[12, 12, 8])
     raw["data"]["root"] = str(tmp_path / "work" / "raw" / "nsd")
     raw.pop("features", None)
+    raw["simulate"].pop("write_weights", None)  # the demo's random encoders are for its features section
     raw["analysis"]["n_clusters"] = 2
     cfg = load_config(write_config(tmp_path / "nsd.yaml", raw))
     simulate_nsd_study(cfg)

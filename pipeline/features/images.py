@@ -1,4 +1,8 @@
-"""The study's stimulus images: which they are, where their files are, and synthetic stand-ins.
+"""The study's stimulus image files: which they are, where their files are, and synthetic stand-ins.
+
+BOLD5000's one file per image (NSD's images are rows of one HDF5 brick instead:
+``pipeline.features.image_source``; ``pipeline.stages.featurize.study_images`` picks by
+data.format).
 
 - Which: every image named in the configured subjects' stimulus lists (``rep_`` prefixes
   dropped), once, in order of first appearance (subject by subject, as configured).
@@ -39,7 +43,8 @@ def images_dir(cfg: Config) -> Path:
 
 
 def study_images(cfg: Config) -> list[str]:
-    """Every image of the configured subjects' stimulus lists, once, in order of first showing."""
+    """Every image of the configured subjects' stimulus lists, once, in order of first showing
+    (BOLD5000's lists; featurize's ``study_images`` reads NSD's design instead)."""
     seen: dict[str, None] = {}
     for subject in cfg.study.subjects:
         stim = bold5000.read_stim_list(cfg.data_path(cfg.data.stim_list, subject, key="stim_list"))

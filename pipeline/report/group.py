@@ -155,8 +155,12 @@ def figure_group_consistency(group: xr.Dataset) -> Figure:
         return freeze_layout(fig)
     sub_ci = group["spearman_taskonomy_ci"].values if "spearman_taskonomy_ci" in group else np.full((s, 2), np.nan)
     if np.isfinite(sub_ci).all():
-        ax_tax.errorbar(x, r, yerr=[r - sub_ci[:, 0], sub_ci[:, 1] - r], fmt="o", color="#333333", capsize=3, zorder=3,
-                        label=f"subject ({group.attrs['ci']:.0%} CI, bootstrap over its voxels)")
+        # A percentile interval need not contain its estimate (a skewed bootstrap, e.g. a task
+        # without significant voxels), so each is drawn as its own segment, not as error bars
+        # around r (which cannot reach below or above it).
+        ax_tax.vlines(x, sub_ci[:, 0], sub_ci[:, 1], color="#333333", lw=1.0, zorder=3)
+        ax_tax.scatter(x, r, color="#333333", zorder=4,
+                       label=f"subject ({group.attrs['ci']:.0%} CI, bootstrap over its voxels)")
     else:
         ax_tax.scatter(x, r, color="#333333", zorder=3, label="subject")
     mean_r, ci = float(group["group_mean_r"]), group["group_mean_r_ci"].values

@@ -8,13 +8,26 @@ marks (space, batch) done. Workers keep their loaded models between tasks, so ea
 loads each encoder once. A rerun after a crash or a kill does only the (space, batch) pairs
 without a marker; a feature space added to the config later is computed alone.
 
+The study's images (``study_images``) and where they are read from (``image_source``,
+``pipeline.features.image_source``):
+
+- BOLD5000 (``data.format`` glmsingle, release1_rois): the images of the subjects' stimulus
+  lists, one file each under ``features.images_dir``;
+- NSD (``data.format: nsd``): the 73k ids the configured subjects' trials show (the design's
+  masterordering and subjectim over the sessions whose betas files are there: the same names,
+  ``nsd73k_<id>``, that ingest stores), read straight from ``data.nsd.stimuli``'s ``imgBrick``
+  (nsd_stimuli.hdf5): each batch task opens the HDF5 itself and reads only its rows, so the
+  73,000 images are never extracted and memory stays that of one batch.
+
 Before any work, every problem is gathered and reported at once: images missing from
 ``features.images_dir``, missing or corrupt checkpoints (with their download URLs), other
 misconfigured spaces, unusable images (unreadable, unsupported or too small; greyscale,
-palette and CMYK images are converted as the task bank did), a device the workers lack, and
-stored features made otherwise (simulated, other weights or images) that only --overwrite
-replaces. An image that fails only when decoded fails its batch, which is reported by name at
-the end while every other batch is kept.
+palette and CMYK images are converted as the task bank did), for NSD a design or betas file
+missing, a stimulus file missing or without ``imgBrick``, of another dtype or shape than
+(N, H, W, 3) uint8, too few rows for the study's ids or images too small, a device the workers
+lack, and stored features made otherwise (simulated, other weights, images or brick) that only
+--overwrite replaces. An image that fails only when decoded fails its batch, which is reported
+by name at the end while every other batch is kept.
 
 Device: ``features.device`` (auto = CUDA on workers that have it, else CPU) is resolved on
 each worker. Torch's CPU threads per task are the cores a worker may use divided by the Dask
@@ -31,6 +44,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,13 +52,19 @@ from distributed import Client, Future, as_completed, get_worker
 
 from neurotask.pipeline.config import Config, FeaturesSection
 from neurotask.pipeline.console import ProgressBar
-from neurotask.pipeline.errors import NeurotaskError
+from neurotask.pipeline.errors import DataError, NeurotaskError
 from neurotask.pipeline.features.spaces import (Extractor, FeatureSpace, FeatureSpaceError, TaskonomyFeatureSpace,
                                      check_feature_spaces, extract_batch, feature_spaces_from_config,
                                      resolve_device)
-from neurotask.pipeline.features.images import find_images, images_dir, study_images
-from neurotask.pipeline.features.preprocess import BadImagesError, check_images, decode_images
+from neurotask.pipeline.features import images as image_files
+from neurotask.pipeline.features.image_source import (ImageBatch, ImageBrick, ImageFiles, ImageSource,
+                                                      brick_header, check_brick)
+from neurotask.pipeline.features.images import find_images, images_dir
+from neurotask.pipeline.features.preprocess import BadImagesError, check_images
 from neurotask.pipeline.features.weights import WeightsError, find_checkpoint
+from neurotask.pipeline.formats import nsd
+from neurotask.pipeline.stages.ingest import _contiguous
+from neurotask.pipeline.stages.ingest_nsd import nsd_path
 from neurotask.storage import staging
 from neurotask.storage import ChunkPlan, Progress, Stage, StudyStore, chunk_key, features_group
 
@@ -119,10 +139,16 @@ def images_digest(images: list[str]) -> str:
     return hashlib.sha256("\n".join(images).encode()).hexdigest()[:16]
 
 
-def fingerprint(provenance: dict[str, Any], images: list[str], batch_size: int) -> dict[str, Any]:
-    """Stored with the features; a rerun resumes only into features with the same one."""
-    return {"space": provenance, "images": len(images), "images_sha256": images_digest(images),
-            "batch_size": batch_size}
+def fingerprint(provenance: dict[str, Any], images: list[str], batch_size: int,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stored with the features; a rerun resumes only into features with the same one.
+    ``source``: the image source's fingerprint (an image brick's); image files have none, their
+    names identify them (so features made before image sources existed keep theirs)."""
+    out = {"space": provenance, "images": len(images), "images_sha256": images_digest(images),
+           "batch_size": batch_size}
+    if source is not None:
+        out["source"] = source
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -135,8 +161,91 @@ def _describe_stored(attrs: dict[str, Any]) -> str:
     stored = attrs.get("featurize")
     if not isinstance(stored, dict):
         return "features of unknown origin"
-    return (f"features of {stored.get('images')} images (batch size {stored.get('batch_size')}) "
+    source = f", read from {json.dumps(stored['source'], sort_keys=True)}" if stored.get("source") else ""
+    return (f"features of {stored.get('images')} images (batch size {stored.get('batch_size')}{source}) "
             f"from {json.dumps(stored.get('space'), sort_keys=True)}")
+
+
+# --------------------------------------------------------------------------- the study's images
+
+
+def study_images(cfg: Config) -> list[str]:
+    """The study's image names, in the store's order: BOLD5000's stimulus-list images
+    (``features.images.study_images``) or, with data.format nsd, ``nsd_study_images``."""
+    if cfg.data.format == "nsd":
+        return nsd_study_images(cfg)
+    return image_files.study_images(cfg)
+
+
+def nsd_sessions(cfg: Config, subject: str) -> int:
+    """How many sessions of ``subject`` ingest reads: data.sessions, or with 'auto' the betas
+    files found 1, 2, ... (ingest's rule, from the file names alone). Raises DataError listing
+    the missing betas files."""
+    template = cfg.data.nsd.betas
+    found, missing = _contiguous(lambda s: nsd_path(cfg, template, subject, "nsd.betas", session=s), cfg.data.sessions)
+    if missing:
+        raise DataError(f"{subject}: betas file(s) missing, so the images of its trials are unknown: "
+                        + ", ".join(str(p) for p in missing))
+    return len(found)
+
+
+def nsd_study_images(cfg: Config) -> list[str]:
+    """The 73k ids the configured subjects' trials show, as ingest names them (``nsd73k_<id>``),
+    once, in order of first showing, subject by subject: each subject's first
+    sessions x data.nsd.trials_per_session trials of the design (ingest checks every session
+    holds that many). Reads the design and looks for the betas files; reads no betas.
+    Raises DataError listing every subject's problem."""
+    subjects = cfg.study.subjects
+    design = nsd.read_design(nsd_path(cfg, cfg.data.nsd.design, subjects[0], "nsd.design"))
+    seen: dict[str, None] = {}
+    problems = []
+    for subject in subjects:
+        try:
+            n_trials = nsd_sessions(cfg, subject) * cfg.data.nsd.trials_per_session
+            ids = design.trial_ids(subject, n_trials)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        seen.update(dict.fromkeys(nsd.image_name(i) for i in ids))
+    if problems:
+        raise DataError("the study's NSD images:\n  " + "\n  ".join(problems))
+    return list(seen)
+
+
+def stimuli_path(cfg: Config) -> Path:
+    """NSD's stimulus file (data.nsd.stimuli, under data.root)."""
+    return nsd_path(cfg, cfg.data.nsd.stimuli, cfg.study.subjects[0], "nsd.stimuli")
+
+
+def image_source(cfg: Config, images: list[str]) -> tuple[ImageSource | None, list[str]]:
+    """Where the study's images are read from, checked: (the source, []) or (None or a source
+    of the images found, every problem). Image files: each present and usable (headers only);
+    NSD: the brick's header (``image_source.check_brick``)."""
+    feat: FeaturesSection = cfg.features  # type: ignore[assignment]
+    if cfg.data.format == "nsd":
+        return check_brick(stimuli_path(cfg), images, feat.min_image_side)
+    problems: list[str] = []
+    found, missing = find_images(images_dir(cfg), images)
+    if missing:
+        problems.append(missing)
+    paths = {k: str(v) for k, v in found.items()}
+    names = [n for n in images if n in paths]
+    bad = check_images([paths[n] for n in names], names, feat.min_image_side)
+    if bad:
+        problems.append(str(BadImagesError(bad)))
+    return ImageFiles(paths), problems
+
+
+def source_fingerprint(cfg: Config) -> dict[str, Any] | None:
+    """The image source's fingerprint from headers only (cheap: for ``all_done``); raises
+    DataError when the NSD stimulus file cannot be read."""
+    if cfg.data.format != "nsd":
+        return None
+    path = stimuli_path(cfg)
+    header = brick_header(path)
+    if isinstance(header, str):
+        raise DataError(header)
+    return ImageBrick(str(path), *header).fingerprint()
 
 
 # --------------------------------------------------------------------------- worker side
@@ -242,10 +351,11 @@ def _threads_here(setting: int | str, per_worker: dict[str, int]) -> int:
     return per_worker.get(worker.address) or max(1, usable_cores() // max(1, worker.state.nthreads))
 
 
-def featurize_batch(store: StudyStore, batch: Batch, paths: list[str], names: list[str], spaces: list[FeatureSpace],
+def featurize_batch(store: StudyStore, batch: Batch, source: ImageBatch, names: list[str], spaces: list[FeatureSpace],
                     provenances: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    """Decode one batch of images once, run every given feature space on it, write each
-    space's rows (one store chunk) and then mark (space, batch) done.
+    """Read one batch of images once (``source``: its files, or its rows of an image brick,
+    opened here), run every given feature space on it, write each space's rows (one store
+    chunk) and then mark (space, batch) done.
 
     Returns {"batch", "device", "bad"}; bad images are returned by name rather than raised, so
     they are reported together and not retried."""
@@ -256,7 +366,7 @@ def featurize_batch(store: StudyStore, batch: Batch, paths: list[str], names: li
     extractors = [cached_extractor(s, p, options["device"], options["channels_last"])
                   for s, p in zip(spaces, provenances)]
     try:
-        images = decode_images(paths, names, options["min_image_side"])
+        images = source.read(names, options["min_image_side"])
     except BadImagesError as e:
         return {"batch": batch.index, "device": None, "bad": e.failures}
     features = extract_batch(images, names, extractors)
@@ -302,40 +412,44 @@ def _n_features(space: FeatureSpace) -> tuple[int, dict[str, Any]]:
 
 @dataclass
 class Plan:
-    """What the pre-flight found: the study's images, their files, the spaces to compute."""
+    """What the pre-flight found: the study's images, where they are read from, the spaces."""
 
     images: list[str]
-    paths: dict[str, str]
+    source: ImageSource
     spaces: list[FeatureSpace]
     provenances: list[dict[str, Any]]
 
+    @property
+    def source_fingerprint(self) -> dict[str, Any] | None:
+        return _jsonable(self.source.fingerprint())
+
 
 def preflight(cfg: Config) -> Plan:
-    """Everything that can be checked before any work, without a cluster: the images (all
-    present and usable), every feature space (checkpoints present and verified, factories).
+    """Everything that can be checked before any work, without a cluster: the study's images
+    (which they are; present and usable, files or brick), every feature space (checkpoints
+    present and verified, factories).
 
     Raises one FeaturizeError listing every problem found."""
-    feat: FeaturesSection = cfg.features  # type: ignore[assignment]
     spaces = study_feature_spaces(cfg)
-    images = study_images(cfg)
     problems: list[str] = []
-    found, missing = find_images(images_dir(cfg), images)
-    if missing:
-        problems.append(missing)
-    paths = {k: str(v) for k, v in found.items()}
+    source: ImageSource | None = None
+    try:
+        images, known = study_images(cfg), True
+    except DataError as e:
+        images, known = [], False
+        problems.append(str(e))
+    if known or cfg.data.format == "nsd":  # a brick's own problems show without the study's ids
+        source, found = image_source(cfg, images)
+        problems += found
     provenances: list[dict[str, Any]] = []
     try:
         check_feature_spaces(spaces)
         provenances = [space_provenance(s) for s in spaces]
     except (FeatureSpaceError, WeightsError) as e:
         problems.append(str(e))
-    names = [n for n in images if n in paths]
-    bad = check_images([paths[n] for n in names], names, feat.min_image_side)
-    if bad:
-        problems.append(str(BadImagesError(bad)))
-    if problems:
+    if problems or source is None:
         raise FeaturizeError(f"{cfg.path}: cannot featurize; nothing was done:\n" + "\n".join(problems))
-    return Plan(images, paths, spaces, provenances)
+    return Plan(images, source, spaces, provenances)
 
 
 def check_workers(cfg: Config, client: Client) -> None:
@@ -350,16 +464,17 @@ def check_workers(cfg: Config, client: Client) -> None:
 
 def prepare_store(cfg: Config, store: StudyStore, progress: Progress, spaces: list[FeatureSpace],
                   provenances: list[dict[str, Any]], images: list[str], *, overwrite: bool,
-                  target: StudyStore | None = None) -> list[_Space]:
+                  target: StudyStore | None = None, source: dict[str, Any] | None = None) -> list[_Space]:
     """Create ``features/<space>`` where missing (or replaced with ``overwrite``); keep features
     made with the same fingerprint (to resume into); refuse other stored features.
 
     ``target``: the store the new groups are created in (with ``overwrite``, the staging store
     beside ``store``: ``store`` and its markers are then left as they are, to be replaced by
-    ``storage.staging.replace`` once every batch is written)."""
+    ``storage.staging.replace`` once every batch is written); ``source``: the image source's
+    fingerprint (``Plan.source_fingerprint``)."""
     target = target or store
     bs = cfg.features.batch_size  # type: ignore[union-attr]
-    out = [_Space(s, p, _jsonable(fingerprint(p, images, bs))) for s, p in zip(spaces, provenances)]
+    out = [_Space(s, p, _jsonable(fingerprint(p, images, bs, source))) for s, p in zip(spaces, provenances)]
     conflicts = []
     for sp in out:
         name = sp.space.name
@@ -413,7 +528,7 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
                                skipped=len(names) * len(make_batches(n_images, feat.batch_size)))
     plan = plan or preflight(cfg)
     check_workers(cfg, client)
-    images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
+    images, spaces = plan.images, plan.spaces
     report = FeaturizeReport(spaces=[s.name for s in spaces], images=len(images))
     store = StudyStore(cfg.store_path)
     staging.recover(store)  # a swap interrupted by a crash is finished first
@@ -443,7 +558,8 @@ def featurize(cfg: Config, client: Client, *, overwrite: bool = False, plan: Pla
 def plan_fingerprints(cfg: Config, plan: Plan) -> list[tuple[str, Any]]:
     """(space name, fingerprint) of every planned space."""
     bs = cfg.features.batch_size  # type: ignore[union-attr]
-    return [(s.name, _jsonable(fingerprint(p, plan.images, bs))) for s, p in zip(plan.spaces, plan.provenances)]
+    return [(s.name, _jsonable(fingerprint(p, plan.images, bs, plan.source_fingerprint)))
+            for s, p in zip(plan.spaces, plan.provenances)]
 
 
 def _featurize_into(cfg: Config, client: Client, store: StudyStore, target: StudyStore, plan: Plan,
@@ -453,9 +569,9 @@ def _featurize_into(cfg: Config, client: Client, store: StudyStore, target: Stud
     batches failed or images were bad (those written are kept, in ``target``). ``t0``: when the
     stage started (for the report's seconds)."""
     feat: FeaturesSection = cfg.features  # type: ignore[assignment]
-    images, paths, spaces, provenances = plan.images, plan.paths, plan.spaces, plan.provenances
+    images, spaces, provenances = plan.images, plan.spaces, plan.provenances
     planned = prepare_store(cfg, store, store.progress(), spaces, provenances, images, overwrite=overwrite,
-                            target=target)
+                            target=target, source=plan.source_fingerprint)
     progress = target.progress()  # where the workers mark their batches
 
     batches = make_batches(len(images), feat.batch_size)
@@ -477,7 +593,7 @@ def _featurize_into(cfg: Config, client: Client, store: StudyStore, target: Stud
     futures: dict[Future, tuple[Batch, list[_Space]]] = {}
     for b, sps in work:
         names = images[b.start:b.stop]
-        f = client.submit(featurize_batch, target, b, [paths[n] for n in names], names, [sp.space for sp in sps],
+        f = client.submit(featurize_batch, target, b, plan.source.batch(names), names, [sp.space for sp in sps],
                           [sp.provenance for sp in sps], options,
                           key=f"featurize-{b.index}-{time.time_ns()}", retries=feat.retries, pure=False)
         futures[f] = (b, sps)
@@ -524,10 +640,14 @@ def all_done(cfg: Config) -> bool:
     if cfg.features is None or not store.exists():
         return False
     progress = store.progress()
-    images = study_images(cfg)
+    try:
+        images = study_images(cfg)
+        source = _jsonable(source_fingerprint(cfg))
+    except DataError:
+        return False  # preflight says what is wrong
     for space in study_feature_spaces(cfg):
         try:
-            expected = _jsonable(fingerprint(space_provenance(space), images, cfg.features.batch_size))
+            expected = _jsonable(fingerprint(space_provenance(space), images, cfg.features.batch_size, source))
         except WeightsError:
             return False
         record = progress.read(Stage.FEATURIZED, space.name)
@@ -538,6 +658,7 @@ def all_done(cfg: Config) -> bool:
 
 __all__ = ["Batch", "FAULT_ENV", "FeaturizeError", "FeaturizeReport", "Plan", "all_done", "cached_extractor",
            "check_workers",
-           "featurize", "featurize_batch", "fingerprint", "load_space", "make_batches", "preflight",
-           "prepare_store", "space_provenance", "study_feature_spaces", "torch_threads_per_worker",
-           "tune_malloc", "use_channels_last"]
+           "featurize", "featurize_batch", "fingerprint", "image_source", "load_space", "make_batches",
+           "nsd_sessions", "nsd_study_images", "preflight", "prepare_store", "source_fingerprint",
+           "space_provenance", "stimuli_path", "study_feature_spaces", "study_images",
+           "torch_threads_per_worker", "tune_malloc", "use_channels_last"]

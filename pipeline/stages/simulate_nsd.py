@@ -21,7 +21,12 @@ here). Under data.root (else the workdir), in NSD's layout (the data.nsd templat
   only the rows of the study's images take space;
 - the feature bank of every image (pipeline.stages.simulate's generative model, imported:
   latent blocks per Taskonomy cluster, task features as random maps of them, voxels driven by
-  one cluster's block: early visual by 2D, the object region by semantic, OPA/PPA/RSC by 3D).
+  one cluster's block: early visual by 2D, the object region by semantic, OPA/PPA/RSC by 3D),
+  except for the feature spaces of a ``features`` section, which featurize computes from the
+  brick's images (as pipeline.stages.simulate leaves them out);
+- with ``simulate.write_weights``, randomly initialised Taskonomy encoders for features.tasks in
+  features.weights_dir, in the official checkpoint format (pipeline.features.weights), as the
+  BOLD5000 simulator writes them: featurize's real path on the brick without downloading.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from neurotask.pipeline.formats import nsd
 from neurotask.pipeline.stages.ingest_nsd import SHOWINGS, nsd_path
 from neurotask.pipeline.stages.simulate import (latent_factors, mean_intensity, subject_voxels, task_features,
                                                 voxel_signals)
+from neurotask.pipeline.tasks import task_names
 from neurotask.storage import Stage, StudyStore, features_group
 
 logger = logging.getLogger(__name__)
@@ -144,6 +150,16 @@ def simulate_nsd_study(cfg: Config) -> dict:
                                             "masterordering": design["masterordering"][None, :].astype(np.float64)})
         write_stimuli(nsd_path(cfg, n.stimuli, first, "nsd.stimuli"), all_ids, sim.seed)
         progress.mark_done(Stage.SIMULATE, "design")
+    if sim.write_weights and not progress.is_done(Stage.SIMULATE, "weights"):
+        # As the BOLD5000 simulator: random encoders in the official format, so that featurize
+        # runs its real path on the brick above (nothing is downloaded).
+        from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
+
+        weights = cfg.resolve(cfg.features.weights_dir)
+        tasks = [t for t in cfg.features.space_names if t in task_names()]
+        write_random_checkpoints(weights, tasks, seed=sim.seed)
+        progress.mark_done(Stage.SIMULATE, "weights")
+        logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     full = SHOWINGS * sim.n_images // tps
