@@ -33,6 +33,7 @@ and on N SLURM nodes, from a simulation of the fit's scheduling (:func:`simulate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import json
 import math
@@ -169,6 +170,8 @@ def worker(task: dict) -> dict:
                                "median_r": float(np.nanmedian(values["r"])),
                                "has_pvalue_perm": "pvalue_perm" in values})
                 del Y, values
+            phases = _phases(spec, dec, np.load(d / "Y_0.npy")[:, :task["diagnose"]], alphas) \
+                if task.get("diagnose") else None
     finally:
         scores.permutation_test = timed  # this process may go on (a test calls worker in-process)
     bases = list(dec.folds) + [dec.final]
@@ -179,7 +182,41 @@ def worker(task: dict) -> dict:
     return {"dtype": task["dtype"], "decomposition_cpu_seconds": dec_cpu, "chunks": chunks,
             "decomposition_bytes": dec.nbytes, "decomposition_bytes_analytic": analytic,
             "form": "cross-product" if cross else "direct", "ks": [int(b.eigvals.size) for b in bases],
-            "from_rows": any(b.from_rows for b in bases)}
+            "from_rows": any(b.from_rows for b in bases), "phases": phases}
+
+
+class PhaseMeter:
+    """An engine observer (pipeline/ridge/observer.py) that sums CPU s and flops per phase and
+    keeps the certified search's largest expansion rank and its count of exact pairs."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = {}
+        self.flops: dict[str, float] = {}
+        self.scalars: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, flops: float):
+        c = time.process_time()
+        yield
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+        self.flops[name] = self.flops.get(name, 0.0) + flops
+
+    def count(self, name: str, value: float) -> None:
+        self.scalars[name] = self.scalars.get(name, 0.0) + value
+
+    def maximum(self, name: str, value: float) -> None:
+        self.scalars[name] = max(self.scalars.get(name, value), value)
+
+
+def _phases(spec, dec, Y: np.ndarray, alphas: np.ndarray) -> dict:
+    """``ridge.ridge_cv`` of Y (n, v) as fit_voxels calls it, with a :class:`PhaseMeter`: where
+    a chunk's CPU goes (why float64 costs what it does)."""
+    from neurotask.pipeline import ridge
+
+    meter = PhaseMeter()
+    ridge.ridge_cv(dec, Y, alphas, search=spec.search, backend=spec.backend, device=spec.device, observer=meter)
+    return {"voxels": int(Y.shape[1]), "cpu_seconds": meter.cpu, "gflop": {k: v / 1e9 for k, v in meter.flops.items()},
+            **meter.scalars}
 
 
 def run_worker(task: dict, workdir: Path, threads: int) -> dict:
@@ -340,6 +377,7 @@ def medians(runs: list[dict]) -> dict:
         "decomposition_bytes": runs[0]["decomposition_bytes"],
         "decomposition_bytes_analytic": runs[0]["decomposition_bytes_analytic"],
         "form": runs[0]["form"], "from_rows": runs[0]["from_rows"],
+        "phases": next((r["phases"] for r in runs if r.get("phases")), None),
     }
 
 
@@ -378,6 +416,13 @@ def print_summary(out: dict) -> None:
         for key, p in proj.items():
             print(f"| {key} | {_h(p['study_cpu_seconds'])} | {100 * p['decomposition_share']:.1f}% | "
                   f"{100 * p['sharing_saving']:.1f}% | " + " | ".join(_h(w) for w in p["wall_seconds"].values()) + " |")
+    for dt, m in out["costs"].items():
+        ph = m.get("phases")
+        if ph:
+            parts = ", ".join(f"{k} {1000 * v / ph['voxels']:.2f} ms ({ph['gflop'][k] * 1000 / ph['voxels']:.0f} MFLOP)"
+                              for k, v in ph["cpu_seconds"].items())
+            print(f"\n{dt} phases per voxel ({ph['voxels']} voxels of chunk 0): {parts}; expansion rank "
+                  f"{ph.get('rank', 'none: exhaustive sweep')}, exact pairs {ph.get('exact_pairs', 0):.0f}")
     o = out["nsd_overlap"]
     print(f"\nNSD subjects' training sets share at most {o['max_common_training_images']} images "
           f"({100 * o['max_common_fraction']:.1f}% of the smallest): no decomposition can be shared across them.")
@@ -405,6 +450,9 @@ def main() -> None:
     ap.add_argument("--local-workers", type=int, default=2, help="one-thread workers on this machine")
     ap.add_argument("--node-cores", type=int, default=32, help="cores (one-thread workers) per SLURM node")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--diagnose", type=int, default=0,
+                    help="after the timed chunks, this many voxels of chunk 0 again with the engine's phase "
+                         "meter (CPU s and flops per phase, expansion rank), once per dtype; 0: off")
     ap.add_argument("--out", help="write every number as JSON here")
     args = ap.parse_args()
 
@@ -425,7 +473,7 @@ def main() -> None:
                 if not plan[dtype]:
                     continue
                 task = {"dir": str(d), "dtype": dtype, "n_permutations": args.n_permutations,
-                        "chunks": plan[dtype], "threads": args.threads}
+                        "chunks": plan[dtype], "threads": args.threads, "diagnose": args.diagnose if i == 0 else 0}
                 t = time.perf_counter()
                 r = run_worker(task, d, args.threads)
                 runs[dtype].append(r)
