@@ -38,6 +38,7 @@ import heapq
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def worker(task: dict) -> dict:
             c0 = time.process_time()
             dec = decompose(spec, X, splits)
             dec_cpu = time.process_time() - c0
+            dec_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             del X
             chunks = []
             for i in task["chunks"]:
@@ -168,7 +170,9 @@ def worker(task: dict) -> dict:
                 chunks.append({"chunk": i, "voxels": int(Y.shape[1]), "cpu_seconds": time.process_time() - c,
                                "permutation_cpu_seconds": perm_cpu[0],
                                "median_r": float(np.nanmedian(values["r"])),
-                               "has_pvalue_perm": "pvalue_perm" in values})
+                               "has_pvalue_perm": "pvalue_perm" in values,
+                               # this process's peak so far (ru_maxrss sees BLAS's buffers too)
+                               "peak_rss_mb_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 del Y, values
             phases = _phases(spec, dec, np.load(d / "Y_0.npy")[:, :task["diagnose"]], alphas) \
                 if task.get("diagnose") else None
@@ -180,6 +184,7 @@ def worker(task: dict) -> dict:
                                    [b.eval_rows.size for b in bases], [b.eigvals.size for b in bases],
                                    np.dtype(task["dtype"]).itemsize, cross)
     return {"dtype": task["dtype"], "decomposition_cpu_seconds": dec_cpu, "chunks": chunks,
+            "peak_rss_mb_after_decomposition": dec_rss,
             "decomposition_bytes": dec.nbytes, "decomposition_bytes_analytic": analytic,
             "form": "cross-product" if cross else "direct", "ks": [int(b.eigvals.size) for b in bases],
             "from_rows": any(b.from_rows for b in bases), "phases": phases}
@@ -372,6 +377,9 @@ def medians(runs: list[dict]) -> dict:
              / sum(c["voxels"] for c in r["chunks"])) for r in runs),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
+        # the high-water mark after the decomposition and after the first chunk (one of each)
+        "peak_rss_mb_after_decomposition": statistics.median(r["peak_rss_mb_after_decomposition"] for r in runs),
+        "peak_rss_mb_after_first_chunk": statistics.median(r["chunks"][0]["peak_rss_mb_after"] for r in runs),
         "decomposition_cpu_runs": [r["decomposition_cpu_seconds"] for r in runs],
         "voxels_measured": sum(c["voxels"] for c in runs[0]["chunks"]),
         "decomposition_bytes": runs[0]["decomposition_bytes"],
@@ -402,10 +410,14 @@ def print_summary(out: dict) -> None:
               f"{1000 * m['fit_voxels_cpu_per_voxel']:.2f} | {1000 * m['permutation_cpu_per_voxel']:.2f} | "
               f"{m['peak_rss_mb'] / 1024:.2f} GB | {m['decomposition_bytes'] / 1e6:.0f} / "
               f"{m['decomposition_bytes_analytic'] / 1e6:.0f} MB ({m['form']}) |")
-    print("\n| one (subject, task) | " + " | ".join(out["costs"]) + " |")
+    for dt, m in out["costs"].items():
+        print(f"{dt} worker peak RSS: {m['peak_rss_mb_after_decomposition']:.0f} MB after the decomposition, "
+              f"{m['peak_rss_mb_after_first_chunk']:.0f} MB after its first chunk, {m['peak_rss_mb']:.0f} MB after "
+              f"{m['voxels_measured']:,} voxels")
+    print("\n| one (subject, task), one thread | " + " | ".join(out["costs"]) + " |")
     print("|---|" + "---:|" * len(out["costs"]))
     for key in ("nsdgeneral", "nsdgeneral + permutations", "whole_brain", "whole_brain + permutations"):
-        cells = [f"{_h(p[key]['pair_cpu_seconds'])} ({p[key]['pair_cpu_seconds']:.0f} CPU s)"
+        cells = [f"{p[key]['pair_cpu_seconds']:.0f} CPU s"
                  for p in out["projection"].values()]
         print(f"| {key} ({out['projection']['float32'][key]['voxels']:,} voxels) | " + " | ".join(cells) + " |")
     for dt, proj in out["projection"].items():

@@ -122,6 +122,8 @@ def test_worker_in_process_measures_a_toy_fit(tmp_path):
     assert [c["voxels"] for c in r["chunks"]] == [40, 10]
     assert all(c["has_pvalue_perm"] and 0 < c["permutation_cpu_seconds"] < c["cpu_seconds"] for c in r["chunks"])
     assert r["decomposition_bytes"] == r["decomposition_bytes_analytic"] and r["form"] == "cross-product"
+    rss = [r["peak_rss_mb_after_decomposition"]] + [c["peak_rss_mb_after"] for c in r["chunks"]]
+    assert rss == sorted(rss) and rss[0] > 50  # a high-water mark
     assert r["chunks"][0]["median_r"] > 0.05  # 60% of the voxels carry planted signal
     ph = r["phases"]
     assert ph["voxels"] == 20 and {"fold_terms", "refit"} <= set(ph["cpu_seconds"]) and ph["gflop"]["fold_terms"] > 0
