@@ -17,7 +17,10 @@ wrapping ``stats.scores.permutation_test``. Every measurement runs in a fresh wo
 (this script with ``--worker``) with one BLAS thread, doing what a fit worker does: load the
 float32 features, decompose once, then fit the chunks one after another (one chunk in memory at
 a time). CPU seconds are the worker's ``time.process_time``; its peak RSS is the child's
-``ru_maxrss`` (``os.wait4``), which sees BLAS's buffers too. Repeats are interleaved
+``ru_maxrss`` (``os.wait4``), which sees BLAS's buffers too. Linux starts an exec'd child's
+ru_maxrss at its parent's high-water mark, so the data are written by a child of their own and
+this process stays small (~0.1 GB); the worker reports its mark at start (imports and that
+floor), after the decomposition and after each chunk. Repeats are interleaved
 (float32, float64, float32, ...) and medians quoted.
 
 From the medians: one (subject, task) at nsdgeneral's 15,724 voxels (measured in full by
@@ -134,6 +137,7 @@ def worker(task: dict) -> dict:
     from neurotask.pipeline.stages.fit import alpha_grid, fit_voxels
     from neurotask.pipeline.stats import scores
 
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports (and the parent's mark)
     d = Path(task["dir"])
     with np.load(d / "splits.npz") as z:
         k = int(z["n_folds"])
@@ -184,7 +188,7 @@ def worker(task: dict) -> dict:
                                    [b.eval_rows.size for b in bases], [b.eigvals.size for b in bases],
                                    np.dtype(task["dtype"]).itemsize, cross)
     return {"dtype": task["dtype"], "decomposition_cpu_seconds": dec_cpu, "chunks": chunks,
-            "peak_rss_mb_after_decomposition": dec_rss,
+            "peak_rss_mb_at_start": start_rss, "peak_rss_mb_after_decomposition": dec_rss,
             "decomposition_bytes": dec.nbytes, "decomposition_bytes_analytic": analytic,
             "form": "cross-product" if cross else "direct", "ks": [int(b.eigvals.size) for b in bases],
             "from_rows": any(b.from_rows for b in bases), "phases": phases}
@@ -378,6 +382,7 @@ def medians(runs: list[dict]) -> dict:
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
         # the high-water mark after the decomposition and after the first chunk (one of each)
+        "peak_rss_mb_at_start": statistics.median(r["peak_rss_mb_at_start"] for r in runs),
         "peak_rss_mb_after_decomposition": statistics.median(r["peak_rss_mb_after_decomposition"] for r in runs),
         "peak_rss_mb_after_first_chunk": statistics.median(r["chunks"][0]["peak_rss_mb_after"] for r in runs),
         "decomposition_cpu_runs": [r["decomposition_cpu_seconds"] for r in runs],
@@ -411,7 +416,8 @@ def print_summary(out: dict) -> None:
               f"{m['peak_rss_mb'] / 1024:.2f} GB | {m['decomposition_bytes'] / 1e6:.0f} / "
               f"{m['decomposition_bytes_analytic'] / 1e6:.0f} MB ({m['form']}) |")
     for dt, m in out["costs"].items():
-        print(f"{dt} worker peak RSS: {m['peak_rss_mb_after_decomposition']:.0f} MB after the decomposition, "
+        print(f"{dt} worker peak RSS: {m['peak_rss_mb_at_start']:.0f} MB at start (imports), "
+              f"{m['peak_rss_mb_after_decomposition']:.0f} MB after the decomposition, "
               f"{m['peak_rss_mb_after_first_chunk']:.0f} MB after its first chunk, {m['peak_rss_mb']:.0f} MB after "
               f"{m['voxels_measured']:,} voxels")
     print("\n| one (subject, task), one thread | " + " | ".join(out["costs"]) + " |")
@@ -444,6 +450,10 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         Path(sys.argv[3]).write_text(json.dumps(worker(json.loads(Path(sys.argv[2]).read_text()))))
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "--write-data":
+        d = Path(sys.argv[2])
+        (d / "data.json").write_text(json.dumps(write_data(d, argparse.Namespace(**json.loads(sys.argv[3])))))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=9000)
     ap.add_argument("--n-test", type=int, default=NSD_TEST)
@@ -474,7 +484,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_nsd_") as tmp:
         d = Path(tmp)
         c0, t0 = time.process_time(), time.perf_counter()
-        data = write_data(d, args)
+        # In a child of its own: a worker's ru_maxrss starts at its parent's high-water mark (Linux
+        # carries the pre-exec address space's peak into the exec'd child), so this process
+        # never holds the data.
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write-data", str(d), json.dumps(vars(args))],
+                       check=True, env={**os.environ, **{k: str(args.threads) for k in THREAD_VARS}})
+        data = json.loads((d / "data.json").read_text())
         print(f"[nsd-bench] {args.n_train + args.n_test} images x {args.p} features, {args.voxels} voxels in "
               f"{len(data['chunk_voxels'])} chunks written in {time.perf_counter() - t0:.0f} s "
               f"({time.process_time() - c0:.0f} CPU s)", flush=True)
