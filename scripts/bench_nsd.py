@@ -504,11 +504,12 @@ def main() -> None:
                 t = time.perf_counter()
                 r = run_worker(task, d, args.threads)
                 runs[dtype].append(r)
+                voxels = sum(c["voxels"] for c in r["chunks"])
+                cpu = sum(c["cpu_seconds"] for c in r["chunks"])
+                perm = sum(c["permutation_cpu_seconds"] for c in r["chunks"])
                 print(f"[nsd-bench] round {i + 1} {dtype}: decomposition {r['decomposition_cpu_seconds']:.1f} CPU s, "
-                      f"{sum(c['voxels'] for c in r['chunks'])} voxels {sum(c['cpu_seconds'] for c in r['chunks']):.1f} "
-                      f"CPU s (permutations {sum(c['permutation_cpu_seconds'] for c in r['chunks']):.1f}), peak RSS "
-                      f"{r['peak_rss_mb']:.0f} MB, {time.perf_counter() - t:.0f} s wall (load {os.getloadavg()[0]:.1f})",
-                      flush=True)
+                      f"{voxels} voxels {cpu:.1f} CPU s (permutations {perm:.1f}), peak RSS {r['peak_rss_mb']:.0f} MB, "
+                      f"{time.perf_counter() - t:.0f} s wall (load {os.getloadavg()[0]:.1f})", flush=True)
     costs = {dt: medians(rs) for dt, rs in runs.items() if rs}
     out = {"args": vars(args), "cpu": _device_name(None), "costs": costs,
            "projection": {dt: project(c, args) for dt, c in costs.items()},
