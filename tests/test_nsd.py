@@ -328,7 +328,7 @@ def test_shipped_nsd_configs_load():
     demo = load_config(DEMO)
     assert demo.data.nsd.betas_file == "hdf5"
     # featurize reads NSD's imgBrick: a features section is accepted with data.format nsd
-    assert demo.features.space_names == ["class_places"] and demo.simulate.write_weights
+    assert demo.features.space_names == ["rgb2depth"] and demo.simulate.write_weights
     assert real.features is not None and real.features.tasks == "all"
 
 
@@ -471,7 +471,7 @@ def test_featurize_from_the_brick_resumes_after_a_fault_and_equals_the_direct_fe
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_through_the_installed_command(tmp_path):
-    """simulate -> featurize (class_places, from the simulated imgBrick, random encoder) ->
+    """simulate -> featurize (rgb2depth, from the simulated imgBrick, random encoder) ->
     ingest -> fit -> analyse -> report."""
     raw = yaml.safe_load(DEMO.read_text())
     raw["study"]["workdir"] = str(tmp_path / "run")
