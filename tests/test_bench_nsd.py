@@ -41,7 +41,7 @@ def test_nsd_splits_hold_out_the_given_test_set_and_fold_the_rest():
 
 
 def test_decompose_is_the_fit_stages_decomposition_given_its_splits():
-    spec = FitSection(n_folds=5, test_fraction=0.2)
+    spec = FitSection(n_folds=5, test_fraction=0.2, test_set="position")  # rows without names
     X = _features(120, 16)
     ours = bench_nsd.decompose(spec, X, splits_for(spec, X.shape[0]))
     stage = decompose_design(spec, X)
@@ -57,7 +57,7 @@ def test_decompose_is_the_fit_stages_decomposition_given_its_splits():
                                             ("direct", 60, 80, "kfold")])          # p > n_fit: kernel form
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_analytic_decomposition_size_is_its_nbytes(form, n, p, cv, dtype):
-    spec = FitSection(n_folds=4, cv=cv, dtype=dtype)
+    spec = FitSection(n_folds=4, cv=cv, dtype=dtype, test_set="position")  # rows without names
     splits = splits_for(spec, n)
     dec = bench_nsd.decompose(spec, _features(n, p), splits)
     assert (dec.centred is not None) == (form == "cross-product")

@@ -96,7 +96,8 @@ def test_orchestrated_fit_equals_the_engine_alone(small_study):
     task = "keypoint3d"
     spec = cfg.fit
     dec = fit.build_decomposition(spec, store, "CSI2", task)
-    Y = store.responses("CSI2")["responses"].values
+    # the design's rows are the images sorted by name (shared by subjects who saw them)
+    Y = store.responses("CSI2")["responses"].values[fit.design_rows(spec, store, "CSI2").order]
     res = ridge.ridge_cv(dec, Y, fit.alpha_grid(spec, cfg.simulate.n_features))
     scores = stats.test_scores(Y[dec.final.eval_rows], res.test_prediction)
     stored = store.results("CSI2").sel(task=task)
@@ -259,7 +260,7 @@ def test_certified_search_equals_exhaustive_on_the_simulated_study(small_study):
     study (paper grid of 100 alphas, every voxel of a subject, tasks of three clusters)."""
     cfg = load_config(small_study)
     store = StudyStore(cfg.store_path)
-    Y = store.responses("CSI1")["responses"].values
+    Y = store.responses("CSI1")["responses"].values[fit.design_rows(cfg.fit, store, "CSI1").order]
     alphas = ridge.paper_alphas(cfg.simulate.n_features, 100)
     for task in ("edge2d", "rgb2depth", "class_places"):
         dec = fit.build_decomposition(cfg.fit, store, "CSI1", task)

@@ -98,8 +98,9 @@ def test_banded_ridge_is_stored_for_the_full_union(partitioned):
     # the spaces' shares add up to the banded R² less the intercept's (its training mean's misfit)
     cfg_ = load_config(partitioned)
     store = StudyStore(cfg_.store_path)
-    Y = store.responses("CSI1")["responses"].values.astype(np.float64)
-    splits = stage.subject_splits(cfg_.fit, store, "CSI1")
+    rows = stage.design_rows(cfg_.fit, store, "CSI1")  # the fit's design: rows sorted by image name
+    Y = store.responses("CSI1")["responses"].values.astype(np.float64)[rows.order]
+    splits = stage.design_splits(cfg_.fit, store, "CSI1", rows)
     d = Y[splits.train].mean(0) - Y[splits.test].mean(0)
     sst = ((Y[splits.test] - Y[splits.test].mean(0)) ** 2).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -159,3 +159,47 @@ def test_nsd_subjects_test_on_the_shared_images(tmp_path, logs):
     ingest(bold)
     with pytest.raises(ConfigError, match="CSI1: fit.test_set 'shared' needs the common test set"):
         fit.check_splits(bold)
+
+
+def test_subjects_who_saw_the_same_images_share_decompositions_bit_for_bit(small_study, tmp_path, logs):
+    """The small study's two subjects saw the same 300 images in other orders: one design (rows
+    sorted by name), one decomposition per task for both, and each subject's results equal, bit
+    for bit, those of a fit of that subject alone."""
+    import shutil
+
+    cfg = load_config(small_study)
+    store = StudyStore(cfg.store_path)
+    r1, r2 = (fit.design_rows(cfg.fit, store, s) for s in ("CSI1", "CSI2"))
+    images = {s: store.responses(s)["image"].values for s in ("CSI1", "CSI2")}
+    assert r1.key == r2.key and not np.array_equal(images["CSI1"], images["CSI2"])
+    assert np.array_equal(images["CSI1"][r1.order], images["CSI2"][r2.order])
+    # grouping: one decomposition per task, its pairs in order
+    groups = fit.share_decompositions([("CSI1", "a", [1]), ("CSI1", "b", [2]), ("CSI2", "a", [3])],
+                                      {"CSI1": "k", "CSI2": "k"})
+    assert list(groups) == [("a", "k", [("CSI1", [1]), ("CSI2", [3])]), ("b", "k", [("CSI1", [2])])]
+    assert len(fit.share_decompositions([("CSI1", "a", [1]), ("CSI2", "a", [3])], {"CSI1": "k", "CSI2": "j"})) == 2
+    # 'position' keeps each subject's own order and design
+    pos = FitSection(test_set="position", n_folds=5)
+    assert fit.design_rows(pos, store, "CSI1").order is None
+    assert fit.design_rows(pos, store, "CSI1").key != fit.design_rows(pos, store, "CSI2").key
+
+    # CSI2 fitted alone, in a copy of the study
+    work = tmp_path / "work"
+    shutil.copytree(cfg.workdir, work)
+    raw = small_config_dict(work)
+    raw["study"]["subjects"] = ["CSI2"]
+    path = write_config(tmp_path / "alone.yaml", raw)
+    logs.clear()
+    assert cli.main(["fit", "--config", str(path), "--overwrite"]) == 0
+    assert not any("decompositions for" in m for m in logs)  # one subject: nothing shared
+    alone, shared = StudyStore(work / "store.zarr").results("CSI2"), store.results("CSI2")
+    for name in ("r", "r2", "alpha", "pvalue", "pvalue_perm", "significant"):
+        np.testing.assert_array_equal(alone[name].values, shared[name].values, err_msg=name)
+
+
+def test_the_shared_fit_logs_its_decompositions(tmp_path, logs):
+    raw = small_config_dict(tmp_path / "w", study={"tasks": ["edge2d", "keypoint3d"]}, fit={"n_permutations": 0})
+    path = write_config(tmp_path / "s.yaml", raw)
+    for stage in ("simulate", "ingest", "fit"):
+        assert cli.main([stage, "--config", str(path)]) == 0
+    assert any("fit: 2 decompositions for 4 (subject, task) pairs" in m for m in logs)

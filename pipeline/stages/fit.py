@@ -2,7 +2,10 @@
 
 Per (subject, task), one task builds the design matrix and its fold decompositions
 (``ridge.prepare``); it stays on the cluster as a future that every voxel-chunk task of that
-pair takes as input, so it is computed once and never goes through the client. Each chunk task
+pair takes as input, so it is computed once and never goes through the client. Subjects who
+saw the same images share it: the design's rows are the images sorted by name and the split is
+drawn by name (fit.test_set), so their design matrices, splits and decompositions are equal,
+and one decomposition per (task, image set) serves all of them. Each chunk task
 reads its own voxel chunk from the store, runs the ridge CV, computes its statistics, writes
 its region of ``results/<subject>`` and then marks itself done. Responses never travel through
 the client. When all chunks of a pair are done, the driver computes the FDR q-values across the
@@ -15,6 +18,7 @@ only the rest. Few pairs are in flight at once, so decompositions do not pile up
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -123,6 +127,41 @@ def subject_splits(spec: FitSection, store: StudyStore, subject: str) -> ridge.S
     return splits_for(spec, resp["image"].values, shared)
 
 
+@dataclass(frozen=True)
+class DesignRows:
+    """The rows of a subject's design matrix: ``order`` (n,) indexes the responses' rows (None:
+    their own order), and ``key`` names the design; subjects with equal keys have equal design
+    matrices for every task, so they share its decompositions."""
+
+    order: np.ndarray | None
+    key: str
+
+
+def design_rows(spec: FitSection, store: StudyStore, subject: str) -> DesignRows:
+    """Split by image name (fit.test_set other than 'position'): the design's rows are the
+    subject's images sorted by name, so that subjects who saw the same images (with the same
+    shared set) have the same design, splits and decompositions, whatever their presentation
+    order. 'position' keeps the responses' order, and the first versions' results bit for bit."""
+    resp = store.responses(subject)
+    if spec.test_set == "position":
+        return DesignRows(None, f"subject:{subject}")
+    names = np.asarray([str(x) for x in resp["image"].values])
+    order = np.argsort(names, kind="stable")
+    digest = hashlib.sha256("\n".join(names[order]).encode())
+    if "shared" in resp.coords:
+        digest.update(np.asarray(resp["shared"].values, dtype=bool)[order].tobytes())
+    return DesignRows(order, f"images:{digest.hexdigest()[:16]}")
+
+
+def design_splits(spec: FitSection, store: StudyStore, subject: str, rows: DesignRows) -> ridge.Splits:
+    """The splits of the design's rows (:func:`design_rows`)."""
+    if rows.order is None:
+        return subject_splits(spec, store, subject)
+    resp = store.responses(subject)
+    shared = resp["shared"].values[rows.order] if "shared" in resp.coords else None
+    return splits_for(spec, resp["image"].values[rows.order], shared)
+
+
 # --------------------------------------------------------------------------- worker side
 
 
@@ -139,11 +178,15 @@ def decompose_design(spec: FitSection, X: np.ndarray, splits: ridge.Splits | Non
 
 
 def build_decomposition(spec: FitSection, store: StudyStore, subject: str, task: str) -> ridge.Decomposition:
-    """Design matrix of (subject, task) in the subject's image order, decomposed per fold."""
+    """Design matrix of (subject, task) in the design's row order (:func:`design_rows`),
+    decomposed per fold."""
+    rows = design_rows(spec, store, subject)
     feats = store.read_features(task)
     images = store.responses(subject)["image"].values
+    if rows.order is not None:
+        images = images[rows.order]
     X = feats.values[design.align_rows(feats["image"].values, images, task)]
-    return decompose_design(spec, X, subject_splits(spec, store, subject))
+    return decompose_design(spec, X, design_splits(spec, store, subject, rows))
 
 
 def fit_voxels(spec: FitSection, decomposition: ridge.Decomposition, Y: np.ndarray, alphas: np.ndarray) -> dict:
@@ -163,7 +206,8 @@ def fit_voxels(spec: FitSection, decomposition: ridge.Decomposition, Y: np.ndarr
 
 def fit_unit(spec: FitSection, unit: Unit, store: StudyStore, decomposition: ridge.Decomposition,
              alphas: np.ndarray) -> dict:
-    """Fit one voxel chunk, write its results region, then mark it done."""
+    """Fit one voxel chunk, write its results region, then mark it done. The chunk's rows are
+    put in the design's order (:func:`design_rows`), the decomposition's."""
     if os.environ.get(FAULT_ENV) == f"{unit.subject}/{unit.task}/{unit.chunk}":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) in {unit.name}")
     progress = store.progress()
@@ -171,7 +215,9 @@ def fit_unit(spec: FitSection, unit: Unit, store: StudyStore, decomposition: rid
         # Dask runs this again when the worker holding the finished result died before the
         # client collected it: the chunk is in the store already, so write nothing twice.
         return {"unit": unit.name, "nan_r": None}
-    values = fit_voxels(spec, decomposition, store.read_response_chunk(unit.subject, unit.voxels), alphas)
+    order = design_rows(spec, store, unit.subject).order
+    Y = store.read_response_chunk(unit.subject, unit.voxels)
+    values = fit_voxels(spec, decomposition, Y if order is None else Y[order], alphas)
     store.write_result_chunk(unit.subject, unit.task_index, unit.voxels, values)
     # Durable chunks and their checksums before the marker that vouches for them.
     chunks = store.seal_results(unit.subject, list(values), (slice(unit.task_index, unit.task_index + 1), unit.voxels))
@@ -409,6 +455,15 @@ def _failure_text(result: object, future: Future, watch: WorkerWatch) -> str | N
     return watch.explain(future.exception())
 
 
+def share_decompositions(pending, design_keys: dict[str, str]) -> deque[tuple[str, str, list[tuple[str, list[Unit]]]]]:
+    """(subject, task, units) pairs -> (task, design key, [(subject, units), ...]) groups, one
+    per decomposition, in the order of each group's first pair."""
+    groups: dict[tuple[str, str], list[tuple[str, list[Unit]]]] = {}
+    for subject, task, units in pending:
+        groups.setdefault((task, design_keys[subject]), []).append((subject, units))
+    return deque((task, key, members) for (task, key), members in groups.items())
+
+
 def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         max_pairs_in_flight: int | None = None) -> FitReport:
     """Fit every configured (subject, task) not fitted yet. Raises FitError if units failed
@@ -426,11 +481,17 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
     total = sum(len(u) for _, _, u in pending)
     if report.skipped:
         logger.info(f"resuming: {report.skipped} unit(s) already done, {total} to do")
+    # One decomposition per (task, design): subjects who saw the same images share it.
+    keys = {subject: design_rows(spec, store, subject).key for subject in dict.fromkeys(p[0] for p in pending)}
+    groups = share_decompositions(pending, keys)
+    if len(groups) < len(pending):
+        logger.info(f"fit: {len(groups)} decompositions for {len(pending)} (subject, task) pairs (subjects who "
+                    "saw the same images share them)")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = max_pairs_in_flight or max(2, n_workers)
     bar = ProgressBar(total, "fit")  # finished units only; failures are logged and counted apart
     run_state = FitRunState(progress, client)  # for `neurotask status`
-    futures: dict[Future, tuple[Unit, tuple[str, str]]] = {}
+    futures: dict[Future, tuple[Unit, tuple[str, str], tuple[str, str]]] = {}
     remaining: dict[tuple[str, str], int] = {}
     decompositions: dict[tuple[str, str], Future] = {}
     ac = as_completed()
@@ -440,19 +501,22 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
     unit_task = ReturnFailures(fit_unit, (DataError,))
 
     def submit_next_pair() -> None:
-        subject, task, units = pending.popleft()
-        key = (subject, task)
-        dec = client.submit(decompose_task, spec, store, subject, task,
-                            key=f"decompose-{subject}-{task}-{time.time_ns()}", retries=spec.retries)
+        task, design_key, members = groups.popleft()
+        first = members[0][0]
+        gkey = (task, design_key)
+        dec = client.submit(decompose_task, spec, store, first, task,
+                            key=f"decompose-{first}-{task}-{time.time_ns()}", retries=spec.retries)
         alphas = alpha_grid(spec, store.feature_count(task))
-        decompositions[key] = dec
-        remaining[key] = len(units)
-        for u in units:
-            f = client.submit(unit_task, spec, u, store, dec, alphas,
-                              key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=spec.retries, pure=False)
-            futures[f] = (u, key)
-            run_state.add(f.key, u.subject, u.task, u.chunk)
-            ac.add(f)
+        decompositions[gkey] = dec
+        remaining[gkey] = sum(len(units) for _, units in members)
+        for subject, units in members:
+            for u in units:
+                f = client.submit(unit_task, spec, u, store, dec, alphas,
+                                  key=f"fit-{subject}-{task}-{u.chunk}-{time.time_ns()}", retries=spec.retries,
+                                  pure=False)
+                futures[f] = (u, (subject, task), gkey)
+                run_state.add(f.key, u.subject, u.task, u.chunk)
+                ac.add(f)
 
     def stop_reason(watch: WorkerWatch, killed_in_a_row: int) -> str | None:
         if report.computed:
@@ -464,7 +528,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
         return None
 
     with WorkerWatch(client) as watch:
-        while pending and len(decompositions) < limit:
+        while groups and len(decompositions) < limit:
             submit_next_pair()
         killed_in_a_row = 0
         while not ac.is_empty():
@@ -481,7 +545,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
                 # unit's marker. Wait for that instead of calling it failed.
                 ac.add(f)
                 continue
-            unit, key = futures.pop(f)
+            unit, key, gkey = futures.pop(f)
             result = f.result() if f.status == "finished" else None
             failure = _failure_text(result, f, watch)
             if failure is None:
@@ -500,10 +564,10 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
                 logger.warning(f"fit: {unit.name} failed: {failure}")
             run_state.done(f.key)
             f.release()
-            remaining[key] -= 1
-            if remaining[key] == 0:
-                decompositions.pop(key).release()
-                if pending:
+            remaining[gkey] -= 1
+            if remaining[gkey] == 0:
+                decompositions.pop(gkey).release()
+                if groups:
                     submit_next_pair()
             reason = stop_reason(watch, killed_in_a_row)
             if reason:
@@ -517,7 +581,7 @@ def fit(cfg: Config, client: Client, *, overwrite: bool = False,
             left = "".join(f"\n  {line}" for line in watch.left[-3:])
             first = report.failed[0] if report.failed else "no unit finished or failed"
             raise FitError(f"fit stopped early: {reason}; the workers seem to fail at start, so the other "
-                           f"{len(futures) + sum(len(u) for _, _, u in pending)} unit(s) were not tried.\n"
+                           f"{len(futures) + sum(len(u) for _, _, m in groups for _, u in m)} unit(s) were not tried.\n"
                            f"  first failure: {first}" + (f"\n  workers that left:{left}" if left else ""))
     bar.close()
     run_state.close(failed=bool(report.failed))

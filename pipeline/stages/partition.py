@@ -39,7 +39,8 @@ from neurotask.pipeline.config import Config, FitSection, PartitionSection
 from neurotask.pipeline.console import ProgressBar
 from neurotask.pipeline.errors import ConfigError, DataError, FitError
 from neurotask.pipeline.ridge import design
-from neurotask.pipeline.stages.fit import alpha_grid, check_feature_values, lost_with_its_worker, subject_splits
+from neurotask.pipeline.stages.fit import (alpha_grid, check_feature_values, design_rows, design_splits,
+                                           lost_with_its_worker)
 from neurotask.pipeline.stats import partition as vp
 from neurotask.pipeline.stats import scores as stats
 from neurotask.storage import ChunkPlan, Stage, StudyStore, chunk_key, partition_group
@@ -136,8 +137,8 @@ def partition_voxels(fit: FitSection, part: PartitionSection, analysis: Analysis
                      Y: np.ndarray, splits: ridge.Splits) -> dict[str, np.ndarray]:
     """The partition of one voxel block.
 
-    features: space -> (n, p_space) in the responses' image order; Y (n, v) responses;
-    splits: the subject's, as the fit's (fit.subject_splits).
+    features: space -> (n, p_space) in Y's row order; Y (n, v) responses;
+    splits: the design's, as the fit's (fit.design_splits; Y and features in fit.design_rows' order).
     Returns name -> array with the voxel axis last, as the variables of
     ``partition/<analysis>/<subject>`` (storage.schema.PARTITION_VARIABLES), except the q-values.
     """
@@ -210,9 +211,13 @@ def partition_unit(fit: FitSection, part: PartitionSection, analysis: Analysis, 
     progress = store.progress()
     if progress.is_done(*unit.marker):  # a re-execution after its worker died: nothing twice
         return {"unit": unit.name, "found_done": True}
+    # the fit's design: its row order and splits (fit.design_rows)
+    rows = design_rows(fit, store, unit.subject)
     Y = store.read_response_chunk(unit.subject, unit.voxels)
-    values = partition_voxels(fit, part, analysis, read_features(store, unit.subject, analysis.spaces), Y,
-                              subject_splits(fit, store, unit.subject))
+    features = read_features(store, unit.subject, analysis.spaces)
+    if rows.order is not None:
+        Y, features = Y[rows.order], {k: x[rows.order] for k, x in features.items()}
+    values = partition_voxels(fit, part, analysis, features, Y, design_splits(fit, store, unit.subject, rows))
     store.write_partition(unit.analysis, unit.subject, unit.voxels, values)
     chunks = store.seal_partition(unit.analysis, unit.subject, list(values), unit.voxels)
     progress.mark_done(*unit.marker, info={"voxels": unit.stop - unit.start,
