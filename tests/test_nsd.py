@@ -233,10 +233,14 @@ def test_ncsnr_is_stored_and_agrees_with_ours_from_the_repeats(simulated):
     np.testing.assert_allclose(resp["ncsnr"].values, np.sqrt(truth["signal_variance"][rows]), rtol=1e-6)
     ours = signal_noise(resp["repeat_responses"].values).ncsnr
     theirs = resp["ncsnr"].values
+    # ours from 100 images x 3 showings: it follows NSD's across all voxels (noise voxels at 0
+    # included); on the driven ones, whose true ncsnr spans only ~0.4-0.65 here, it is unbiased
+    # and within its sampling error (~0.1), which a correlation over that narrow range cannot show
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.7
     driven = theirs > 0.4
     assert driven.sum() > 50
-    assert np.corrcoef(ours[driven], theirs[driven])[0, 1] > 0.7
     assert np.median(ours[driven] / theirs[driven]) == pytest.approx(1.0, abs=0.2)
+    assert np.sqrt(np.mean((ours[driven] - theirs[driven]) ** 2)) < 0.15
 
 
 def test_nifti_and_hdf5_ingests_store_the_same_responses(simulated, tmp_path):
