@@ -358,14 +358,7 @@ def simulate_study(cfg: Config) -> dict:
         write_synthetic_images(root, images, seed=sim.seed)
         progress.mark_done(Stage.SIMULATE, "images")
         logger.info(f"wrote {len(images)} synthetic images under {root}")
-    if sim.write_weights and not progress.is_done(Stage.SIMULATE, "weights"):
-        from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
-
-        weights = cfg.resolve(cfg.features.weights_dir)
-        tasks = [t for t in cfg.features.space_names if t in task_names()]
-        write_random_checkpoints(weights, tasks, seed=sim.seed)
-        progress.mark_done(Stage.SIMULATE, "weights")
-        logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
+    write_simulated_weights(cfg, progress)
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     summary = {"images": sim.n_images, "features": sim.n_features, "new_tasks": new_tasks, "subjects": {}}
@@ -381,6 +374,21 @@ def simulate_study(cfg: Config) -> dict:
     if not summary["subjects"] and not new_tasks:
         logger.info(f"simulated study already in {cfg.workdir}, skipped")
     return summary
+
+
+def write_simulated_weights(cfg: Config, progress) -> None:
+    """With simulate.write_weights, once: randomly initialised encoders in the official
+    checkpoint format for the Taskonomy tasks that featurize computes, so that featurize runs
+    its real path on the simulated images (nothing is downloaded)."""
+    if not cfg.simulate.write_weights or progress.is_done(Stage.SIMULATE, "weights"):
+        return
+    from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
+
+    weights = cfg.resolve(cfg.features.weights_dir)
+    tasks = [t for t in cfg.features.space_names if t in task_names()]
+    write_random_checkpoints(weights, tasks, seed=cfg.simulate.seed)
+    progress.mark_done(Stage.SIMULATE, "weights")
+    logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
 
 
 def subject_voxels(shape: tuple[int, ...], rng: np.random.Generator):

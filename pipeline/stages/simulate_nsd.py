@@ -46,8 +46,7 @@ from neurotask.pipeline.features.images import synthetic_image
 from neurotask.pipeline.formats import nsd
 from neurotask.pipeline.stages.ingest_nsd import SHOWINGS, nsd_path
 from neurotask.pipeline.stages.simulate import (latent_factors, mean_intensity, subject_voxels, task_features,
-                                                voxel_signals)
-from neurotask.pipeline.tasks import task_names
+                                                voxel_signals, write_simulated_weights)
 from neurotask.storage import Stage, StudyStore, features_group
 
 logger = logging.getLogger(__name__)
@@ -150,16 +149,8 @@ def simulate_nsd_study(cfg: Config) -> dict:
                                             "masterordering": design["masterordering"][None, :].astype(np.float64)})
         write_stimuli(nsd_path(cfg, n.stimuli, first, "nsd.stimuli"), all_ids, sim.seed)
         progress.mark_done(Stage.SIMULATE, "design")
-    if sim.write_weights and not progress.is_done(Stage.SIMULATE, "weights"):
-        # As the BOLD5000 simulator: random encoders in the official format, so that featurize
-        # runs its real path on the brick above (nothing is downloaded).
-        from neurotask.pipeline.features.weights import write_random_checkpoints  # imports torch
-
-        weights = cfg.resolve(cfg.features.weights_dir)
-        tasks = [t for t in cfg.features.space_names if t in task_names()]
-        write_random_checkpoints(weights, tasks, seed=sim.seed)
-        progress.mark_done(Stage.SIMULATE, "weights")
-        logger.info(f"wrote randomly initialised encoders for {', '.join(tasks)} in {weights}")
+    # as the BOLD5000 simulator: featurize runs its real path on the brick above
+    write_simulated_weights(cfg, progress)
     truth_dir = cfg.workdir / "raw" / "ground_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     full = SHOWINGS * sim.n_images // tps
