@@ -360,7 +360,7 @@ def check_splits(cfg: Config) -> dict[str, ridge.Splits]:
     store = StudyStore(cfg.store_path)
     if not store.exists():
         return {}
-    out, test_images = {}, {}
+    out, test_images, kinds = {}, {}, set()
     for subject in cfg.study.subjects:
         try:
             resp = store.responses(subject)
@@ -376,8 +376,9 @@ def check_splits(cfg: Config) -> dict[str, ridge.Splits]:
         except (DataError, ValueError) as e:
             raise ConfigError(f"{cfg.path}: {subject}: {e}") from None
         test_images[subject] = set(resp["image"].values[out[subject].test].tolist())
+        kinds.add(test_set_kind(cfg.fit, resp["shared"].values if "shared" in resp.coords else None))
     if test_images:
-        kind = test_set_kind(cfg.fit, None if "shared" not in resp.coords else resp["shared"].values)
+        kind = "/".join(sorted(kinds))
         sizes = sorted({len(t) for t in test_images.values()})
         common = set.intersection(*test_images.values())
         same = all(t == common for t in test_images.values())
